@@ -1,0 +1,238 @@
+"""`LayerOffloadPlugin`: the offload settings, read like accelerate's own plugins.
+
+Accelerate has no hook for third-party plugins, but `accelerate launch` hands the shell environment to every
+worker. So, like `TorchDynamoPlugin` or `FullyShardedDataParallelPlugin`, this dataclass fills every field left
+unset from an `ACCELERATE_OFFLOAD_*` variable in `__post_init__`; explicit arguments win.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+ENV_PREFIX = "ACCELERATE_OFFLOAD_"
+
+logger = logging.getLogger(__name__)
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class OffloadConfigError(ValueError):
+    """A setting is out of range, contradicts another, or is unknown."""
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise OffloadConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def _parse_names(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [name.strip() for name in value.split(",") if name.strip()]
+    return [str(name) for name in value]
+
+
+@dataclass
+class LayerOffloadPlugin:
+    """Streams a model's sequential blocks from pinned CPU memory so that only a few sit on the GPU.
+
+    Every field left as `None` is read from `ACCELERATE_OFFLOAD_<FIELD NAME IN CAPITALS>`, then falls back to
+    its default. `accelerate-offload launch` exports those variables from the `offload_config:` section of the
+    accelerate config file.
+
+    Args:
+        layer_offload_fraction (`float`, defaults to `0.0`):
+            Share of the blocks that live on the CPU and are streamed in; the first
+            ceil((1 - fraction) * number of blocks) stay resident on the GPU.
+        activation_offloading (`bool`, defaults to `False`):
+            Move the tensors that checkpointing keeps between blocks to CPU memory and bring them back before the
+            backward pass recomputes the block.
+        async_offloading (`bool`, defaults to `True`):
+            Copy on side CUDA streams so that copies overlap compute.
+        gradient_checkpointing (`bool`, defaults to `True` when anything is offloaded, else `False`):
+            Wrap each block in non-reentrant `torch.utils.checkpoint`. Required to train with offloaded blocks.
+        prefetch_blocks (`int`, defaults to `1`):
+            How many offloaded blocks are copied ahead of the one computing.
+        pin_memory (`bool`, defaults to `True`):
+            Keep offloaded weights and activations in page-locked memory (7x faster copies than pageable memory).
+        offload_device (`str`, defaults to `"cpu"`):
+            Where offloaded weights live.
+        block_names (`list[str]`, defaults to the model's known block lists):
+            Dotted paths of the `nn.ModuleList`s that hold the model's sequential blocks, for models that
+            accelerate-offload does not know.
+    """
+
+    layer_offload_fraction: float | None = field(
+        default=None, metadata={"help": "Share of blocks streamed from CPU memory, 0..1.", "default": 0.0}
+    )
+    activation_offloading: bool | None = field(
+        default=None, metadata={"help": "Move checkpointed block inputs to CPU memory.", "default": False}
+    )
+    async_offloading: bool | None = field(
+        default=None, metadata={"help": "Copy on side CUDA streams, overlapping compute.", "default": True}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Non-reentrant checkpointing around every block.", "default": None},
+    )
+    prefetch_blocks: int | None = field(
+        default=None, metadata={"help": "Offloaded blocks copied ahead of use.", "default": 1}
+    )
+    pin_memory: bool | None = field(
+        default=None, metadata={"help": "Page-locked host memory for offloaded tensors.", "default": True}
+    )
+    offload_device: str | None = field(
+        default=None, metadata={"help": "Where offloaded weights live.", "default": "cpu"}
+    )
+    block_names: list[str] | None = field(
+        default=None,
+        metadata={"help": "Comma-separated paths of the block lists, for models not known.", "default": None},
+    )
+
+    def __post_init__(self) -> None:
+        check_environment()
+        for spec in fields(self):
+            if getattr(self, spec.name) is None:
+                raw = os.environ.get(env_name(spec.name))
+                setattr(self, spec.name, spec.metadata["default"] if raw is None else raw)
+        self.layer_offload_fraction = _parse_fraction(self.layer_offload_fraction)
+        self.activation_offloading = parse_bool("activation_offloading", self.activation_offloading)
+        self.async_offloading = parse_bool("async_offloading", self.async_offloading)
+        self.pin_memory = parse_bool("pin_memory", self.pin_memory)
+        self.prefetch_blocks = _parse_prefetch(self.prefetch_blocks)
+        self.offload_device = str(self.offload_device).strip().lower()
+        if self.block_names is not None:
+            self.block_names = _parse_names(self.block_names)
+        offloads = self.layer_offload_fraction > 0 or self.activation_offloading
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = offloads
+        self.gradient_checkpointing = parse_bool("gradient_checkpointing", self.gradient_checkpointing)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.offload_device != "cpu":
+            raise OffloadConfigError(f"offload_device must be 'cpu', got {self.offload_device!r}")
+        if self.layer_offload_fraction > 0 and not self.gradient_checkpointing:
+            raise OffloadConfigError(
+                "layer_offload_fraction > 0 needs gradient_checkpointing: true (streamed blocks are recomputed "
+                "in the backward pass); remove gradient_checkpointing: false or set the fraction to 0"
+            )
+        if self.activation_offloading and not self.gradient_checkpointing:
+            raise OffloadConfigError(
+                "activation_offloading moves the tensors kept by gradient checkpointing: set "
+                "gradient_checkpointing: true or activation_offloading: false"
+            )
+        if self.async_offloading and not self.pin_memory:
+            raise OffloadConfigError(
+                "async_offloading needs pin_memory: true (copies from pageable memory cannot overlap compute); "
+                "set pin_memory: true or async_offloading: false"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the plugin changes the model at all."""
+        return self.layer_offload_fraction > 0 or self.activation_offloading or self.gradient_checkpointing
+
+    def to_env(self) -> dict[str, str]:
+        """The `ACCELERATE_OFFLOAD_*` variables that reproduce these settings in a worker."""
+        env = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elif isinstance(value, list):
+                value = ",".join(value)
+            env[env_name(spec.name)] = str(value)
+        return env
+
+    def prepare_model(self, model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+        """Sets the model up for offloaded training on `device` and returns it; call before `accelerator.prepare`.
+
+        On a machine without CUDA, layer and activation offloading say once that they are inactive and the
+        model trains as usual (with gradient checkpointing if asked for).
+        """
+        from .offload import offload_model
+
+        device = torch.device(device)
+        streaming = device.type == "cuda"
+        if not streaming and (self.layer_offload_fraction > 0 or self.activation_offloading):
+            _warn_inactive_once(device)
+        if not self.enabled:
+            return model
+        offload_model(
+            model,
+            device,
+            layer_offload_fraction=self.layer_offload_fraction if streaming else 0.0,
+            activation_offloading=self.activation_offloading and streaming,
+            async_offloading=self.async_offloading,
+            gradient_checkpointing=self.gradient_checkpointing,
+            prefetch_blocks=self.prefetch_blocks,
+            pin_memory=self.pin_memory,
+            block_names=self.block_names,
+        )
+        return model
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def setting_names() -> list[str]:
+    return [spec.name for spec in fields(LayerOffloadPlugin)]
+
+
+def check_environment() -> None:
+    """Refuses `ACCELERATE_OFFLOAD_*` variables that name no setting (a typo would otherwise be ignored)."""
+    known = {env_name(name) for name in setting_names()}
+    unknown = sorted(key for key in os.environ if key.startswith(ENV_PREFIX) and key not in known)
+    if unknown:
+        raise OffloadConfigError(
+            f"unknown offload setting {', '.join(unknown)}; known settings: {', '.join(setting_names())}"
+        )
+
+
+def _parse_fraction(value: Any) -> float:
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        raise OffloadConfigError(f"layer_offload_fraction must be a number in 0..1, got {value!r}") from None
+    if not 0.0 <= fraction <= 1.0:
+        raise OffloadConfigError(f"layer_offload_fraction must be in 0..1, got {fraction}")
+    return fraction
+
+
+def _parse_prefetch(value: Any) -> int:
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise OffloadConfigError(f"prefetch_blocks must be a whole number >= 0, got {value!r}") from None
+    if count < 0 or str(value).strip() not in {str(count), f"{count}.0"} and not isinstance(value, int):
+        raise OffloadConfigError(f"prefetch_blocks must be a whole number >= 0, got {value!r}")
+    return count
+
+
+_warned_inactive = False
+
+
+def _warn_inactive_once(device: torch.device) -> None:
+    global _warned_inactive
+    if not _warned_inactive:
+        logger.warning(
+            "accelerate-offload: the model trains on %s, not CUDA: layer and activation offloading are inactive "
+            "and the model trains as usual.",
+            device,
+        )
+        _warned_inactive = True
