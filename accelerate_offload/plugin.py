@@ -164,10 +164,13 @@ class LayerOffloadPlugin:
         On a machine without CUDA, layer and activation offloading say once that they are inactive and the
         model trains as usual (with gradient checkpointing if asked for).
         """
+        from .attention import avoid_cudnn_attention
         from .offload import offload_model
 
         device = torch.device(device)
         streaming = device.type == "cuda"
+        if streaming:
+            avoid_cudnn_attention()
         if not streaming and (self.layer_offload_fraction > 0 or self.activation_offloading):
             _warn_inactive_once(device)
         if not self.enabled:

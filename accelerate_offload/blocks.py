@@ -1,0 +1,61 @@
+"""Finding a model's sequential blocks: the unit that is streamed, checkpointed and counted."""
+
+from __future__ import annotations
+
+from torch import nn
+
+# Class name -> dotted paths of its block lists, in execution order.
+KNOWN_BLOCK_LISTS: dict[str, tuple[str, ...]] = {
+    "FluxTransformer2DModel": ("transformer_blocks", "single_transformer_blocks"),
+    "SD3Transformer2DModel": ("transformer_blocks",),
+    "T5EncoderModel": ("encoder.block",),
+    "UMT5EncoderModel": ("encoder.block",),
+    "CLIPTextModel": ("text_model.encoder.layers",),
+    "CLIPTextModelWithProjection": ("text_model.encoder.layers",),
+}
+
+
+class BlocksNotFoundError(ValueError):
+    """The model's blocks cannot be found: names what was seen so the user can pass `block_names`."""
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The model under PEFT's wrapper, if any: block paths are relative to it."""
+    while hasattr(model, "get_base_model") and model.get_base_model() is not model:
+        model = model.get_base_model()
+    return model
+
+
+def find_blocks(model: nn.Module, block_names: list[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """The model's blocks in execution order, each with its dotted name relative to the model."""
+    model = base_model(model)
+    names = block_names or KNOWN_BLOCK_LISTS.get(type(model).__name__)
+    if not names:
+        raise BlocksNotFoundError(
+            f"accelerate-offload does not know the blocks of {type(model).__name__}; pass block_names "
+            f"(e.g. ACCELERATE_OFFLOAD_BLOCK_NAMES) from the block lists it has: {_describe_lists(model)}"
+        )
+    blocks = []
+    for list_name in names:
+        try:
+            module_list = model.get_submodule(list_name)
+        except AttributeError:
+            raise BlocksNotFoundError(
+                f"{type(model).__name__} has no block list {list_name!r}; block lists it has: "
+                f"{_describe_lists(model)}"
+            ) from None
+        if not isinstance(module_list, (nn.ModuleList, nn.Sequential)):
+            raise BlocksNotFoundError(f"{list_name!r} is a {type(module_list).__name__}, not an nn.ModuleList")
+        blocks.extend((f"{list_name}.{index}", block) for index, block in enumerate(module_list))
+    if not blocks:
+        raise BlocksNotFoundError(f"the block lists {', '.join(names)} of {type(model).__name__} are empty")
+    return blocks
+
+
+def _describe_lists(model: nn.Module) -> str:
+    lists = [
+        f"{name} ({len(module)} x {type(module[0]).__name__})"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 1
+    ]
+    return ", ".join(lists) or "none"

@@ -1,0 +1,147 @@
+"""`LayerOffloadConductor`: which blocks sit on the device, and when streamed ones are loaded and dropped.
+
+The first ceil((1 - fraction) * N) blocks stay resident; the rest live in host memory and are copied in just
+before they run, `prefetch_blocks` ahead, in forward order during the forward pass and in reverse order during
+the backward pass. Frozen weights are never copied back: dropping a block is re-pointing its parameters at the
+host buffer. A block loaded for a recomputation that non-reentrant checkpointing stopped early is left behind
+(nothing after the early stop runs), so every `before_block` first evicts whatever it does not need.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .activations import ActivationShuttle
+from .block_weights import BlockWeights
+from .streams import CopyStreams
+
+
+@dataclass
+class _Loaded:
+    buffer: torch.Tensor
+    ready: torch.cuda.Event | None
+    waited: bool = False
+
+
+def resident_block_count(block_count: int, layer_offload_fraction: float) -> int:
+    # round first: (1 - 0.7) * 10 is 3.0000000000000004 in floating point
+    return math.ceil(round((1.0 - layer_offload_fraction) * block_count, 9))
+
+
+class LayerOffloadConductor:
+    """Keeps a model's sequential blocks on the device as they are needed, and no longer."""
+
+    def __init__(
+        self,
+        blocks: list[nn.Module],
+        device: torch.device,
+        streams: CopyStreams,
+        layer_offload_fraction: float,
+        prefetch_blocks: int,
+        pin_memory: bool,
+        activations: ActivationShuttle | None = None,
+    ) -> None:
+        self.device = device
+        self.streams = streams
+        self.blocks = blocks
+        self.layers: list = []  # the OffloadCheckpointLayer of each block, set by offload_model
+        self.block_count = len(blocks)
+        self.resident_count = resident_block_count(len(blocks), layer_offload_fraction)
+        self.prefetch_blocks = prefetch_blocks
+        self.activations = activations
+        self.weights: dict[int, BlockWeights] = {
+            index: BlockWeights(block, pin_memory)
+            for index, block in enumerate(blocks)
+            if index >= self.resident_count
+        }
+        self.log: list[tuple[str, int]] | None = None  # ("load" | "evict", block) when recording
+        self.poison_evicted = False  # fill dropped device copies with NaN bytes: use-after-evict shows in tests
+        self.peak_streamed_on_device = 0
+        self._loaded: dict[int, _Loaded] = {}
+        self._end_of_backward_queued = False
+
+    def is_streamed(self, index: int) -> bool:
+        return index >= self.resident_count
+
+    @property
+    def streamed_on_device(self) -> list[int]:
+        return sorted(self._loaded)
+
+    def before_block(self, index: int, backward: bool) -> None:
+        """Called as block `index` starts to run (forward, inference, or recomputation in backward)."""
+        targets = self._upcoming(index, backward)
+        for stale in [i for i in self._loaded if i != index and i not in targets]:
+            self._evict(stale)
+        if self.is_streamed(index):
+            self._wait_for(index)
+        for target in targets:
+            self._load(target)
+        self.peak_streamed_on_device = max(self.peak_streamed_on_device, len(self._loaded))
+        if self.activations is not None and backward:
+            self.activations.prefetch(self._neighbours(index, backward))
+        if backward and not self._end_of_backward_queued and torch._C._current_graph_task_id() != -1:
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            self._end_of_backward_queued = True
+
+    def after_block(self, index: int) -> None:
+        """Called when block `index` has run forward. Not called after a recomputation (which may stop early)."""
+        last_before_backward = index == self.block_count - 1 and torch.is_grad_enabled()
+        if index in self._loaded and not last_before_backward:  # backward starts with the last block
+            self._evict(index)
+
+    def evict_all(self) -> None:
+        for index in list(self._loaded):
+            self._evict(index)
+
+    def _end_of_backward(self) -> None:
+        self._end_of_backward_queued = False
+        self.evict_all()
+
+    def _neighbours(self, index: int, backward: bool) -> list[int]:
+        step = -1 if backward else 1
+        depth = max(self.prefetch_blocks, 1)
+        return [i for i in range(index + step, index + step * (depth + 1), step) if 0 <= i < self.block_count]
+
+    def _upcoming(self, index: int, backward: bool) -> list[int]:
+        """The streamed blocks to have on the device while `index` runs: the next `prefetch_blocks` of them."""
+        step = -1 if backward else 1
+        upcoming = []
+        position = index + step
+        while len(upcoming) < self.prefetch_blocks and 0 <= position < self.block_count:
+            if self.is_streamed(position):
+                upcoming.append(position)
+            position += step
+        return upcoming
+
+    def _load(self, index: int) -> None:
+        if index in self._loaded:
+            return
+        weights = self.weights[index]
+        buffer, ready = self.streams.host_to_device(weights.host, self.device)
+        weights.point_at(buffer)
+        self._loaded[index] = _Loaded(buffer, ready)
+        self._record("load", index)
+
+    def _wait_for(self, index: int) -> None:
+        self._load(index)
+        loaded = self._loaded[index]
+        if not loaded.waited:
+            self.streams.wait(loaded.ready)
+            loaded.waited = True
+
+    def _evict(self, index: int) -> None:
+        loaded = self._loaded.pop(index)
+        if not loaded.waited:  # a prefetch never used: its copy must finish before the memory is reused
+            self.streams.wait(loaded.ready)
+        self.weights[index].point_at(self.weights[index].host)
+        if self.poison_evicted:
+            loaded.buffer.fill_(255)
+        self._record("evict", index)
+
+    def _record(self, event: str, index: int) -> None:
+        if self.log is not None:
+            self.log.append((event, index))

@@ -1,0 +1,163 @@
+"""`offload_model`: sets a model up so that its blocks stream through the device, and `remove_offload` undoes it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .activations import ActivationShuttle
+from .attention import avoid_cudnn_attention
+from .block_weights import BlockWeights
+from .blocks import base_model, find_blocks
+from .checkpoint_layer import OffloadCheckpointLayer
+from .conductor import LayerOffloadConductor
+from .streams import CopyStreams
+
+logger = logging.getLogger(__name__)
+
+ACTIVATION_MIN_BYTES = 64 * 1024  # smaller tensors cost more in copy latency than they save
+
+
+def offload_model(
+    model: nn.Module,
+    device: torch.device | str,
+    *,
+    layer_offload_fraction: float = 0.0,
+    activation_offloading: bool = False,
+    async_offloading: bool = True,
+    gradient_checkpointing: bool = True,
+    prefetch_blocks: int = 1,
+    pin_memory: bool = True,
+    block_names: list[str] | None = None,
+    activation_min_bytes: int = ACTIVATION_MIN_BYTES,
+) -> LayerOffloadConductor:
+    """Streams `model`'s blocks through `device` and places everything else there; returns the conductor.
+
+    Trainable parameters (LoRA) are moved to `device` and stay there, so an optimizer built before or after
+    this call keeps training them. Later `model.to(device)` calls (e.g. from `accelerator.prepare`) leave the
+    streamed weights alone. A CPU `device` runs the same logic with plain copies, which is how it is tested.
+    """
+    if getattr(model, "_offload_conductor", None) is not None:
+        raise RuntimeError("this model is already offloaded; call remove_offload(model) first")
+    device = _with_index(torch.device(device))
+    blocks = find_blocks(model, block_names)
+    _disable_native_checkpointing(model)
+    if device.type == "cuda":
+        avoid_cudnn_attention()
+    pinned = pin_memory and device.type == "cuda"
+    streams = CopyStreams(device, async_offloading)
+    activations = ActivationShuttle(device, streams, pinned, activation_min_bytes) if activation_offloading else None
+    conductor = LayerOffloadConductor(
+        [block for _, block in blocks],
+        device,
+        streams,
+        layer_offload_fraction,
+        prefetch_blocks,
+        pinned,
+        activations,
+    )
+    conductor.layers = [
+        OffloadCheckpointLayer(block, index, conductor, gradient_checkpointing, activations)
+        for index, (_, block) in enumerate(blocks)
+    ]
+    for index, weights in conductor.weights.items():
+        _guard_device_moves(blocks[index][1], weights)
+    model.to(device)
+    model._offload_conductor = conductor
+    model._ddp_params_and_buffers_to_ignore = _streamed_names(model, blocks, conductor)
+    streamed_gb = sum(weights.nbytes for weights in conductor.weights.values()) / 1e9
+    logger.info(
+        "accelerate-offload: %d of %d blocks resident on %s, %d streamed from %s memory (%.2f GB); "
+        "checkpointing %s, activation offloading %s, prefetch %d",
+        conductor.resident_count,
+        len(blocks),
+        device,
+        len(conductor.weights),
+        "pinned" if pinned else "pageable",
+        streamed_gb,
+        "on" if gradient_checkpointing else "off",
+        "on" if activation_offloading else "off",
+        prefetch_blocks,
+    )
+    return conductor
+
+
+def remove_offload(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+    """Gives the blocks back their own forward and their weights plain storage on `device`."""
+    conductor: LayerOffloadConductor = model.__dict__.pop("_offload_conductor")
+    conductor.evict_all()
+    for layer, block in zip(conductor.layers, conductor.blocks):
+        layer.remove(block)
+    for index, weights in conductor.weights.items():
+        del conductor.blocks[index]._apply
+        weights.release_to(device)
+    model.__dict__.pop("_ddp_params_and_buffers_to_ignore", None)
+    return model.to(device)
+
+
+def get_conductor(model: nn.Module) -> LayerOffloadConductor | None:
+    """The conductor of an offloaded model, also through DDP, torch.compile and PEFT wrappers; else None."""
+    for _ in range(8):
+        conductor = model.__dict__.get("_offload_conductor")
+        if conductor is not None:
+            return conductor
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or base_model(model)
+        if inner is model:
+            return None
+        model = inner
+    return None
+
+
+def _with_index(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _disable_native_checkpointing(model: nn.Module) -> None:
+    """The model's own checkpointing would wrap our wrapper in a second checkpoint: ours replaces it."""
+    model = base_model(model)
+    if getattr(model, "gradient_checkpointing", False) is True and hasattr(model, "disable_gradient_checkpointing"):
+        model.disable_gradient_checkpointing()
+        logger.info("accelerate-offload: the model's own gradient checkpointing is replaced by per-block checkpointing")
+    if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
+
+
+def _guard_device_moves(block: nn.Module, weights: BlockWeights) -> None:
+    """Makes `.to(device)` on a streamed block move only its trainable tensors.
+
+    `accelerator.prepare` calls `model.to(device)`; without this guard it would copy every streamed weight to
+    the GPU. A dtype change is refused: it would silently leave the streamed weights in their old dtype.
+    """
+
+    def guarded_apply(fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        for dtype in weights.dtypes():
+            if fn(torch.empty(0, dtype=dtype)).dtype != dtype:
+                raise RuntimeError(
+                    "cannot change the dtype of a streamed block; cast the model before offloading it"
+                )
+        with torch.no_grad():
+            for module in block.modules():
+                for param in module._parameters.values():
+                    if param is not None and param.requires_grad:
+                        param.data = fn(param)
+                        if param.grad is not None:
+                            param.grad.data = fn(param.grad)
+        return block
+
+    block._apply = guarded_apply
+
+
+def _streamed_names(model: nn.Module, blocks: list[tuple[str, nn.Module]], conductor: LayerOffloadConductor) -> list[str]:
+    """Names of streamed tensors as seen from `model`, for DistributedDataParallel to leave alone."""
+    root = base_model(model)
+    prefix = next((f"{name}." if name else "" for name, module in model.named_modules() if module is root), "")
+    return [
+        f"{prefix}{blocks[index][0]}.{name}"
+        for index, weights in conductor.weights.items()
+        for name in weights.names()
+    ]
