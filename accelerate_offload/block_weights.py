@@ -3,6 +3,9 @@
 One buffer per block means one host-to-device copy per load (large copies reach full bandwidth; many small ones
 do not) and no second CPU copy: the model's own parameters are re-pointed at views of the buffer. Trainable
 parameters (LoRA) never enter it: they stay on the compute device where the optimizer holds them.
+
+Each host view is its own storage over the shared memory (`torch.frombuffer`), so state dicts of a streamed
+model serialise like any other: safetensors refuses tensors that share one storage.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -53,26 +57,41 @@ class BlockWeights:
                     )
                     sources.append(None if shared else tensor)
         self.nbytes = offset
-        self.host = torch.empty(offset, dtype=torch.uint8)
+        self._memory = np.empty(offset + ALIGNMENT, dtype=np.uint8)
+        self._base = -self._memory.ctypes.data % ALIGNMENT
+        self.host = self._host_tensor(torch.uint8, offset, 0)
         if pin_memory:
-            _pin_in_place(self.host)
-        for slot, source in zip(self._slots, sources):
+            _pin_in_place(self._memory, self.host)
+        self._host_views = [
+            self._host_tensor(slot.dtype, slot.nbytes // slot.dtype.itemsize, slot.offset).view(slot.shape)
+            for slot in self._slots
+        ]
+        for view, source in zip(self._host_views, sources):
             if source is not None:
-                self._view(self.host, slot).copy_(source)
-        self.point_at(self.host)
+                view.copy_(source)
+        self.point_at_host()
 
-    @staticmethod
-    def _view(buffer: torch.Tensor, slot: _Slot) -> torch.Tensor:
-        return buffer[slot.offset : slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
+    def _host_tensor(self, dtype: torch.dtype, count: int, offset: int) -> torch.Tensor:
+        if count == 0:
+            return torch.empty(0, dtype=dtype)
+        return torch.frombuffer(self._memory, dtype=dtype, count=count, offset=self._base + offset)
+
+    def point_at_host(self) -> None:
+        """Re-points every managed tensor at its host view (dropping the block from the device)."""
+        self._assign(self._host_views)
 
     def point_at(self, buffer: torch.Tensor) -> None:
-        """Re-points every managed tensor at `buffer` (the host buffer or a device copy of it)."""
-        for slot in self._slots:
-            view = self._view(buffer, slot)
+        """Re-points every managed tensor at its place in `buffer`, a device copy of the host buffer."""
+        self._assign(
+            [buffer[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self._slots]
+        )
+
+    def _assign(self, tensors: list[torch.Tensor]) -> None:
+        for slot, tensor in zip(self._slots, tensors):
             if slot.is_parameter:
-                slot.module._parameters[slot.name].data = view
+                slot.module._parameters[slot.name].data = tensor
             else:
-                slot.module._buffers[slot.name] = view
+                slot.module._buffers[slot.name] = tensor
 
     def dtypes(self) -> set[torch.dtype]:
         return {slot.dtype for slot in self._slots}
@@ -82,12 +101,15 @@ class BlockWeights:
         return [slot.qualified_name for slot in self._slots]
 
     def release_to(self, device: torch.device | str) -> None:
-        """Moves the managed tensors to a plain copy on `device` and lets the pinned buffer go."""
-        self.point_at(self.host.to(device, copy=True))
-        self.host = torch.empty(0, dtype=torch.uint8)
+        """Gives every managed tensor its own plain copy on `device` (tensors shared in the block stay shared)."""
+        copies: dict[int, torch.Tensor] = {}
+        for slot, view in zip(self._slots, self._host_views):
+            if slot.offset not in copies:
+                copies[slot.offset] = view.to(device, copy=True)
+        self._assign([copies[slot.offset] for slot in self._slots])
 
 
-def _pin_in_place(buffer: torch.Tensor) -> None:
+def _pin_in_place(memory: np.ndarray, buffer: torch.Tensor) -> None:
     """Page-locks `buffer` with cudaHostRegister.
 
     torch's pinned allocator rounds every allocation up to a power of two (a 0.68 GB Flux block would take
@@ -99,4 +121,4 @@ def _pin_in_place(buffer: torch.Tensor) -> None:
     error = cudart.cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
     if int(error) != 0:
         raise RuntimeError(f"cudaHostRegister of {buffer.numel() / 2**20:.0f} MiB failed with error {int(error)}")
-    weakref.finalize(buffer, cudart.cudaHostUnregister, buffer.data_ptr())
+    weakref.finalize(memory, cudart.cudaHostUnregister, buffer.data_ptr())

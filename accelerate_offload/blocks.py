@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from torch import nn
 
-# Class name -> dotted paths of its block lists, in execution order.
-KNOWN_BLOCK_LISTS: dict[str, tuple[str, ...]] = {
-    "FluxTransformer2DModel": ("transformer_blocks", "single_transformer_blocks"),
-    "SD3Transformer2DModel": ("transformer_blocks",),
-    "T5EncoderModel": ("encoder.block",),
-    "UMT5EncoderModel": ("encoder.block",),
-    "CLIPTextModel": ("text_model.encoder.layers",),
-    "CLIPTextModelWithProjection": ("text_model.encoder.layers",),
+# Class name -> dotted paths of its block lists in execution order; alternatives for library versions that moved them.
+_CLIP_LAYERS = [("text_model.encoder.layers",), ("encoder.layers",)]
+KNOWN_BLOCK_LISTS: dict[str, list[tuple[str, ...]]] = {
+    "FluxTransformer2DModel": [("transformer_blocks", "single_transformer_blocks")],
+    "SD3Transformer2DModel": [("transformer_blocks",)],
+    "T5EncoderModel": [("encoder.block",)],
+    "UMT5EncoderModel": [("encoder.block",)],
+    "CLIPTextModel": _CLIP_LAYERS,
+    "CLIPTextModelWithProjection": _CLIP_LAYERS,
 }
 
 
@@ -29,7 +30,7 @@ def base_model(model: nn.Module) -> nn.Module:
 def find_blocks(model: nn.Module, block_names: list[str] | None = None) -> list[tuple[str, nn.Module]]:
     """The model's blocks in execution order, each with its dotted name relative to the model."""
     model = base_model(model)
-    names = block_names or KNOWN_BLOCK_LISTS.get(type(model).__name__)
+    names = block_names or _known_lists(model)
     if not names:
         raise BlocksNotFoundError(
             f"accelerate-offload does not know the blocks of {type(model).__name__}; pass block_names "
@@ -50,6 +51,20 @@ def find_blocks(model: nn.Module, block_names: list[str] | None = None) -> list[
     if not blocks:
         raise BlocksNotFoundError(f"the block lists {', '.join(names)} of {type(model).__name__} are empty")
     return blocks
+
+
+def _known_lists(model: nn.Module) -> tuple[str, ...] | None:
+    alternatives = KNOWN_BLOCK_LISTS.get(type(model).__name__, [])
+    present = [names for names in alternatives if all(_has_submodule(model, name) for name in names)]
+    return present[0] if present else (alternatives[0] if alternatives else None)
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _describe_lists(model: nn.Module) -> str:

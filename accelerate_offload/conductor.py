@@ -137,7 +137,7 @@ class LayerOffloadConductor:
         loaded = self._loaded.pop(index)
         if not loaded.waited:  # a prefetch never used: its copy must finish before the memory is reused
             self.streams.wait(loaded.ready)
-        self.weights[index].point_at(self.weights[index].host)
+        self.weights[index].point_at_host()
         if self.poison_evicted:
             loaded.buffer.fill_(255)
         self._record("evict", index)

@@ -1,0 +1,142 @@
+"""Offload on the real architectures, tiny: Flux and SD3 transformers with PEFT LoRA, T5 and CLIP encoders."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+from peft import LoraConfig
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from accelerate_offload import find_blocks, get_conductor, offload_model
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def tiny_flux() -> FluxTransformer2DModel:
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=12, guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),
+    )
+
+
+def tiny_sd3() -> SD3Transformer2DModel:
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=24, caption_projection_dim=16, pooled_projection_dim=12, out_channels=4,
+    )
+
+
+def with_lora(model: torch.nn.Module) -> torch.nn.Module:
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights="gaussian"))
+    generator = torch.Generator().manual_seed(3)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.05
+    return model
+
+
+def flux_inputs(batch: int = 2) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    height = width = 4
+    image_ids = torch.zeros(height, width, 3)
+    image_ids[..., 1] = torch.arange(height)[:, None]
+    image_ids[..., 2] = torch.arange(width)[None, :]
+    return {
+        "hidden_states": torch.randn(batch, height * width, 16, generator=generator),
+        "encoder_hidden_states": torch.randn(batch, 7, 24, generator=generator),
+        "pooled_projections": torch.randn(batch, 12, generator=generator),
+        "timestep": torch.full((batch,), 0.6),
+        "guidance": torch.full((batch,), 3.5),
+        "img_ids": image_ids.reshape(-1, 3),
+        "txt_ids": torch.zeros(7, 3),
+    }
+
+
+def sd3_inputs(batch: int = 2) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(batch, 4, 8, 8, generator=generator),
+        "encoder_hidden_states": torch.randn(batch, 9, 24, generator=generator),
+        "pooled_projections": torch.randn(batch, 12, generator=generator),
+        "timestep": torch.full((batch,), 600.0),
+    }
+
+
+def train_step(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs, return_dict=False)[0].square().mean()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("activation_offloading", [False, True])
+@pytest.mark.parametrize(("build", "inputs"), [(tiny_flux, flux_inputs), (tiny_sd3, sd3_inputs)], ids=["flux", "sd3"])
+def test_lora_gradients_equal_resident(build, inputs, fraction: float, activation_offloading: bool) -> None:
+    reference = with_lora(build())
+    offloaded = copy.deepcopy(reference)
+    conductor = offload_model(
+        offloaded, "cpu", layer_offload_fraction=fraction, activation_offloading=activation_offloading,
+        activation_min_bytes=0,
+    )
+    conductor.poison_evicted = True
+    expected_loss, expected = train_step(reference, inputs())
+    loss, actual = train_step(offloaded, inputs())
+    assert torch.equal(loss, expected_loss)
+    assert len(actual) == len(expected) > 0
+    for name, grad in expected.items():
+        assert torch.equal(actual[name], grad), name
+    assert conductor.streamed_on_device == []
+
+
+def test_flux_blocks_are_found_in_execution_order() -> None:
+    names = [name for name, _ in find_blocks(tiny_flux())]
+    assert names == [f"transformer_blocks.{i}" for i in range(2)] + [f"single_transformer_blocks.{i}" for i in range(3)]
+
+
+def test_flux_own_checkpointing_is_replaced() -> None:
+    model = with_lora(tiny_flux())
+    model.enable_gradient_checkpointing()
+    offload_model(model, "cpu", layer_offload_fraction=1.0)
+    assert model.gradient_checkpointing is False  # a second checkpoint around ours would recompute twice
+    loss, grads = train_step(model, flux_inputs())
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_t5_encoder_streams_in_inference() -> None:
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=4, num_heads=4)
+    reference = T5EncoderModel(config).eval()
+    model = copy.deepcopy(reference)
+    conductor = offload_model(model, "cpu", layer_offload_fraction=1.0, gradient_checkpointing=False)
+    conductor.log = []
+    tokens = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(tokens).last_hidden_state
+        actual = model(tokens).last_hidden_state
+    assert torch.equal(actual, expected)
+    assert [index for event, index in conductor.log if event == "load"] == [0, 1, 2, 3]
+    assert get_conductor(model).streamed_on_device == []
+
+
+def test_clip_text_encoder_streams_in_inference() -> None:
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                            num_attention_heads=2, max_position_embeddings=20)
+    reference = CLIPTextModel(config).eval()
+    model = copy.deepcopy(reference)
+    offload_model(model, "cpu", layer_offload_fraction=1.0, gradient_checkpointing=False)
+    tokens = torch.randint(0, 60, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(tokens, output_hidden_states=True)
+        actual = model(tokens, output_hidden_states=True)
+    assert torch.equal(actual.pooler_output, expected.pooler_output)
+    assert torch.equal(actual.hidden_states[-2], expected.hidden_states[-2])
