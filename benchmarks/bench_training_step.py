@@ -1,0 +1,196 @@
+"""Training-step benchmark on a GPU: a full-size transformer with random bf16 weights, all-resident vs offloaded.
+
+Builds the architecture from `configs/models/`, adds a rank-16 LoRA on the attention projections and times
+forward + backward + AdamW step (gradient checkpointing on) on random latents and text embeddings of the real
+shapes. Every setting runs in this one process against the all-resident run, on the same batch: peak memory,
+seconds per step, the ratio to resident, and whether the loss falls (a runtime that does not train is a
+failure, not a fast result). One JSON per run goes to `--output_dir`; a table is printed last.
+
+    python benchmarks/bench_training_step.py --model flux --resolutions 1024 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import diffusers
+import torch
+from peft import LoraConfig
+
+from accelerate_offload import get_conductor, offload_model, remove_offload
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
+MODELS = {
+    "flux": ("FluxTransformer2DModel", "flux-dev-transformer.json"),
+    "sd3": ("SD3Transformer2DModel", "sd3-medium-transformer.json"),
+}
+SETTINGS = {
+    "resident": {"layer_offload_fraction": 0.0},
+    "fraction0.5": {"layer_offload_fraction": 0.5, "activation_offloading": True},
+    "fraction0.9": {"layer_offload_fraction": 0.9, "activation_offloading": True},
+    "fraction1.0": {"layer_offload_fraction": 1.0, "activation_offloading": True},
+    "fraction1.0-prefetch2": {"layer_offload_fraction": 1.0, "activation_offloading": True, "prefetch_blocks": 2},
+    "fraction1.0-no-activations": {"layer_offload_fraction": 1.0},
+}
+
+
+@dataclass
+class Result:
+    model: str
+    setting: str
+    resolution: int
+    device: str
+    torch: str
+    diffusers: str
+    seconds_per_step: float
+    peak_allocated_gb: float
+    peak_reserved_gb: float
+    ratio_to_resident: float | None
+    losses: list[float]
+    loss_falls: bool
+    streamed_gb_per_step: float
+    settings: dict = field(default_factory=dict)
+    host: str = platform.node()
+
+
+def build_model(name: str, device: torch.device) -> torch.nn.Module:
+    """Random bf16 weights created directly on `device` (initialising 12B parameters on a CPU takes minutes)."""
+    class_name, config_file = MODELS[name]
+    config = {k: v for k, v in json.loads((CONFIGS / config_file).read_text()).items() if not k.startswith("_")}
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = getattr(diffusers, class_name)(**config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # LoRA in fp32, base in bf16, as the training scripts do
+    return model
+
+
+def make_batch(name: str, model: torch.nn.Module, resolution: int, device: torch.device) -> tuple[dict, torch.Tensor]:
+    generator = torch.Generator(device).manual_seed(0)
+    config = model.config
+    side = resolution // 8
+    if name == "flux":
+        tokens = (side // 2) ** 2
+        image_ids = torch.zeros(side // 2, side // 2, 3, device=device)
+        image_ids[..., 1] = torch.arange(side // 2, device=device)[:, None]
+        image_ids[..., 2] = torch.arange(side // 2, device=device)[None, :]
+        inputs = {
+            "hidden_states": torch.randn(1, tokens, config.in_channels, device=device, generator=generator),
+            "encoder_hidden_states": torch.randn(1, 512, config.joint_attention_dim, device=device, generator=generator),
+            "pooled_projections": torch.randn(1, config.pooled_projection_dim, device=device, generator=generator),
+            "timestep": torch.tensor([0.7], device=device),
+            "guidance": torch.tensor([3.5], device=device),
+            "img_ids": image_ids.reshape(-1, 3),
+            "txt_ids": torch.zeros(512, 3, device=device),
+        }
+        target = torch.randn(1, tokens, config.in_channels, device=device, generator=generator)
+    else:
+        inputs = {
+            "hidden_states": torch.randn(1, config.in_channels, side, side, device=device, generator=generator),
+            "encoder_hidden_states": torch.randn(1, 333, config.joint_attention_dim, device=device, generator=generator),
+            "pooled_projections": torch.randn(1, config.pooled_projection_dim, device=device, generator=generator),
+            "timestep": torch.tensor([700.0], device=device),
+        }
+        target = torch.randn(1, config.out_channels, side, side, device=device, generator=generator)
+    return inputs, target
+
+
+def measure(model: torch.nn.Module, inputs: dict, target: torch.Tensor, warmup: int, steps: int) -> tuple:
+    lora = [p for p in model.parameters() if p.requires_grad]
+    initial = [p.detach().clone() for p in lora]
+    optimizer = torch.optim.AdamW(lora, lr=1e-3)
+    conductor = get_conductor(model)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    losses, times = [], []
+    streamed_bytes = 0
+    for index in range(warmup + steps):
+        if conductor is not None:
+            conductor.log = []
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            prediction = model(**inputs, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(prediction.float(), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # synchronises
+        times.append(time.perf_counter() - start)
+        if conductor is not None:
+            loads = [i for event, i in conductor.log if event == "load"]
+            streamed_bytes = sum(conductor.weights[i].nbytes for i in loads)
+    with torch.no_grad():
+        for param, value in zip(lora, initial):
+            param.copy_(value)  # the next setting starts from the same LoRA
+    peak = torch.cuda.max_memory_allocated() / 1e9, torch.cuda.max_memory_reserved() / 1e9
+    return statistics.median(times[warmup:]), peak, losses, streamed_bytes / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="flux")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[1024])
+    parser.add_argument("--settings", nargs="+", default=["resident", "fraction0.9", "fraction1.0"],
+                        choices=sorted(SETTINGS))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--output_dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: this benchmark needs a CUDA GPU")
+    device = torch.device("cuda", 0)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(args.model, device)
+    batches = {r: make_batch(args.model, model, r, device) for r in args.resolutions}
+    results: list[Result] = []
+    resident_time: dict[int, float] = {}
+    for setting in args.settings:
+        options = SETTINGS[setting]
+        if options["layer_offload_fraction"] > 0 and next(model.parameters()).device.type == "cuda":
+            model.to("cpu")
+            torch.cuda.empty_cache()
+        setup_start = time.perf_counter()
+        offload_model(model, device, **options)
+        setup_seconds = time.perf_counter() - setup_start
+        for resolution in args.resolutions:
+            inputs, target = batches[resolution]
+            seconds, (allocated, reserved), losses, streamed = measure(model, inputs, target, args.warmup, args.steps)
+            if setting == "resident":
+                resident_time[resolution] = seconds
+            base = resident_time.get(resolution)
+            result = Result(
+                model=args.model, setting=setting, resolution=resolution, device=torch.cuda.get_device_name(),
+                torch=torch.__version__, diffusers=diffusers.__version__, seconds_per_step=round(seconds, 4),
+                peak_allocated_gb=round(allocated, 3), peak_reserved_gb=round(reserved, 3),
+                ratio_to_resident=round(seconds / base, 3) if base else None, losses=[round(l, 5) for l in losses],
+                loss_falls=losses[-1] < losses[0], streamed_gb_per_step=round(streamed, 2),
+                settings={**options, "setup_seconds": round(setup_seconds, 1)},
+            )
+            results.append(result)
+            print(json.dumps(asdict(result)), flush=True)
+            name = f"{args.model}_{resolution}_{setting}.json"
+            (args.output_dir / name).write_text(json.dumps(asdict(result), indent=2) + "\n")
+        remove_offload(model, device if setting == "resident" else "cpu")
+    print(f"\n{'model':5} {'res':>5} {'setting':28} {'s/step':>7} {'ratio':>6} {'alloc GB':>9} {'resv GB':>8} {'H2D GB':>7} loss falls")
+    for r in results:
+        ratio = f"{r.ratio_to_resident:.2f}" if r.ratio_to_resident else "-"
+        print(f"{r.model:5} {r.resolution:5} {r.setting:28} {r.seconds_per_step:7.3f} {ratio:>6} "
+              f"{r.peak_allocated_gb:9.2f} {r.peak_reserved_gb:8.2f} {r.streamed_gb_per_step:7.1f} {r.loss_falls}")
+
+
+if __name__ == "__main__":
+    main()

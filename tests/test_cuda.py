@@ -1,0 +1,209 @@
+"""The runtime on a CUDA GPU: side streams, pinned memory, bf16; memory bounds and no growth."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from accelerate_offload import LayerOffloadPlugin, get_conductor, offload_model
+from test_models import flux_inputs, tiny_flux, with_lora
+from toy_models import ToyTransformer, add_lora
+
+pytestmark = pytest.mark.cuda
+DEVICE = torch.device("cuda", 0)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
+
+
+def bigger_flux() -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=64,
+        num_attention_heads=4, joint_attention_dim=128, pooled_projection_dim=64, guidance_embeds=True,
+        axes_dims_rope=(8, 28, 28),
+    ).to(torch.bfloat16)
+
+
+def flux_batch(tokens_side: int = 32, text: int = 64) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.zeros(tokens_side, tokens_side, 3)
+    ids[..., 1] = torch.arange(tokens_side)[:, None]
+    ids[..., 2] = torch.arange(tokens_side)[None, :]
+    batch = {
+        "hidden_states": torch.randn(1, tokens_side**2, 64, generator=generator),
+        "encoder_hidden_states": torch.randn(1, text, 128, generator=generator),
+        "pooled_projections": torch.randn(1, 64, generator=generator),
+        "timestep": torch.tensor([0.6]),
+        "guidance": torch.tensor([3.5]),
+        "img_ids": ids.reshape(-1, 3),
+        "txt_ids": torch.zeros(text, 3),
+    }
+    return {k: v.to(DEVICE) for k, v in batch.items()}
+
+
+def bf16_step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(**batch, return_dict=False)[0]
+    loss = out.float().square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("settings", [
+    {"layer_offload_fraction": 1.0, "activation_offloading": True},
+    {"layer_offload_fraction": 0.5, "activation_offloading": True, "prefetch_blocks": 2},
+    {"layer_offload_fraction": 1.0, "activation_offloading": False, "prefetch_blocks": 0},
+])
+def test_flux_lora_gradients_match_resident_in_bf16(settings: dict) -> None:
+    reference = with_lora(bigger_flux())
+    for p in reference.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    offloaded = copy.deepcopy(reference)
+    offload_model(reference, DEVICE, layer_offload_fraction=0.0)  # all resident, same checkpointing
+    conductor = offload_model(offloaded, DEVICE, **settings)
+    batch = flux_batch()
+    for _ in range(2):
+        expected_loss, expected = bf16_step(reference, batch)
+        loss, actual = bf16_step(offloaded, batch)
+    assert relative_error(loss, expected_loss) < 1e-3
+    for name, grad in expected.items():
+        assert torch.isfinite(actual[name]).all(), name
+        assert relative_error(actual[name], grad) < 2e-2, name
+    assert conductor.peak_streamed_on_device <= conductor.prefetch_blocks + 1
+    assert conductor.streamed_on_device == []
+
+
+def test_streamed_blocks_on_the_gpu_never_exceed_prefetch_plus_one() -> None:
+    model = with_lora(bigger_flux())
+    conductor = offload_model(model, DEVICE, layer_offload_fraction=1.0, activation_offloading=True, prefetch_blocks=1)
+    counts = []
+    original = conductor.before_block
+
+    def counting(index: int, backward: bool) -> None:
+        original(index, backward)
+        counts.append(len(conductor.streamed_on_device))
+        on_gpu = [i for i, block in enumerate(conductor.blocks)
+                  if next(p for p in block.parameters() if not p.requires_grad).device.type == "cuda"]
+        assert len(on_gpu) <= conductor.prefetch_blocks + 1, (index, backward, on_gpu)
+
+    conductor.before_block = counting
+    bf16_step(model, flux_batch())
+    assert max(counts) == 2 and len(counts) == 2 * conductor.block_count
+
+
+def toy_on_cpu(depth: int, width: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = add_lora(ToyTransformer(width, depth), ["to_q", "to_out"], rank=8).to(torch.bfloat16)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+def toy_batch(width: int) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator(DEVICE).manual_seed(0)
+    return (torch.randn(4, 1024, width, device=DEVICE, generator=generator),
+            torch.randn(4, 256, width, device=DEVICE, generator=generator),
+            torch.randn(4, width, device=DEVICE, generator=generator))
+
+
+def toy_train(model: torch.nn.Module, width: int, steps: int) -> list[int]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    inputs = toy_batch(width)
+    allocated = []
+    for _ in range(steps):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(*inputs).float().square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        allocated.append(torch.cuda.memory_allocated())
+    return allocated
+
+
+def test_sixteen_block_toy_peak_stays_under_bound_and_flat_over_100_steps() -> None:
+    width, depth = 2048, 16
+    model = toy_on_cpu(depth, width)
+    block_bytes = sum(t.numel() * t.element_size() for t in model.blocks[0].parameters() if not t.requires_grad)
+    trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    hidden = 4 * 1024 * width * 2
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    conductor = offload_model(model, DEVICE, block_names=["blocks"], layer_offload_fraction=1.0,
+                              activation_offloading=True)
+    allocated = toy_train(model, width, steps=100)
+    peak = torch.cuda.max_memory_allocated() - base
+    # stated bound: two blocks (current + prefetched), LoRA with grads and Adam state, embed/head, and the
+    # working set of one block (about a dozen hidden-sized tensors in fp32 under autocast)
+    non_block = sum(t.numel() * t.element_size() for m in (model.embed, model.head) for t in m.parameters())
+    bound = 2 * block_bytes + 4 * trainable + non_block + 24 * hidden
+    assert peak < bound, (peak / 2**20, bound / 2**20)
+    assert peak < depth * block_bytes / 3  # far below what the blocks alone would take resident
+    assert allocated[-1] == allocated[9], (allocated[9], allocated[-1])  # no growth from step 10 to 100
+    assert conductor.streamed_on_device == []
+
+
+def test_plugin_on_cuda_prepares_for_accelerate_and_keeps_streamed_weights_on_the_host(monkeypatch) -> None:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setenv("ACCELERATE_OFFLOAD_LAYER_OFFLOAD_FRACTION", "0.75")
+    monkeypatch.setenv("ACCELERATE_OFFLOAD_ACTIVATION_OFFLOADING", "true")
+    accelerator = Accelerator(mixed_precision="bf16")
+    model = toy_on_cpu(8, 256)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model = LayerOffloadPlugin(block_names=["blocks"]).prepare_model(model, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    streamed = accelerator.unwrap_model(model).blocks[7].to_q.base_layer.weight
+    assert streamed.device.type == "cpu" and streamed.is_pinned()
+    assert accelerator.unwrap_model(model).blocks[0].to_q.base_layer.weight.device.type == "cuda"
+    losses = []
+    inputs = toy_batch(256)
+    for _ in range(5):
+        loss = model(*inputs).float().square().mean()
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert get_conductor(model).activations.packed_bytes > 0
+
+
+def test_flash_or_efficient_attention_backward_is_finite_in_bf16() -> None:
+    LayerOffloadPlugin().prepare_model(torch.nn.Linear(2, 2), DEVICE)
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    generator = torch.Generator(DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(1, 24, 4608, 128, device=DEVICE, dtype=torch.bfloat16, generator=generator,
+                           requires_grad=True) for _ in range(3))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    out.float().square().mean().backward()
+    reference = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        torch.nn.functional.scaled_dot_product_attention(*reference).square().mean().backward()
+    for tensor, exact in zip((q, k, v), reference):
+        assert torch.isfinite(tensor.grad).all()
+        assert relative_error(tensor.grad, exact.grad) < 2e-2
+
+
+def test_tiny_flux_inference_streams_without_grad() -> None:
+    model = tiny_flux().to(torch.bfloat16)
+    reference = copy.deepcopy(model).to(DEVICE)
+    offload_model(model, DEVICE, layer_offload_fraction=1.0, gradient_checkpointing=False)
+    batch = {k: v.to(DEVICE) for k, v in flux_inputs().items()}
+    with torch.no_grad():
+        assert torch.equal(model(**batch, return_dict=False)[0], reference(**batch, return_dict=False)[0])
+    assert get_conductor(model).streamed_on_device == []
