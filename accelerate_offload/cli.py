@@ -162,7 +162,9 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def split_offload_section(config: dict[str, Any], path: Path | None) -> dict[str, Any]:
     """Removes the `offload_config:` section from `config` and returns it; unknown keys are refused."""
-    section = config.pop(SECTION, None) or {}
+    section = config.pop(SECTION, None)
+    if section is None:  # no section, or `offload_config:` with nothing under it
+        return {}
     if not isinstance(section, dict):
         raise ConfigFileError(f"{path}: {SECTION} must be a mapping of offload settings, got {section!r}")
     known = setting_names()

@@ -208,6 +208,8 @@ def check_environment() -> None:
 
 
 def _parse_fraction(value: Any) -> float:
+    if isinstance(value, bool):  # YAML `true` would otherwise pass as 1.0
+        raise OffloadConfigError(f"layer_offload_fraction must be a number in 0..1, got {value!r}")
     try:
         fraction = float(value)
     except (TypeError, ValueError):
@@ -218,13 +220,10 @@ def _parse_fraction(value: Any) -> float:
 
 
 def _parse_prefetch(value: Any) -> int:
-    try:
-        count = int(value)
-    except (TypeError, ValueError):
-        raise OffloadConfigError(f"prefetch_blocks must be a whole number >= 0, got {value!r}") from None
-    if count < 0 or str(value).strip() not in {str(count), f"{count}.0"} and not isinstance(value, int):
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit():
         raise OffloadConfigError(f"prefetch_blocks must be a whole number >= 0, got {value!r}")
-    return count
+    return int(text)
 
 
 _warned_inactive = False

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -56,7 +55,6 @@ class Result:
     loss_falls: bool
     streamed_gb_per_step: float
     settings: dict = field(default_factory=dict)
-    host: str = platform.node()
 
 
 def build_model(name: str, device: torch.device) -> torch.nn.Module:

@@ -110,9 +110,9 @@ def toy_on_cpu(depth: int, width: int) -> torch.nn.Module:
 
 def toy_batch(width: int) -> tuple[torch.Tensor, ...]:
     generator = torch.Generator(DEVICE).manual_seed(0)
-    return (torch.randn(4, 1024, width, device=DEVICE, generator=generator),
-            torch.randn(4, 256, width, device=DEVICE, generator=generator),
-            torch.randn(4, width, device=DEVICE, generator=generator))
+    return (torch.randn(1, 256, width, device=DEVICE, generator=generator),
+            torch.randn(1, 64, width, device=DEVICE, generator=generator),
+            torch.randn(1, width, device=DEVICE, generator=generator))
 
 
 def toy_train(model: torch.nn.Module, width: int, steps: int) -> list[int]:
@@ -135,7 +135,7 @@ def test_sixteen_block_toy_peak_stays_under_bound_and_flat_over_100_steps() -> N
     model = toy_on_cpu(depth, width)
     block_bytes = sum(t.numel() * t.element_size() for t in model.blocks[0].parameters() if not t.requires_grad)
     trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
-    hidden = 4 * 1024 * width * 2
+    hidden = 256 * width * 2
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
