@@ -11,6 +11,7 @@ model serialise like any other: safetensors refuses tensors that share one stora
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,3 +123,28 @@ def _pin_in_place(memory: np.ndarray, buffer: torch.Tensor) -> None:
     if int(error) != 0:
         raise RuntimeError(f"cudaHostRegister of {buffer.numel() / 2**20:.0f} MiB failed with error {int(error)}")
     weakref.finalize(memory, cudart.cudaHostUnregister, buffer.data_ptr())
+
+
+def guard_device_moves(block: nn.Module, weights: BlockWeights) -> None:
+    """Makes `.to(device)` on a streamed block move only its trainable tensors.
+
+    `accelerator.prepare` calls `model.to(device)`; without this guard it would copy every streamed weight to
+    the GPU. A dtype change is refused: it would silently leave the streamed weights in their old dtype.
+    """
+
+    def guarded_apply(fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        for dtype in weights.dtypes():
+            if fn(torch.empty(0, dtype=dtype)).dtype != dtype:
+                raise RuntimeError(
+                    "cannot change the dtype of a streamed block; cast the model before offloading it"
+                )
+        with torch.no_grad():
+            for module in block.modules():
+                for param in module._parameters.values():
+                    if param is not None and param.requires_grad:
+                        param.data = fn(param)
+                        if param.grad is not None:
+                            param.grad.data = fn(param.grad)
+        return block
+
+    block._apply = guarded_apply

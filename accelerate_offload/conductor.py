@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from .activations import ActivationShuttle
-from .block_weights import BlockWeights
+from .block_weights import BlockWeights, guard_device_moves
+from .planner import VramPlanner
 from .streams import CopyStreams
+from .timeline import StepTrace
 
 
 @dataclass
@@ -50,14 +52,16 @@ class LayerOffloadConductor:
         self.blocks = blocks
         self.layers: list = []  # the OffloadCheckpointLayer of each block, set by offload_model
         self.block_count = len(blocks)
-        self.resident_count = resident_block_count(len(blocks), layer_offload_fraction)
         self.prefetch_blocks = prefetch_blocks
         self.activations = activations
+        resident_count = resident_block_count(len(blocks), layer_offload_fraction)
         self.weights: dict[int, BlockWeights] = {
-            index: BlockWeights(block, pin_memory)
-            for index, block in enumerate(blocks)
-            if index >= self.resident_count
+            index: BlockWeights(block, pin_memory) for index, block in enumerate(blocks) if index >= resident_count
         }
+        for index, weights in self.weights.items():
+            guard_device_moves(blocks[index], weights)
+        self.planner: VramPlanner | None = None  # set for max_vram: picks resident blocks after the first step
+        self.trace: StepTrace | None = None  # set while a step is traced for the VRAM timeline
         self.log: list[tuple[str, int]] | None = None  # ("load" | "evict", block) when recording
         self.poison_evicted = False  # fill dropped device copies with NaN bytes: use-after-evict shows in tests
         self.peak_streamed_on_device = 0
@@ -65,7 +69,19 @@ class LayerOffloadConductor:
         self._end_of_backward_queued = False
 
     def is_streamed(self, index: int) -> bool:
-        return index >= self.resident_count
+        return index in self.weights
+
+    @property
+    def resident_count(self) -> int:
+        return self.block_count - len(self.weights)
+
+    def make_resident(self, indices: list[int], device: torch.device | str | None = None) -> None:
+        """Stops streaming these blocks: their weights get plain storage on `device` (default: the compute device)."""
+        for index in indices:
+            if index in self._loaded:
+                self._evict(index)
+            self.weights.pop(index).release_to(device or self.device)
+            del self.blocks[index]._apply  # the device-move guard
 
     @property
     def streamed_on_device(self) -> list[int]:
@@ -73,6 +89,10 @@ class LayerOffloadConductor:
 
     def before_block(self, index: int, backward: bool) -> None:
         """Called as block `index` starts to run (forward, inference, or recomputation in backward)."""
+        if self.trace is not None:
+            self.trace.mark("backward" if backward else "forward", index)
+        if index == 0 and not backward and self.planner is not None and torch.is_grad_enabled():
+            self.planner.start_measuring()
         targets = self._upcoming(index, backward)
         for stale in [i for i in self._loaded if i != index and i not in targets]:
             self._evict(stale)
@@ -100,6 +120,10 @@ class LayerOffloadConductor:
     def _end_of_backward(self) -> None:
         self._end_of_backward_queued = False
         self.evict_all()
+        if self.planner is not None and self.planner.measuring:
+            resident, self.prefetch_blocks = self.planner.plan(self)
+            self.make_resident(resident)
+            self.planner = None
 
     def _neighbours(self, index: int, backward: bool) -> list[int]:
         step = -1 if backward else 1

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from .activations import ActivationShuttle
 from .attention import avoid_cudnn_attention
-from .block_weights import BlockWeights
 from .blocks import base_model, find_blocks
 from .checkpoint_layer import OffloadCheckpointLayer
 from .conductor import LayerOffloadConductor
+from .planner import VramPlanner, parse_memory
 from .streams import CopyStreams
 
 logger = logging.getLogger(__name__)
@@ -32,6 +30,7 @@ def offload_model(
     prefetch_blocks: int = 1,
     pin_memory: bool = True,
     block_names: list[str] | None = None,
+    max_vram: str | int | None = None,
     activation_min_bytes: int = ACTIVATION_MIN_BYTES,
 ) -> LayerOffloadConductor:
     """Streams `model`'s blocks through `device` and places everything else there; returns the conductor.
@@ -39,10 +38,16 @@ def offload_model(
     Trainable parameters (LoRA) are moved to `device` and stay there, so an optimizer built before or after
     this call keeps training them. Later `model.to(device)` calls (e.g. from `accelerator.prepare`) leave the
     streamed weights alone. A CPU `device` runs the same logic with plain copies, which is how it is tested.
+    With `max_vram` (bytes, or text like "6GB") every block starts streamed and the first training step
+    decides which become resident.
     """
     if getattr(model, "_offload_conductor", None) is not None:
         raise RuntimeError("this model is already offloaded; call remove_offload(model) first")
     device = _with_index(torch.device(device))
+    if max_vram is not None:
+        if device.type != "cuda":
+            raise ValueError("max_vram measures CUDA memory: it needs a CUDA device; use layer_offload_fraction")
+        layer_offload_fraction = 1.0
     blocks = find_blocks(model, block_names)
     _disable_native_checkpointing(model)
     if device.type == "cuda":
@@ -59,12 +64,13 @@ def offload_model(
         pinned,
         activations,
     )
+    if max_vram is not None:
+        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        conductor.planner = VramPlanner(parse_memory(max_vram), device, optimizer_state_bytes=2 * trainable)
     conductor.layers = [
         OffloadCheckpointLayer(block, index, conductor, gradient_checkpointing, activations)
         for index, (_, block) in enumerate(blocks)
     ]
-    for index, weights in conductor.weights.items():
-        _guard_device_moves(blocks[index][1], weights)
     model.to(device)
     model._offload_conductor = conductor
     model._ddp_params_and_buffers_to_ignore = _streamed_names(model, blocks, conductor)
@@ -88,12 +94,9 @@ def offload_model(
 def remove_offload(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
     """Gives the blocks back their own forward and their weights plain storage on `device`."""
     conductor: LayerOffloadConductor = model.__dict__.pop("_offload_conductor")
-    conductor.evict_all()
     for layer, block in zip(conductor.layers, conductor.blocks):
         layer.remove(block)
-    for index, weights in conductor.weights.items():
-        del conductor.blocks[index]._apply
-        weights.release_to(device)
+    conductor.make_resident(list(conductor.weights), device)
     model.__dict__.pop("_ddp_params_and_buffers_to_ignore", None)
     return model.to(device)
 
@@ -125,31 +128,6 @@ def _disable_native_checkpointing(model: nn.Module) -> None:
         logger.info("accelerate-offload: the model's own gradient checkpointing is replaced by per-block checkpointing")
     if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "gradient_checkpointing_disable"):
         model.gradient_checkpointing_disable()
-
-
-def _guard_device_moves(block: nn.Module, weights: BlockWeights) -> None:
-    """Makes `.to(device)` on a streamed block move only its trainable tensors.
-
-    `accelerator.prepare` calls `model.to(device)`; without this guard it would copy every streamed weight to
-    the GPU. A dtype change is refused: it would silently leave the streamed weights in their old dtype.
-    """
-
-    def guarded_apply(fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
-        for dtype in weights.dtypes():
-            if fn(torch.empty(0, dtype=dtype)).dtype != dtype:
-                raise RuntimeError(
-                    "cannot change the dtype of a streamed block; cast the model before offloading it"
-                )
-        with torch.no_grad():
-            for module in block.modules():
-                for param in module._parameters.values():
-                    if param is not None and param.requires_grad:
-                        param.data = fn(param)
-                        if param.grad is not None:
-                            param.grad.data = fn(param.grad)
-        return block
-
-    block._apply = guarded_apply
 
 
 def _streamed_names(model: nn.Module, blocks: list[tuple[str, nn.Module]], conductor: LayerOffloadConductor) -> list[str]:

@@ -68,6 +68,9 @@ class LayerOffloadPlugin:
             Keep offloaded weights and activations in page-locked memory (7x faster copies than pageable memory).
         offload_device (`str`, defaults to `"cpu"`):
             Where offloaded weights live.
+        max_vram (`str`, defaults to `None`):
+            A GPU memory budget such as "6GB" instead of a fraction: the first training step streams every block
+            and measures its peak; then as many blocks as fit become resident.
         block_names (`list[str]`, defaults to the model's known block lists):
             Dotted paths of the `nn.ModuleList`s that hold the model's sequential blocks, for models that
             accelerate-offload does not know.
@@ -95,6 +98,10 @@ class LayerOffloadPlugin:
     offload_device: str | None = field(
         default=None, metadata={"help": "Where offloaded weights live.", "default": "cpu"}
     )
+    max_vram: str | None = field(
+        default=None,
+        metadata={"help": "GPU memory budget, e.g. '6GB': resident blocks chosen to fit it.", "default": None},
+    )
     block_names: list[str] | None = field(
         default=None,
         metadata={"help": "Comma-separated paths of the block lists, for models not known.", "default": None},
@@ -114,13 +121,22 @@ class LayerOffloadPlugin:
         self.offload_device = str(self.offload_device).strip().lower()
         if self.block_names is not None:
             self.block_names = _parse_names(self.block_names)
-        offloads = self.layer_offload_fraction > 0 or self.activation_offloading
+        if self.max_vram is not None:
+            self.max_vram = str(self.max_vram).strip()
+            _parse_budget(self.max_vram)
+        offloads = self.layer_offload_fraction > 0 or self.activation_offloading or self.max_vram is not None
         if self.gradient_checkpointing is None:
             self.gradient_checkpointing = offloads
         self.gradient_checkpointing = parse_bool("gradient_checkpointing", self.gradient_checkpointing)
         self._validate()
 
     def _validate(self) -> None:
+        if self.max_vram is not None and self.layer_offload_fraction > 0:
+            raise OffloadConfigError(
+                "max_vram chooses the resident blocks itself: set either max_vram or layer_offload_fraction"
+            )
+        if self.max_vram is not None and not self.gradient_checkpointing:
+            raise OffloadConfigError("max_vram streams blocks, which needs gradient_checkpointing: true")
         if self.offload_device != "cpu":
             raise OffloadConfigError(f"offload_device must be 'cpu', got {self.offload_device!r}")
         if self.layer_offload_fraction > 0 and not self.gradient_checkpointing:
@@ -142,7 +158,12 @@ class LayerOffloadPlugin:
     @property
     def enabled(self) -> bool:
         """Whether the plugin changes the model at all."""
-        return self.layer_offload_fraction > 0 or self.activation_offloading or self.gradient_checkpointing
+        return (
+            self.layer_offload_fraction > 0
+            or self.activation_offloading
+            or self.gradient_checkpointing
+            or self.max_vram is not None
+        )
 
     def to_env(self) -> dict[str, str]:
         """The `ACCELERATE_OFFLOAD_*` variables that reproduce these settings in a worker."""
@@ -171,7 +192,7 @@ class LayerOffloadPlugin:
         streaming = device.type == "cuda"
         if streaming:
             avoid_cudnn_attention()
-        if not streaming and (self.layer_offload_fraction > 0 or self.activation_offloading):
+        if not streaming and (self.layer_offload_fraction > 0 or self.activation_offloading or self.max_vram):
             _warn_inactive_once(device)
         if not self.enabled:
             return model
@@ -185,6 +206,7 @@ class LayerOffloadPlugin:
             prefetch_blocks=self.prefetch_blocks,
             pin_memory=self.pin_memory,
             block_names=self.block_names,
+            max_vram=self.max_vram if streaming else None,
         )
         return model
 
@@ -217,6 +239,15 @@ def _parse_fraction(value: Any) -> float:
     if not 0.0 <= fraction <= 1.0:
         raise OffloadConfigError(f"layer_offload_fraction must be in 0..1, got {fraction}")
     return fraction
+
+
+def _parse_budget(value: str) -> int:
+    from .planner import parse_memory
+
+    try:
+        return parse_memory(value)
+    except ValueError as error:
+        raise OffloadConfigError(str(error)) from None
 
 
 def _parse_prefetch(value: Any) -> int:

@@ -6,7 +6,12 @@ tested — on a CPU compute device.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from .timeline import StepTrace
 
 
 class CopyStreams:
@@ -17,6 +22,7 @@ class CopyStreams:
         side_streams = device.type == "cuda" and async_copies
         self.upload = torch.cuda.Stream(device) if side_streams else None
         self.download = torch.cuda.Stream(device) if side_streams else None
+        self.trace: StepTrace | None = None
 
     def host_to_device(
         self, host: torch.Tensor, device: torch.device, after: torch.cuda.Event | None = None
@@ -34,9 +40,12 @@ class CopyStreams:
         if after is not None:
             self.upload.wait_event(after)
         with torch.cuda.stream(self.upload):
+            started = self._timing_event()
             out.copy_(host, non_blocking=True)
-            ready = torch.cuda.Event()
+            ready = torch.cuda.Event(enable_timing=started is not None)
             ready.record(self.upload)
+        if started is not None:
+            self.trace.copy("host_to_device", started, ready, host.numel() * host.element_size())
         return out, ready
 
     def device_to_host(self, tensor: torch.Tensor, host: torch.Tensor) -> torch.cuda.Event | None:
@@ -46,11 +55,22 @@ class CopyStreams:
             return None
         self.download.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.download):
+            started = self._timing_event()
             host.copy_(tensor, non_blocking=True)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(enable_timing=started is not None)
             done.record(self.download)
+        if started is not None:
+            self.trace.copy("device_to_host", started, done, host.numel() * host.element_size())
         tensor.record_stream(self.download)  # its memory is not reused before the copy has read it
         return done
+
+    def _timing_event(self) -> torch.cuda.Event | None:
+        """An event marking where a copy starts on the current side stream, while a step is traced."""
+        if self.trace is None:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def wait(self, event: torch.cuda.Event | None) -> None:
         """Makes the compute stream wait for a copy (the CPU never blocks)."""

@@ -23,6 +23,8 @@ import torch
 from peft import LoraConfig
 
 from accelerate_offload import get_conductor, offload_model, remove_offload
+from accelerate_offload.planner import parse_memory
+from accelerate_offload.timeline import plot_timeline, trace_step
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
 MODELS = {
@@ -36,6 +38,9 @@ SETTINGS = {
     "fraction1.0": {"layer_offload_fraction": 1.0, "activation_offloading": True},
     "fraction1.0-prefetch2": {"layer_offload_fraction": 1.0, "activation_offloading": True, "prefetch_blocks": 2},
     "fraction1.0-no-activations": {"layer_offload_fraction": 1.0},
+    "max_vram4GB": {"max_vram": "4GB", "activation_offloading": True},
+    "max_vram8GB": {"max_vram": "8GB", "activation_offloading": True},
+    "max_vram16GB": {"max_vram": "16GB", "activation_offloading": True},
 }
 
 
@@ -54,6 +59,8 @@ class Result:
     losses: list[float]
     loss_falls: bool
     streamed_gb_per_step: float
+    resident_blocks: int
+    within_budget: bool | None
     settings: dict = field(default_factory=dict)
 
 
@@ -107,26 +114,32 @@ def make_batch(name: str, model: torch.nn.Module, resolution: int, device: torch
     return inputs, target
 
 
+def training_step(model: torch.nn.Module, optimizer, inputs: dict, target: torch.Tensor) -> torch.Tensor:
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        prediction = model(**inputs, return_dict=False)[0]
+    loss = torch.nn.functional.mse_loss(prediction.float(), target)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def measure(model: torch.nn.Module, inputs: dict, target: torch.Tensor, warmup: int, steps: int) -> tuple:
+    """Median step time and the steady-state peak (after warm-up, which includes max_vram's planning step)."""
     lora = [p for p in model.parameters() if p.requires_grad]
     initial = [p.detach().clone() for p in lora]
     optimizer = torch.optim.AdamW(lora, lr=1e-3)
     conductor = get_conductor(model)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
     streamed_bytes = 0
     for index in range(warmup + steps):
+        if index == warmup:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         if conductor is not None:
             conductor.log = []
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            prediction = model(**inputs, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(prediction.float(), target)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # synchronises
+        losses.append(training_step(model, optimizer, inputs, target).item())  # .item() synchronises
         times.append(time.perf_counter() - start)
         if conductor is not None:
             loads = [i for event, i in conductor.log if event == "load"]
@@ -135,7 +148,15 @@ def measure(model: torch.nn.Module, inputs: dict, target: torch.Tensor, warmup: 
         for param, value in zip(lora, initial):
             param.copy_(value)  # the next setting starts from the same LoRA
     peak = torch.cuda.max_memory_allocated() / 1e9, torch.cuda.max_memory_reserved() / 1e9
-    return statistics.median(times[warmup:]), peak, losses, streamed_bytes / 1e9
+    return statistics.median(times[warmup:]), peak, losses, streamed_bytes / 1e9, optimizer
+
+
+def write_timeline(model, optimizer, inputs: dict, target: torch.Tensor, path: Path, title: str) -> None:
+    timeline = trace_step(model, lambda: training_step(model, optimizer, inputs, target).item())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(timeline) + "\n")
+    plot_timeline(timeline, path, title)
+    print(f"timeline: {path} (peak {timeline['peak_allocated_gb']:.2f} GB)", flush=True)
 
 
 def main() -> None:
@@ -147,6 +168,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--output_dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--timeline", type=Path, default=None,
+                        help="write a VRAM timeline (PNG + JSON) of one step of the first streamed setting")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: this benchmark needs a CUDA GPU")
@@ -158,7 +181,7 @@ def main() -> None:
     resident_time: dict[int, float] = {}
     for setting in args.settings:
         options = SETTINGS[setting]
-        if options["layer_offload_fraction"] > 0 and next(model.parameters()).device.type == "cuda":
+        if setting != "resident" and next(model.parameters()).device.type == "cuda":
             model.to("cpu")
             torch.cuda.empty_cache()
         setup_start = time.perf_counter()
@@ -166,7 +189,13 @@ def main() -> None:
         setup_seconds = time.perf_counter() - setup_start
         for resolution in args.resolutions:
             inputs, target = batches[resolution]
-            seconds, (allocated, reserved), losses, streamed = measure(model, inputs, target, args.warmup, args.steps)
+            seconds, (allocated, reserved), losses, streamed, optimizer = measure(
+                model, inputs, target, args.warmup, args.steps
+            )
+            conductor = get_conductor(model)
+            if args.timeline is not None and setting != "resident":
+                write_timeline(model, optimizer, inputs, target, args.timeline, f"{args.model} {resolution}² {setting}")
+                args.timeline = None
             if setting == "resident":
                 resident_time[resolution] = seconds
             base = resident_time.get(resolution)
@@ -176,6 +205,8 @@ def main() -> None:
                 peak_allocated_gb=round(allocated, 3), peak_reserved_gb=round(reserved, 3),
                 ratio_to_resident=round(seconds / base, 3) if base else None, losses=[round(l, 5) for l in losses],
                 loss_falls=losses[-1] < losses[0], streamed_gb_per_step=round(streamed, 2),
+                resident_blocks=conductor.resident_count,
+                within_budget=allocated * 1e9 <= parse_memory(options["max_vram"]) if "max_vram" in options else None,
                 settings={**options, "setup_seconds": round(setup_seconds, 1)},
             )
             results.append(result)
@@ -183,11 +214,14 @@ def main() -> None:
             name = f"{args.model}_{resolution}_{setting}.json"
             (args.output_dir / name).write_text(json.dumps(asdict(result), indent=2) + "\n")
         remove_offload(model, device if setting == "resident" else "cpu")
-    print(f"\n{'model':5} {'res':>5} {'setting':28} {'s/step':>7} {'ratio':>6} {'alloc GB':>9} {'resv GB':>8} {'H2D GB':>7} loss falls")
+    print(f"\n{'model':5} {'res':>5} {'setting':28} {'s/step':>7} {'ratio':>6} {'alloc GB':>9} {'resv GB':>8} "
+          f"{'H2D GB':>7} {'resident':>8} loss falls  in budget")
     for r in results:
         ratio = f"{r.ratio_to_resident:.2f}" if r.ratio_to_resident else "-"
+        budget = "-" if r.within_budget is None else str(r.within_budget)
         print(f"{r.model:5} {r.resolution:5} {r.setting:28} {r.seconds_per_step:7.3f} {ratio:>6} "
-              f"{r.peak_allocated_gb:9.2f} {r.peak_reserved_gb:8.2f} {r.streamed_gb_per_step:7.1f} {r.loss_falls}")
+              f"{r.peak_allocated_gb:9.2f} {r.peak_reserved_gb:8.2f} {r.streamed_gb_per_step:7.1f} "
+              f"{r.resident_blocks:8d} {str(r.loss_falls):10} {budget}")
 
 
 if __name__ == "__main__":

@@ -153,14 +153,17 @@ def test_sixteen_block_toy_peak_stays_under_bound_and_flat_over_100_steps() -> N
     assert conductor.streamed_on_device == []
 
 
-def test_plugin_on_cuda_prepares_for_accelerate_and_keeps_streamed_weights_on_the_host(monkeypatch) -> None:
+@pytest.mark.parametrize("mixed_precision", ["bf16", "fp16"])
+def test_plugin_on_cuda_prepares_for_accelerate_and_keeps_streamed_weights_on_the_host(
+    monkeypatch, mixed_precision: str
+) -> None:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     monkeypatch.setenv("ACCELERATE_OFFLOAD_LAYER_OFFLOAD_FRACTION", "0.75")
     monkeypatch.setenv("ACCELERATE_OFFLOAD_ACTIVATION_OFFLOADING", "true")
-    accelerator = Accelerator(mixed_precision="bf16")
+    accelerator = Accelerator(mixed_precision=mixed_precision)
     model = toy_on_cpu(8, 256)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model = LayerOffloadPlugin(block_names=["blocks"]).prepare_model(model, accelerator.device)
@@ -207,3 +210,56 @@ def test_tiny_flux_inference_streams_without_grad() -> None:
     with torch.no_grad():
         assert torch.equal(model(**batch, return_dict=False)[0], reference(**batch, return_dict=False)[0])
     assert get_conductor(model).streamed_on_device == []
+
+
+def test_max_vram_fills_the_budget_with_resident_blocks_and_stays_within_it() -> None:
+    from accelerate_offload.planner import VramBudgetError
+
+    width, depth = 2048, 24
+    probe = toy_on_cpu(depth, width)
+    offload_model(probe, DEVICE, block_names=["blocks"], layer_offload_fraction=1.0, activation_offloading=True)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    toy_train(probe, width, steps=2)
+    streamed_peak = torch.cuda.max_memory_allocated()
+    block_bytes = get_conductor(probe).weights[0].nbytes
+    del probe
+    torch.cuda.empty_cache()
+    for extra_blocks in (4, 12):
+        budget = int((streamed_peak + extra_blocks * block_bytes) / 0.95)
+        model = toy_on_cpu(depth, width)
+        conductor = offload_model(model, DEVICE, block_names=["blocks"], max_vram=budget, activation_offloading=True)
+        toy_train(model, width, steps=1)  # the measuring step
+        torch.cuda.reset_peak_memory_stats()
+        toy_train(model, width, steps=3)
+        assert extra_blocks - 2 <= conductor.resident_count <= extra_blocks + 1, conductor.resident_count
+        assert torch.cuda.max_memory_allocated() <= budget
+        del model, conductor
+        torch.cuda.empty_cache()
+    model = toy_on_cpu(depth, width)
+    offload_model(model, DEVICE, block_names=["blocks"], max_vram=base + block_bytes, activation_offloading=True)
+    with pytest.raises(VramBudgetError, match="raise max_vram"):
+        toy_train(model, width, steps=1)
+
+
+def test_vram_timeline_records_every_block_and_copy(tmp_path) -> None:
+    from accelerate_offload.timeline import plot_timeline, trace_step
+
+    width = 1024
+    model = toy_on_cpu(6, width)
+    conductor = offload_model(model, DEVICE, block_names=["blocks"], layer_offload_fraction=1.0,
+                              activation_offloading=True)
+    inputs = toy_batch(width)
+
+    def one_step() -> None:
+        model(*inputs).float().square().mean().backward()
+
+    one_step()
+    timeline = trace_step(model, one_step)
+    phases = [b["phase"] for b in timeline["blocks"]]
+    assert phases.count("forward") == 6 and phases.count("backward") == 6
+    uploads = [c for c in timeline["copies"] if c["direction"] == "host_to_device"]
+    assert len(uploads) >= 2 * 6 and all(c["end_ms"] >= c["start_ms"] >= 0 for c in uploads)
+    assert abs(sum(c["gb"] for c in uploads[:6]) - 6 * conductor.weights[0].nbytes / 1e9) < 1e-6
+    picture = plot_timeline(timeline, tmp_path / "timeline.png")
+    assert picture.stat().st_size > 10_000

@@ -1,0 +1,447 @@
+"""Token-chunked execution of Flux and SD3 transformer blocks: the same function in a fraction of the memory.
+
+Everything in these blocks except the attention core is token-wise (AdaLN modulation, norms, RoPE, projections,
+MLP, residuals), yet run on the whole sequence it holds several full-sequence fp32 intermediates at once. Here a
+block runs in two phases over token chunks, each chunk under its own non-reentrant checkpoint so that only its
+inputs and outputs outlive it:
+
+1. keys and values of every token (after the key norm and RoPE), chunk by chunk;
+2. per query chunk: modulation and norm, query, attention against all keys and values, out-projection, gated
+   residual, second norm and modulation, MLP, gated residual.
+
+Backward recomputes one chunk at a time and autograd sums the key and value gradients of all query chunks.
+The text stream (512 tokens for Flux) is one chunk; `chunks` splits the image tokens. The math mirrors
+diffusers 0.42.1 op for op (same modules, same order, same dtypes), calling modules rather than their weights so
+that PEFT LoRA layers work unchanged. Attention processors, fused projections, context parallelism, feed-forward
+chunking or attention kwargs that this file does not mirror make the block run whole.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention import JointTransformerBlock
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_processor import JointAttnProcessor2_0
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import (
+    FluxAttnProcessor,
+    FluxSingleTransformerBlock,
+    FluxTransformerBlock,
+)
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+MAX_CHUNK_TOKENS = 4096
+
+Rows = Callable[..., torch.Tensor]
+
+
+def auto_chunks(image_tokens: int, max_chunk_tokens: int = MAX_CHUNK_TOKENS) -> int:
+    """The fewest chunks that keep each under `max_chunk_tokens` image tokens.
+
+    Chunking cannot go below the full-sequence attention (queries, keys, values and their gradients: about
+    0.9 GB for a Flux-dev block at 2048²); a 4096-token chunk's token-wise working set is about as large, so
+    smaller chunks buy little memory for more kernel launches. 1024² (4096 tokens) runs whole, 2048² in 4.
+    """
+    return max(1, math.ceil(image_tokens / max_chunk_tokens))
+
+
+def chunked_forward(block: nn.Module, chunks: int) -> Callable[..., Any] | None:
+    """A function with `block.forward`'s signature and result, run in `chunks` image-token chunks.
+
+    None for a block this module does not know (run it whole). For `chunks == 1` it is the block class's own
+    forward, which bypasses any wrapper installed on the instance (such as the offload layer's), so it can
+    replace `OffloadCheckpointLayer.block_forward` without recursing.
+    """
+    if chunks < 1:
+        raise ValueError(f"chunks must be at least 1, got {chunks}")
+    supported, build = _BLOCKS.get(type(block), (None, None))
+    if build is None or not supported(block):
+        return None
+    whole = type(block).forward.__get__(block)
+    return whole if chunks == 1 else build(block, chunks, whole)
+
+
+# ---- shared pieces ----
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One run of rows in attention order: which stream they belong to, the rows, and their RoPE rows."""
+
+    stream: str
+    rows: torch.Tensor
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+
+
+def _spans(length: int, chunks: int) -> list[tuple[int, int]]:
+    """`chunks` contiguous spans of `length` differing in size by at most one (as `torch.tensor_split`)."""
+    chunks = min(chunks, max(length, 1))
+    bounds = [length * i // chunks for i in range(chunks + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _run_chunk(function: Callable[..., Any], *args: Any) -> Any:
+    """Keeps only the chunk's inputs for backward; under no_grad there is nothing to keep."""
+    if torch.is_grad_enabled():
+        return checkpoint(function, *args, use_reentrant=False)
+    return function(*args)
+
+
+def _text_then_image(
+    encoder_hidden_states: torch.Tensor,
+    hidden_states: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+    chunks: int,
+) -> list[_Chunk]:
+    """Flux's joint sequence is [text, image]; its RoPE table covers both in that order."""
+    text = encoder_hidden_states.shape[1]
+
+    def rope_rows(start: int, end: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return (None, None) if rope is None else (rope[0][start:end], rope[1][start:end])
+
+    parts = [_Chunk("text", encoder_hidden_states, *rope_rows(0, text))]
+    for start, end in _spans(hidden_states.shape[1], chunks):
+        parts.append(_Chunk("image", hidden_states[:, start:end], *rope_rows(text + start, text + end)))
+    return parts
+
+
+def _join(per_chunk: list[tuple[torch.Tensor, ...]], sequence_dim: int) -> list[torch.Tensor]:
+    """Phase 1's results: the chunks' keys (values, ...) each joined along the sequence, in attention order."""
+    return [torch.cat(pieces, dim=sequence_dim) for pieces in zip(*per_chunk)]
+
+
+# ---- Flux ----
+
+
+@dataclass(frozen=True)
+class _FluxStream:
+    """The modules one stream of a Flux double block uses, so both streams share one code path."""
+
+    norm1: nn.Module
+    to_q: nn.Module
+    to_k: nn.Module
+    to_v: nn.Module
+    norm_q: nn.Module
+    norm_k: nn.Module
+    to_out: Callable[[torch.Tensor], torch.Tensor]
+    norm2: nn.Module
+    ff: nn.Module
+    clip_fp16: bool
+
+
+def _flux_supported(block: nn.Module) -> bool:
+    """The default processor, unfused projections, no context parallelism: what this file mirrors."""
+    attn = block.attn
+    processor = attn.processor
+    return (
+        type(processor) is FluxAttnProcessor
+        and not getattr(attn, "fused_projections", False)
+        and processor._parallel_config is None
+    )
+
+
+def _flux_heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x.unflatten(-1, (-1, attn.head_dim))
+
+
+def _flux_rope(x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+    return x if cos is None else apply_rotary_emb(x, (cos, sin), sequence_dim=1)
+
+
+def _flux_attend(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """FluxAttnProcessor's attention core for a query chunk against the whole sequence."""
+    hidden_states = dispatch_attention_fn(
+        query,
+        key,
+        value,
+        attn_mask=None,
+        backend=attn.processor._attention_backend,
+        parallel_config=attn.processor._parallel_config,
+    )
+    return hidden_states.flatten(2, 3).to(query.dtype)
+
+
+def _flux_key_value(
+    attn: nn.Module,
+    normed: torch.Tensor,
+    to_k: nn.Module,
+    to_v: nn.Module,
+    norm_k: nn.Module,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    key = norm_k(_flux_heads(attn, to_k(normed)))
+    return _flux_rope(key, cos, sin), _flux_heads(attn, to_v(normed))
+
+
+def _flux_query(
+    attn: nn.Module,
+    normed: torch.Tensor,
+    to_q: nn.Module,
+    norm_q: nn.Module,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+) -> torch.Tensor:
+    return _flux_rope(norm_q(_flux_heads(attn, to_q(normed))), cos, sin)
+
+
+def _flux_double_streams(block: FluxTransformerBlock) -> dict[str, _FluxStream]:
+    attn = block.attn
+    return {
+        "text": _FluxStream(
+            block.norm1_context, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.norm_added_q,
+            attn.norm_added_k, attn.to_add_out, block.norm2_context, block.ff_context, clip_fp16=True,
+        ),
+        "image": _FluxStream(
+            block.norm1, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k,
+            lambda x: attn.to_out[1](attn.to_out[0](x)), block.norm2, block.ff, clip_fp16=False,
+        ),
+    }
+
+
+def _flux_double_key_value(attn: nn.Module, stream: _FluxStream) -> Rows:
+    def key_value(x: torch.Tensor, temb: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
+        normed = stream.norm1(x, emb=temb)[0]
+        return _flux_key_value(attn, normed, stream.to_k, stream.to_v, stream.norm_k, cos, sin)
+
+    return key_value
+
+
+def _flux_double_rows(attn: nn.Module, stream: _FluxStream) -> Rows:
+    """FluxTransformerBlock.forward for the rows of one stream, given every token's keys and values."""
+
+    def rows(
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+    ) -> torch.Tensor:
+        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = stream.norm1(x, emb=temb)
+        query = _flux_query(attn, normed, stream.to_q, stream.norm_q, cos, sin)
+        attn_output = stream.to_out(_flux_attend(attn, query, key, value))
+        x = x + gate_msa.unsqueeze(1) * attn_output
+        normed = stream.norm2(x)
+        normed = normed * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        x = x + gate_mlp.unsqueeze(1) * stream.ff(normed)
+        if stream.clip_fp16 and x.dtype == torch.float16:
+            x = x.clip(-65504, 65504)
+        return x
+
+    return rows
+
+
+def _flux_double(block: FluxTransformerBlock, chunks: int, whole: Callable[..., Any]) -> Callable[..., Any]:
+    streams = _flux_double_streams(block)
+    key_value = {name: _flux_double_key_value(block.attn, stream) for name, stream in streams.items()}
+    rows = {name: _flux_double_rows(block.attn, stream) for name, stream in streams.items()}
+
+    def forward(
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if joint_attention_kwargs or not _flux_supported(block):
+            return whole(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
+        parts = _text_then_image(encoder_hidden_states, hidden_states, image_rotary_emb, chunks)
+        key, value = _join([_run_chunk(key_value[p.stream], p.rows, temb, p.cos, p.sin) for p in parts], 1)
+        outputs = [_run_chunk(rows[p.stream], p.rows, temb, key, value, p.cos, p.sin) for p in parts]
+        return outputs[0], torch.cat(outputs[1:], dim=1)
+
+    return forward
+
+
+def _flux_single_key_value(block: FluxSingleTransformerBlock) -> Rows:
+    attn = block.attn
+
+    def key_value(x: torch.Tensor, temb: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
+        normed = block.norm(x, emb=temb)[0]
+        return _flux_key_value(attn, normed, attn.to_k, attn.to_v, attn.norm_k, cos, sin)
+
+    return key_value
+
+
+def _flux_single_rows(block: FluxSingleTransformerBlock) -> Rows:
+    """FluxSingleTransformerBlock.forward for some rows of the joint sequence, given all keys and values."""
+    attn = block.attn
+
+    def rows(
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+    ) -> torch.Tensor:
+        normed, gate = block.norm(x, emb=temb)
+        mlp_hidden_states = block.act_mlp(block.proj_mlp(normed))
+        attn_output = _flux_attend(attn, _flux_query(attn, normed, attn.to_q, attn.norm_q, cos, sin), key, value)
+        hidden_states = torch.cat([attn_output, mlp_hidden_states], dim=2)
+        hidden_states = gate.unsqueeze(1) * block.proj_out(hidden_states)
+        hidden_states = x + hidden_states
+        if hidden_states.dtype == torch.float16:
+            hidden_states = hidden_states.clip(-65504, 65504)
+        return hidden_states
+
+    return rows
+
+
+def _flux_single(block: FluxSingleTransformerBlock, chunks: int, whole: Callable[..., Any]) -> Callable[..., Any]:
+    key_value = _flux_single_key_value(block)
+    rows = _flux_single_rows(block)
+
+    def forward(
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if joint_attention_kwargs or not _flux_supported(block):
+            return whole(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
+        parts = _text_then_image(encoder_hidden_states, hidden_states, image_rotary_emb, chunks)
+        key, value = _join([_run_chunk(key_value, p.rows, temb, p.cos, p.sin) for p in parts], 1)
+        outputs = [_run_chunk(rows, p.rows, temb, key, value, p.cos, p.sin) for p in parts]
+        return outputs[0], torch.cat(outputs[1:], dim=1)
+
+    return forward
+
+
+# ---- SD3 ----
+
+
+def _sd3_supported(block: nn.Module) -> bool:
+    """The default processor and no feed-forward chunking of its own: what this file mirrors."""
+    attentions = [block.attn] + ([block.attn2] if block.use_dual_attention else [])
+    return block._chunk_size is None and all(type(attn.processor) is JointAttnProcessor2_0 for attn in attentions)
+
+
+def _sd3_heads(attn: nn.Module, projected: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+    """(B, S, H·D) → (B, H, S, D), then the optional QK norm, as JointAttnProcessor2_0 does."""
+    head_dim = projected.shape[-1] // attn.heads
+    heads = projected.view(projected.shape[0], -1, attn.heads, head_dim).transpose(1, 2)
+    return heads if norm is None else norm(heads)
+
+
+def _sd3_attend(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """JointAttnProcessor2_0's attention core for a query chunk against the whole sequence."""
+    hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+    batch, _, _, head_dim = query.shape
+    return hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+
+
+def _sd3_self_attention(attn: nn.Module, normed: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The output of `attn` (no context) for query rows `normed`."""
+    query = _sd3_heads(attn, attn.to_q(normed), attn.norm_q)
+    return attn.to_out[1](attn.to_out[0](_sd3_attend(attn, query, key, value)))
+
+
+def _sd3_text_norm(block: JointTransformerBlock, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    if block.context_pre_only:
+        return (block.norm1_context(x, temb),)
+    return block.norm1_context(x, emb=temb)
+
+
+def _sd3_image_key_value(block: JointTransformerBlock) -> Rows:
+    """Keys and values of image rows for the joint attention and, with dual attention, for `attn2`."""
+    attn, attn2 = block.attn, block.attn2
+
+    def key_value(x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        normed = block.norm1(x, emb=temb)
+        pair = (_sd3_heads(attn, attn.to_k(normed[0]), attn.norm_k), _sd3_heads(attn, attn.to_v(normed[0]), None))
+        if not block.use_dual_attention:
+            return pair
+        return pair + (
+            _sd3_heads(attn2, attn2.to_k(normed[5]), attn2.norm_k),
+            _sd3_heads(attn2, attn2.to_v(normed[5]), None),
+        )
+
+    return key_value
+
+
+def _sd3_text_key_value(block: JointTransformerBlock) -> Rows:
+    attn = block.attn
+
+    def key_value(x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        normed = _sd3_text_norm(block, x, temb)[0]
+        return (
+            _sd3_heads(attn, attn.add_k_proj(normed), attn.norm_added_k),
+            _sd3_heads(attn, attn.add_v_proj(normed), None),
+        )
+
+    return key_value
+
+
+def _sd3_image_rows(block: JointTransformerBlock) -> Rows:
+    """JointTransformerBlock.forward for image rows, given the joint (and `attn2`) keys and values."""
+
+    def rows(x: torch.Tensor, temb: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *self_kv: torch.Tensor):
+        normed = block.norm1(x, emb=temb)
+        norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = normed[:5]
+        x = x + gate_msa.unsqueeze(1) * _sd3_self_attention(block.attn, norm_hidden_states, key, value)
+        if block.use_dual_attention:
+            x = x + normed[6].unsqueeze(1) * _sd3_self_attention(block.attn2, normed[5], *self_kv)
+        norm_hidden_states = block.norm2(x)
+        norm_hidden_states = norm_hidden_states * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        return x + gate_mlp.unsqueeze(1) * block.ff(norm_hidden_states)
+
+    return rows
+
+
+def _sd3_text_rows(block: JointTransformerBlock) -> Rows:
+    """JointTransformerBlock.forward for the context rows (blocks that update the context)."""
+    attn = block.attn
+
+    def rows(x: torch.Tensor, temb: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        normed, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(x, emb=temb)
+        query = _sd3_heads(attn, attn.add_q_proj(normed), attn.norm_added_q)
+        context_attn_output = attn.to_add_out(_sd3_attend(attn, query, key, value))
+        x = x + c_gate_msa.unsqueeze(1) * context_attn_output
+        normed = block.norm2_context(x)
+        normed = normed * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+        return x + c_gate_mlp.unsqueeze(1) * block.ff_context(normed)
+
+    return rows
+
+
+def _sd3_joint(block: JointTransformerBlock, chunks: int, whole: Callable[..., Any]) -> Callable[..., Any]:
+    """SD3's joint sequence is [image, text]; `attn2` (SD3.5 dual attention) attends over image rows only."""
+    image_key_value, text_key_value = _sd3_image_key_value(block), _sd3_text_key_value(block)
+    image_rows, text_rows = _sd3_image_rows(block), _sd3_text_rows(block)
+
+    def forward(
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if joint_attention_kwargs or not _sd3_supported(block):
+            return whole(hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
+        image = [hidden_states[:, a:b] for a, b in _spans(hidden_states.shape[1], chunks)]
+        image_kv = [_run_chunk(image_key_value, rows, temb) for rows in image]
+        text_kv = _run_chunk(text_key_value, encoder_hidden_states, temb)
+        key, value = _join([kv[:2] for kv in image_kv] + [text_kv], sequence_dim=2)
+        self_kv = _join([kv[2:] for kv in image_kv], sequence_dim=2)  # attn2's, with dual attention
+        outputs = [_run_chunk(image_rows, rows, temb, key, value, *self_kv) for rows in image]
+        context = None if block.context_pre_only else _run_chunk(text_rows, encoder_hidden_states, temb, key, value)
+        return context, torch.cat(outputs, dim=1)
+
+    return forward
+
+
+_BLOCKS: dict[type, tuple[Callable[[Any], bool], Callable[[Any, int, Callable[..., Any]], Callable[..., Any]]]] = {
+    FluxTransformerBlock: (_flux_supported, _flux_double),
+    FluxSingleTransformerBlock: (_flux_supported, _flux_single),
+    JointTransformerBlock: (_sd3_supported, _sd3_joint),
+}
