@@ -39,14 +39,7 @@ class CopyStreams:
         self.upload.wait_stream(torch.cuda.current_stream(self.device))
         if after is not None:
             self.upload.wait_event(after)
-        with torch.cuda.stream(self.upload):
-            started = self._timing_event()
-            out.copy_(host, non_blocking=True)
-            ready = torch.cuda.Event(enable_timing=started is not None)
-            ready.record(self.upload)
-        if started is not None:
-            self.trace.copy("host_to_device", started, ready, host.numel() * host.element_size())
-        return out, ready
+        return out, self._copy_on(self.upload, "host_to_device", out, host)
 
     def device_to_host(self, tensor: torch.Tensor, host: torch.Tensor) -> torch.cuda.Event | None:
         """Starts copying `tensor` into `host`; the returned event marks the host copy complete."""
@@ -54,23 +47,25 @@ class CopyStreams:
             host.copy_(tensor)
             return None
         self.download.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.download):
-            started = self._timing_event()
-            host.copy_(tensor, non_blocking=True)
-            done = torch.cuda.Event(enable_timing=started is not None)
-            done.record(self.download)
-        if started is not None:
-            self.trace.copy("device_to_host", started, done, host.numel() * host.element_size())
+        done = self._copy_on(self.download, "device_to_host", host, tensor)
         tensor.record_stream(self.download)  # its memory is not reused before the copy has read it
         return done
 
-    def _timing_event(self) -> torch.cuda.Event | None:
-        """An event marking where a copy starts on the current side stream, while a step is traced."""
-        if self.trace is None:
-            return None
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
+    def _copy_on(
+        self, stream: torch.cuda.Stream, direction: str, destination: torch.Tensor, source: torch.Tensor
+    ) -> torch.cuda.Event:
+        """Queues one copy on a side stream; returns the event that marks it done (timed while tracing)."""
+        tracing = self.trace is not None
+        with torch.cuda.stream(stream):
+            started = torch.cuda.Event(enable_timing=True) if tracing else None
+            if started is not None:
+                started.record(stream)
+            destination.copy_(source, non_blocking=True)
+            finished = torch.cuda.Event(enable_timing=tracing)
+            finished.record(stream)
+        if started is not None:
+            self.trace.copy(direction, started, finished, destination.numel() * destination.element_size())
+        return finished
 
     def wait(self, event: torch.cuda.Event | None) -> None:
         """Makes the compute stream wait for a copy (the CPU never blocks)."""

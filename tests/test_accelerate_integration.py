@@ -139,3 +139,14 @@ def test_explicit_values_win_over_the_environment(monkeypatch) -> None:
     assert LayerOffloadPlugin(**{k: getattr(plugin, k) for k in ("prefetch_blocks",)}).to_env()[
         "ACCELERATE_OFFLOAD_PREFETCH_BLOCKS"
     ] == "2"
+
+
+def test_out_of_memory_explanation_names_the_settings_to_change() -> None:
+    from accelerate_offload.oom import explain_out_of_memory
+
+    _, model = models()
+    message = explain_out_of_memory(model, "cpu", batch_size=2, resolution=1024)
+    assert "2 of 5 blocks resident" in message and "raise layer_offload_fraction" in message
+    assert "--train_batch_size (now 2)" in message and "--resolution (now 1024)" in message
+    plain = explain_out_of_memory(torch.nn.Linear(2, 2), "cpu", batch_size=1, resolution=512)
+    assert "layer offloading is off" in plain and "set layer_offload_fraction" in plain
