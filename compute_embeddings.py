@@ -1,0 +1,457 @@
+#!/usr/bin/env python
+"""Step one of the two-step SD3 DreamBooth LoRA flow: embed every prompt once, into one Parquet file.
+
+SD3's three text encoders (CLIP-L, CLIP-G and T5-XXL, about 11 GB in bf16) are needed only to turn prompts into
+embeddings. Computing those here, once, means `train_sd3_dreambooth_lora.py` never loads a text encoder, so the
+GPU holds only the transformer (and the VAE) while the LoRA trains.
+
+The file holds one row per prompt: the instance prompt, each per-image caption, the class prompt, the validation
+prompts and the empty prompt (the negative for classifier-free guidance at validation). Each row lists the keys
+(`relative/path:sha256`) of the images it describes, so training finds every image's prompt and notices images
+that were added or edited after the embeddings were computed.
+
+    python compute_embeddings.py --pretrained_model_name_or_path stabilityai/stable-diffusion-3-medium-diffusers \
+        --instance_data_dir dog --instance_prompt "a photo of sks dog" --class_prompt "a photo of a dog" \
+        --validation_prompt "a photo of sks dog in a bucket" --t5_mode 8bit
+"""
+
+import argparse
+import gc
+import hashlib
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from diffusers import StableDiffusion3Pipeline
+from PIL import Image
+from transformers import AutoConfig
+
+FORMAT_NAME = "sd3-prompt-embeddings"
+FORMAT_VERSION = 1
+METADATA_KEY = b"sd3_prompt_embeddings"
+# Settings that must match for rows of an existing file to be reused.
+IDENTITY_KEYS = ("model", "revision", "variant", "max_sequence_length", "joint_attention_dim", "pooled_projection_dim")
+SCHEMA = pa.schema(
+    [
+        ("role", pa.string()),
+        ("prompt", pa.string()),
+        ("image_keys", pa.list_(pa.string())),
+        # large lists: a few thousand T5-XXL rows pass the 2**31 values that a plain list column can address
+        ("prompt_embeds", pa.large_list(pa.float32())),
+        ("prompt_embeds_shape", pa.list_(pa.int64())),
+        ("pooled_prompt_embeds", pa.large_list(pa.float32())),
+        ("pooled_prompt_embeds_shape", pa.list_(pa.int64())),
+        ("dtype", pa.string()),
+    ]
+)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class EmbeddingsError(Exception):
+    """A problem the user fixes by changing the command or the files; reported as one line, without a traceback."""
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Precompute SD3 prompt embeddings for DreamBooth LoRA training.")
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Path to pretrained model or model identifier from huggingface.co/models.",
+    )
+    parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model.")
+    parser.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
+    parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
+    parser.add_argument(
+        "--instance_data_dir",
+        type=str,
+        default=None,
+        help=(
+            "A folder of instance images. Captions are read from a `metadata.jsonl` (`file_name` and"
+            " `--caption_column`) or from a `.txt` file beside each image; images without one use --instance_prompt."
+        ),
+    )
+    parser.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="A `datasets` dataset (hub id or local folder) of instance images, instead of --instance_data_dir.",
+    )
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="The config of the dataset.")
+    parser.add_argument("--image_column", type=str, default="image", help="The dataset column holding the images.")
+    parser.add_argument(
+        "--caption_column",
+        type=str,
+        default=None,
+        help="The column holding per-image captions (datasets: no captions if unset; metadata.jsonl: `text`).",
+    )
+    parser.add_argument(
+        "--instance_prompt",
+        type=str,
+        required=True,
+        help="The prompt with identifier specifying the instance, e.g. 'photo of a TOK dog'.",
+    )
+    parser.add_argument(
+        "--class_prompt", type=str, default=None, help="The prompt of the class images, for prior preservation."
+    )
+    parser.add_argument(
+        "--class_data_dir",
+        type=str,
+        default=None,
+        help="A folder of class images; their keys are recorded under the class prompt.",
+    )
+    parser.add_argument(
+        "--validation_prompt", type=str, nargs="+", default=[], help="Prompts used to validate during training."
+    )
+    parser.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=77,
+        help="Maximum sequence length of the T5 text encoder; the embeddings have 77 + this many tokens.",
+    )
+    parser.add_argument(
+        "--t5_mode",
+        type=str,
+        default="plain",
+        choices=["8bit", "stream", "plain"],
+        help=(
+            "How T5-XXL runs: `8bit` quantised with bitsandbytes (CUDA only, ~5 GB), `stream` in --dtype with its"
+            " blocks streamed one at a time from CPU memory (under 1 GB of VRAM), `plain` whole on --device."
+        ),
+    )
+    parser.add_argument(
+        "--dtype",
+        type=str,
+        default=None,
+        choices=list(DTYPES),
+        help="Precision of the text encoders. Defaults to bf16 on CUDA, fp32 otherwise.",
+    )
+    parser.add_argument(
+        "--device", type=str, default=None, help="Where the text encoders run. Defaults to cuda when available."
+    )
+    parser.add_argument(
+        "--output_path",
+        type=str,
+        default="sd3_embeddings.parquet",
+        help="The Parquet file to write; an existing file for the same model is extended, its prompts reused.",
+    )
+    args = parser.parse_args(input_args)
+
+    if args.instance_data_dir is None and args.dataset_name is None:
+        parser.error("specify either --instance_data_dir or --dataset_name")
+    if args.instance_data_dir is not None and args.dataset_name is not None:
+        parser.error("specify only one of --instance_data_dir or --dataset_name")
+    if args.class_data_dir is not None and args.class_prompt is None:
+        parser.error("--class_data_dir needs --class_prompt")
+    return args
+
+
+def list_images(root: Path) -> list[Path]:
+    """Image files under `root` (recursively, hidden ones skipped), in a stable order."""
+    extensions = {ext for ext, name in Image.registered_extensions().items() if name in Image.OPEN}
+    return sorted(
+        path
+        for path in root.rglob("*")
+        if path.is_file()
+        and path.suffix.lower() in extensions
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    )
+
+
+def image_key(name: str, data: bytes) -> str:
+    """Links an image to its prompt: a renamed, added or edited image gets a new key and is noticed at training."""
+    return f"{name}:{hashlib.sha256(data).hexdigest()}"
+
+
+def folder_captions(root: Path, caption_column: str) -> dict[str, str]:
+    """Captions by relative path, from `metadata.jsonl` first, then from `.txt` files beside the images."""
+    captions = {}
+    metadata = root / "metadata.jsonl"
+    if metadata.exists():
+        for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise EmbeddingsError(f"{metadata} line {number} is not JSON: {error}") from None
+            if "file_name" not in record or caption_column not in record:
+                raise EmbeddingsError(f"{metadata} line {number} needs the keys 'file_name' and '{caption_column}'")
+            captions[Path(record["file_name"]).as_posix()] = str(record[caption_column])
+    for path in list_images(root):
+        name = path.relative_to(root).as_posix()
+        text_file = path.with_suffix(".txt")
+        if name not in captions and text_file.exists():
+            captions[name] = text_file.read_text(encoding="utf-8")
+    return {name: caption.strip() for name, caption in captions.items()}
+
+
+def folder_images(root: Path, caption_column: str | None) -> list[tuple[str, str | None]]:
+    """(key, caption or None) for every image in a folder."""
+    if not root.is_dir():
+        raise EmbeddingsError(f"image folder {root} does not exist")
+    captions = folder_captions(root, caption_column or "text")
+    images = []
+    for path in list_images(root):
+        name = path.relative_to(root).as_posix()
+        images.append((image_key(name, path.read_bytes()), captions.get(name)))
+    if not images:
+        raise EmbeddingsError(f"no images found in {root}")
+    return images
+
+
+def dataset_images(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """(key, caption or None) for every image of a `datasets` dataset, keyed as the training script keys them."""
+    from datasets import Image as ImageFeature
+    from datasets import load_dataset
+
+    dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
+    for column in (args.image_column, args.caption_column):
+        if column is not None and column not in dataset.column_names:
+            raise EmbeddingsError(
+                f"column '{column}' not in dataset {args.dataset_name}; its columns: {', '.join(dataset.column_names)}"
+            )
+    dataset = dataset.cast_column(args.image_column, ImageFeature(decode=False))
+    images = []
+    for index, record in enumerate(dataset):
+        image = record[args.image_column]
+        data = image["bytes"] if image["bytes"] is not None else Path(image["path"]).read_bytes()
+        name = f"{index:06d}/{Path(image['path']).name if image['path'] else 'image'}"
+        caption = record[args.caption_column] if args.caption_column else None
+        images.append((image_key(name, data), caption.strip() if caption else None))
+    return images
+
+
+def requested_rows(args: argparse.Namespace) -> dict[tuple[str, str], list[str]]:
+    """The rows this run asks for, as (role, prompt) -> image keys."""
+    if args.dataset_name is not None:
+        images = dataset_images(args)
+    else:
+        images = folder_images(Path(args.instance_data_dir), args.caption_column)
+    rows: dict[tuple[str, str], list[str]] = {("instance", args.instance_prompt): []}
+    for key, caption in images:
+        role_prompt = ("caption", caption) if caption else ("instance", args.instance_prompt)
+        rows.setdefault(role_prompt, []).append(key)
+    if args.class_prompt is not None:
+        class_keys = []
+        if args.class_data_dir is not None and Path(args.class_data_dir).is_dir():
+            class_keys = [key for key, _ in folder_images(Path(args.class_data_dir), None)]
+        rows[("class", args.class_prompt)] = class_keys
+    for prompt in args.validation_prompt:
+        rows.setdefault(("validation", prompt), [])
+    rows.setdefault(("negative", ""), [])
+    return rows
+
+
+def model_identity(args: argparse.Namespace) -> dict:
+    """What an embeddings file must have been computed with to be reused, read from the configs alone."""
+    config_args = {"revision": args.revision, "cache_dir": args.cache_dir}
+    clip_l = AutoConfig.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder", **config_args)
+    clip_g = AutoConfig.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder_2", **config_args)
+    t5 = AutoConfig.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder_3", **config_args)
+    return {
+        "model": args.pretrained_model_name_or_path,
+        "revision": args.revision,
+        "variant": args.variant,
+        "max_sequence_length": args.max_sequence_length,
+        "joint_attention_dim": t5.d_model,
+        "pooled_projection_dim": clip_l.projection_dim + clip_g.projection_dim,
+    }
+
+
+def describe(identity: dict) -> str:
+    return (
+        f"{identity.get('model')} (revision {identity.get('revision')}, max_sequence_length "
+        f"{identity.get('max_sequence_length')}, dims {identity.get('joint_attention_dim')}/"
+        f"{identity.get('pooled_projection_dim')})"
+    )
+
+
+def read_embeddings(path: Path) -> tuple[dict, list[dict]]:
+    """The file's metadata and rows (embeddings as flat float32 arrays); refuses truncated or foreign files."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        raise EmbeddingsError(
+            f"{path} is not a readable Parquet file (truncated or corrupt: {str(error).splitlines()[0]});"
+            " delete it and rerun compute_embeddings.py"
+        ) from None
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    metadata = json.loads(raw) if raw else {}
+    if metadata.get("format") != FORMAT_NAME or not set(SCHEMA.names) <= set(table.column_names):
+        raise EmbeddingsError(f"{path} is not an SD3 embeddings file written by compute_embeddings.py")
+    if metadata.get("version") != FORMAT_VERSION:
+        raise EmbeddingsError(f"{path} has format version {metadata.get('version')}, not {FORMAT_VERSION}")
+    if metadata.get("num_rows") != table.num_rows:
+        raise EmbeddingsError(
+            f"{path} has {table.num_rows} rows but was written with {metadata.get('num_rows')}; delete it and rerun"
+        )
+    rows = table.select(SCHEMA.names).to_pylist()
+    for row in rows:
+        for column in ("prompt_embeds", "pooled_prompt_embeds"):
+            row[column] = np.asarray(row[column], dtype=np.float32)
+            if row[column].size != math.prod(row[f"{column}_shape"]):
+                raise EmbeddingsError(f"{path}: the {column} of prompt {row['prompt']!r} do not match their shape")
+    return metadata, rows
+
+
+def write_embeddings(path: Path, rows: list[dict], metadata: dict) -> None:
+    """Writes next to `path` and renames, so that an interrupted run never leaves a half-written file behind."""
+    columns = {name: [row[name] for row in rows] for name in SCHEMA.names}
+    for column in ("prompt_embeds", "pooled_prompt_embeds"):
+        columns[column] = [np.asarray(value, dtype=np.float32).reshape(-1) for value in columns[column]]
+    table = pa.Table.from_pydict(columns, schema=SCHEMA).replace_schema_metadata(
+        {METADATA_KEY: json.dumps({**metadata, "num_rows": len(rows)})}
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    pq.write_table(table, partial)
+    os.replace(partial, path)
+
+
+def load_text_encoders(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> StableDiffusion3Pipeline:
+    """A transformer-less, VAE-less SD3 pipeline whose text encoders are placed as --t5_mode asks."""
+    load_args = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir, "torch_dtype": dtype}
+    text_encoder_3 = None
+    if args.t5_mode != "plain":
+        from transformers import T5EncoderModel
+
+        t5_args = dict(load_args)
+        if args.t5_mode == "8bit":
+            from transformers import BitsAndBytesConfig
+
+            t5_args.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": device})
+        text_encoder_3 = T5EncoderModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="text_encoder_3", **t5_args
+        )
+        text_encoder_3.requires_grad_(False)
+        if args.t5_mode == "stream":
+            from accelerate_offload import offload_model
+
+            offload_model(
+                text_encoder_3,
+                device,
+                layer_offload_fraction=1.0,
+                gradient_checkpointing=False,
+                activation_offloading=False,
+                prefetch_blocks=1,
+                pin_memory=True,
+                async_offloading=True,
+            )
+    extra = {} if text_encoder_3 is None else {"text_encoder_3": text_encoder_3}
+    pipeline = StableDiffusion3Pipeline.from_pretrained(
+        args.pretrained_model_name_or_path, transformer=None, vae=None, **extra, **load_args
+    )
+    pipeline.text_encoder.to(device)
+    pipeline.text_encoder_2.to(device)
+    if args.t5_mode == "plain":
+        pipeline.text_encoder_3.to(device)
+    return pipeline
+
+
+@torch.no_grad()
+def embed(pipeline: StableDiffusion3Pipeline, prompt: str, max_sequence_length: int, device: torch.device):
+    """One prompt at a time: a row's values then do not depend on which other prompts shared its batch."""
+    prompt_embeds, _, pooled_prompt_embeds, _ = pipeline.encode_prompt(
+        prompt=prompt,
+        prompt_2=None,
+        prompt_3=None,
+        device=device,
+        do_classifier_free_guidance=False,
+        max_sequence_length=max_sequence_length,
+    )
+    return prompt_embeds[0], pooled_prompt_embeds[0]
+
+
+def merge_rows(
+    existing: Iterable[dict], requested: dict[tuple[str, str], list[str]]
+) -> tuple[dict[tuple[str, str], dict], list[str]]:
+    """Existing rows with this run's image keys moved onto the requested rows, and the prompts still to embed."""
+    moved = {key for keys in requested.values() for key in keys}
+    rows = {}
+    for row in existing:
+        row["image_keys"] = [key for key in row["image_keys"] if key not in moved]
+        rows[(row["role"], row["prompt"])] = row
+    embedded = {row["prompt"]: row for row in rows.values()}
+    missing = []
+    for (role, prompt), keys in requested.items():
+        if (role, prompt) in rows:
+            rows[(role, prompt)]["image_keys"].extend(keys)
+        elif prompt in embedded:
+            rows[(role, prompt)] = {**embedded[prompt], "role": role, "image_keys": list(keys)}
+        else:
+            rows[(role, prompt)] = {"role": role, "prompt": prompt, "image_keys": list(keys)}
+            if prompt not in missing:
+                missing.append(prompt)
+    return rows, missing
+
+
+def main(args: argparse.Namespace) -> None:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.t5_mode == "8bit":
+        if device.type != "cuda":
+            raise EmbeddingsError("--t5_mode 8bit needs a CUDA GPU (bitsandbytes); use --t5_mode stream or plain")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise EmbeddingsError("--t5_mode 8bit needs bitsandbytes: pip install bitsandbytes") from None
+
+    output_path = Path(args.output_path)
+    identity = model_identity(args)
+    requested = requested_rows(args)
+    existing = []
+    if output_path.exists():
+        metadata, existing = read_embeddings(output_path)
+        if any(metadata.get(key) != identity[key] for key in IDENTITY_KEYS):
+            raise EmbeddingsError(
+                f"{output_path} holds embeddings of {describe(metadata)}, not of {describe(identity)}:"
+                " pass another --output_path or delete the file"
+            )
+    rows, missing = merge_rows(existing, requested)
+    reused = sum("prompt_embeds" in row for row in rows.values())
+
+    if missing:
+        pipeline = load_text_encoders(args, device, dtype)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        computed = {}
+        for prompt in missing:
+            prompt_embeds, pooled_prompt_embeds = embed(pipeline, prompt, args.max_sequence_length, device)
+            computed[prompt] = {
+                "prompt_embeds": prompt_embeds.float().cpu().numpy(),
+                "prompt_embeds_shape": list(prompt_embeds.shape),
+                "pooled_prompt_embeds": pooled_prompt_embeds.float().cpu().numpy(),
+                "pooled_prompt_embeds_shape": list(pooled_prompt_embeds.shape),
+                "dtype": str(prompt_embeds.dtype).removeprefix("torch."),
+            }
+        for row in rows.values():
+            if "prompt_embeds" not in row:
+                row.update(computed[row["prompt"]])
+        if device.type == "cuda":
+            print(f"Peak VRAM while embedding: {torch.cuda.max_memory_allocated(device) / 1024**3:.2f} GB")
+        del pipeline
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    ordered = sorted(rows.values(), key=lambda row: (row["role"], row["prompt"]))
+    write_embeddings(output_path, ordered, {"format": FORMAT_NAME, "version": FORMAT_VERSION, **identity})
+    print(
+        f"Embedded {len(missing)} prompt(s), reused {reused} row(s) already in the file;"
+        f" wrote {len(ordered)} rows to {output_path}"
+    )
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except EmbeddingsError as error:
+        sys.exit(f"error: {error}")

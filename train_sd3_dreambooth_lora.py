@@ -1,0 +1,1210 @@
+#!/usr/bin/env python
+"""Step two of the two-step SD3 DreamBooth LoRA flow: train a LoRA from images and precomputed prompt embeddings.
+
+The prompt embeddings come from the Parquet file that `compute_embeddings.py` writes, so no text encoder is ever
+loaded here: the GPU holds the transformer (optionally streamed block by block from pinned CPU memory by
+accelerate-offload's `LayerOffloadPlugin`) and the VAE. Per-image captions and prior preservation are supported;
+validation images are rendered from precomputed validation embeddings.
+
+    accelerate launch train_sd3_dreambooth_lora.py \
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-3-medium-diffusers \
+        --embeddings_path sd3_embeddings.parquet --instance_data_dir dog --instance_prompt "a photo of sks dog" \
+        --mixed_precision bf16 --gradient_checkpointing --use_8bit_adam --output_dir sd3-dog-lora
+"""
+
+import argparse
+import copy
+import gc
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import (
+    cast_training_params,
+    compute_density_for_timestep_sampling,
+    compute_loss_weighting_for_sd3,
+)
+from diffusers.utils import convert_unet_state_dict_to_peft
+from diffusers.utils.torch_utils import is_compiled_module
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from peft import LoraConfig, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from accelerate_offload import LayerOffloadPlugin, offload_model
+
+logger = get_logger(__name__)
+
+# Written by compute_embeddings.py; both scripts stand alone, so the format is spelled out in each.
+EMBEDDINGS_FORMAT = "sd3-prompt-embeddings"
+EMBEDDINGS_VERSION = 1
+EMBEDDINGS_METADATA_KEY = b"sd3_prompt_embeddings"
+EMBEDDINGS_COLUMNS = (
+    "role",
+    "prompt",
+    "image_keys",
+    "prompt_embeds",
+    "prompt_embeds_shape",
+    "pooled_prompt_embeds",
+    "pooled_prompt_embeds_shape",
+)
+DEFAULT_LORA_LAYERS = (
+    "attn.add_k_proj,attn.add_q_proj,attn.add_v_proj,attn.to_add_out,attn.to_k,attn.to_out.0,attn.to_q,attn.to_v"
+)
+
+
+class SetupError(Exception):
+    """A problem the user fixes by changing the command or the files; reported as one line, without a traceback."""
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="SD3 DreamBooth LoRA training from precomputed prompt embeddings.")
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Path to pretrained model or model identifier from huggingface.co/models.",
+    )
+    parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model.")
+    parser.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
+    parser.add_argument(
+        "--embeddings_path",
+        type=str,
+        default="sd3_embeddings.parquet",
+        help="The Parquet file of prompt embeddings written by compute_embeddings.py.",
+    )
+    parser.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="A `datasets` dataset (hub id or local folder) of instance images, instead of --instance_data_dir.",
+    )
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="The config of the dataset.")
+    parser.add_argument(
+        "--instance_data_dir",
+        type=str,
+        default=None,
+        help="A folder of instance images; each finds its caption (or the instance prompt) in the embeddings file.",
+    )
+    parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
+    parser.add_argument("--image_column", type=str, default="image", help="The dataset column holding the images.")
+    parser.add_argument("--repeats", type=int, default=1, help="How many times to repeat the training data.")
+    parser.add_argument(
+        "--class_data_dir", type=str, default=None, help="A folder containing the training data of class images."
+    )
+    parser.add_argument(
+        "--instance_prompt",
+        type=str,
+        required=True,
+        help="The prompt with identifier specifying the instance, e.g. 'photo of a TOK dog', 'in the style of TOK'",
+    )
+    parser.add_argument(
+        "--class_prompt",
+        type=str,
+        default=None,
+        help="The prompt to specify images in the same class as provided instance images.",
+    )
+    parser.add_argument(
+        "--validation_prompt",
+        type=str,
+        default=None,
+        help="A prompt that is used during validation to verify that the model is learning (must be embedded).",
+    )
+    parser.add_argument(
+        "--num_validation_images",
+        type=int,
+        default=4,
+        help="Number of images that should be generated during validation with `validation_prompt`.",
+    )
+    parser.add_argument(
+        "--validation_epochs",
+        type=int,
+        default=50,
+        help="Run validation every X epochs, generating `num_validation_images` images with `validation_prompt`.",
+    )
+    parser.add_argument("--rank", type=int, default=4, help="The dimension of the LoRA update matrices.")
+    parser.add_argument(
+        "--lora_alpha", type=int, default=None, help="LoRA scaling numerator (scale = alpha / rank); defaults to rank."
+    )
+    parser.add_argument(
+        "--lora_layers",
+        type=str,
+        default=DEFAULT_LORA_LAYERS,
+        help="Comma-separated names of the transformer modules that get LoRA layers.",
+    )
+    parser.add_argument("--with_prior_preservation", action="store_true", help="Flag to add prior preservation loss.")
+    parser.add_argument("--prior_loss_weight", type=float, default=1.0, help="The weight of prior preservation loss.")
+    parser.add_argument(
+        "--num_class_images",
+        type=int,
+        default=100,
+        help=(
+            "Minimal class images for prior preservation loss. If class_data_dir has fewer, the rest are generated"
+            " from the precomputed class prompt embeddings."
+        ),
+    )
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default="sd3-dreambooth-lora",
+        help="The output directory where the model predictions and checkpoints will be written.",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=512,
+        help="The resolution for input images; all images are resized (then cropped) to it. A multiple of 16.",
+    )
+    parser.add_argument(
+        "--center_crop",
+        action="store_true",
+        help="Whether to center crop the input images to the resolution. If not set, the images are randomly cropped.",
+    )
+    parser.add_argument("--random_flip", action="store_true", help="whether to randomly flip images horizontally")
+    parser.add_argument(
+        "--train_batch_size", type=int, default=4, help="Batch size (per device) for the training dataloader."
+    )
+    parser.add_argument(
+        "--sample_batch_size", type=int, default=4, help="Batch size (per device) for sampling class images."
+    )
+    parser.add_argument("--num_train_epochs", type=int, default=1)
+    parser.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="Total number of training steps to perform.  If provided, overrides num_train_epochs.",
+    )
+    parser.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Save a checkpoint of the training state every X updates, to resume with `--resume_from_checkpoint`.",
+    )
+    parser.add_argument(
+        "--checkpoints_total_limit", type=int, default=None, help="Max number of checkpoints to store."
+    )
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='Resume from a checkpoint saved by `--checkpointing_steps`, or `"latest"` for the last one.',
+    )
+    parser.add_argument(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=1,
+        help="Number of updates steps to accumulate before performing a backward/update pass.",
+    )
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Whether or not to use gradient checkpointing to save memory at the expense of slower backward pass.",
+    )
+    parser.add_argument(
+        "--learning_rate",
+        type=float,
+        default=1e-4,
+        help="Initial learning rate (after the potential warmup period) to use.",
+    )
+    parser.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Scale the learning rate by the number of GPUs, gradient accumulation steps, and batch size.",
+    )
+    parser.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        help=(
+            'The scheduler type to use. Choose between ["linear", "cosine", "cosine_with_restarts", "polynomial",'
+            ' "constant", "constant_with_warmup"]'
+        ),
+    )
+    parser.add_argument(
+        "--lr_warmup_steps", type=int, default=500, help="Number of steps for the warmup in the lr scheduler."
+    )
+    parser.add_argument(
+        "--lr_num_cycles", type=int, default=1, help="Number of hard resets of the lr in cosine_with_restarts."
+    )
+    parser.add_argument("--lr_power", type=float, default=1.0, help="Power factor of the polynomial scheduler.")
+    parser.add_argument(
+        "--dataloader_num_workers", type=int, default=0, help="Number of subprocesses to use for data loading."
+    )
+    parser.add_argument(
+        "--weighting_scheme",
+        type=str,
+        default="logit_normal",
+        choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
+    )
+    parser.add_argument(
+        "--logit_mean", type=float, default=0.0, help="mean to use when using the `'logit_normal'` weighting scheme."
+    )
+    parser.add_argument(
+        "--logit_std", type=float, default=1.0, help="std to use when using the `'logit_normal'` weighting scheme."
+    )
+    parser.add_argument(
+        "--mode_scale",
+        type=float,
+        default=1.29,
+        help="Scale of mode weighting scheme. Only effective when using the `'mode'` as the `weighting_scheme`.",
+    )
+    parser.add_argument(
+        "--precondition_outputs",
+        type=int,
+        default=1,
+        help="Whether the model outputs are preconditioned as in EDM; this decides how the loss target is computed.",
+    )
+    parser.add_argument(
+        "--use_8bit_adam", action="store_true", help="Whether or not to use 8-bit Adam from bitsandbytes (CUDA)."
+    )
+    parser.add_argument("--adam_beta1", type=float, default=0.9, help="The beta1 parameter for the Adam optimizer.")
+    parser.add_argument("--adam_beta2", type=float, default=0.999, help="The beta2 parameter for the Adam optimizer.")
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-04, help="Weight decay for the LoRA params.")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="Epsilon value for the Adam optimizer.")
+    parser.add_argument("--max_grad_norm", default=1.0, type=float, help="Max gradient norm.")
+    parser.add_argument("--push_to_hub", action="store_true", help="Whether or not to push the model to the Hub.")
+    parser.add_argument("--hub_token", type=str, default=None, help="The token to use to push to the Model Hub.")
+    parser.add_argument(
+        "--hub_model_id",
+        type=str,
+        default=None,
+        help="The name of the repository to keep in sync with the local `output_dir`.",
+    )
+    parser.add_argument(
+        "--logging_dir", type=str, default="logs", help="TensorBoard log directory, relative to output_dir."
+    )
+    parser.add_argument(
+        "--allow_tf32", action="store_true", help="Whether or not to allow TF32 on Ampere GPUs to speed up training."
+    )
+    parser.add_argument(
+        "--report_to",
+        type=str,
+        default="tensorboard",
+        help='The integration to report to: "tensorboard" (default), "wandb", "comet_ml", "all" or "none".',
+    )
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help=(
+            "Precision of the frozen weights (the LoRA parameters stay in fp32). Defaults to the accelerate config"
+            " or the flag passed to `accelerate launch`."
+        ),
+    )
+    parser.add_argument(
+        "--prior_generation_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp32", "fp16", "bf16"],
+        help="Precision for generating class images. Defaults to fp16 on a GPU, else fp32.",
+    )
+    args = parser.parse_args(input_args)
+
+    if args.dataset_name is None and args.instance_data_dir is None:
+        parser.error("specify either --dataset_name or --instance_data_dir")
+    if args.dataset_name is not None and args.instance_data_dir is not None:
+        parser.error("specify only one of --dataset_name or --instance_data_dir")
+    if args.with_prior_preservation:
+        if args.class_data_dir is None:
+            parser.error("--with_prior_preservation needs --class_data_dir")
+        if args.class_prompt is None:
+            parser.error("--with_prior_preservation needs --class_prompt")
+    if args.resolution % 16:
+        parser.error("--resolution must be a multiple of 16 (8x VAE down-sampling, then 2x2 patches)")
+    if args.report_to == "none":
+        args.report_to = None
+    return args
+
+
+def list_images(root: Path) -> list[Path]:
+    """Image files under `root` (recursively, hidden ones skipped), in a stable order."""
+    extensions = {ext for ext, name in Image.registered_extensions().items() if name in Image.OPEN}
+    return sorted(
+        path
+        for path in root.rglob("*")
+        if path.is_file()
+        and path.suffix.lower() in extensions
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    )
+
+
+def image_key(name: str, data: bytes) -> str:
+    """The key compute_embeddings.py recorded for an image: its relative path and content hash."""
+    return f"{name}:{hashlib.sha256(data).hexdigest()}"
+
+
+def instance_image_files(args: argparse.Namespace) -> tuple[list[tuple[str, bytes]], str]:
+    """(name, encoded bytes) of every instance image, and where they came from, for messages."""
+    if args.dataset_name is not None:
+        from datasets import Image as ImageFeature
+        from datasets import load_dataset
+
+        dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
+        if args.image_column not in dataset.column_names:
+            raise SetupError(
+                f"column '{args.image_column}' not in dataset {args.dataset_name}; its columns: "
+                f"{', '.join(dataset.column_names)}"
+            )
+        files = []
+        for index, image in enumerate(dataset.cast_column(args.image_column, ImageFeature(decode=False))):
+            image = image[args.image_column]
+            data = image["bytes"] if image["bytes"] is not None else Path(image["path"]).read_bytes()
+            files.append((f"{index:06d}/{Path(image['path']).name if image['path'] else 'image'}", data))
+        return files, f"--dataset_name {args.dataset_name}"
+    root = Path(args.instance_data_dir)
+    if not root.is_dir():
+        raise SetupError(f"instance image folder {root} does not exist")
+    files = [(path.relative_to(root).as_posix(), path.read_bytes()) for path in list_images(root)]
+    if not files:
+        raise SetupError(f"no images found in {root}")
+    return files, f"--instance_data_dir {root}"
+
+
+@dataclass
+class PromptEmbeddings:
+    """The rows of an embeddings file, as tensors, with the lookups training needs."""
+
+    prompt_embeds: list[torch.Tensor]
+    pooled_prompt_embeds: list[torch.Tensor]
+    labels: list[tuple[str, str]]
+    rows: dict[tuple[str, str], int]
+    image_rows: dict[str, int]
+    metadata: dict
+
+    def row(self, role: str, prompt: str, flag: str | None = None) -> int:
+        """The row of a prompt that training needs; `flag` is the compute_embeddings.py option that adds it."""
+        if (role, prompt) not in self.rows:
+            fix = f" with {flag} {prompt!r}" if flag else ""
+            raise SetupError(f"no embeddings for the {role} prompt {prompt!r}: rerun compute_embeddings.py{fix}")
+        return self.rows[(role, prompt)]
+
+
+def load_embeddings(path: Path, args: argparse.Namespace) -> PromptEmbeddings:
+    """Reads compute_embeddings.py's file and checks that it fits this transformer; never trusts it blindly."""
+    if not path.is_file():
+        raise SetupError(
+            f"embeddings file {path} not found: run compute_embeddings.py first (or pass --embeddings_path)"
+        )
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        raise SetupError(
+            f"{path} is not a readable Parquet file (truncated or corrupt: {str(error).splitlines()[0]});"
+            " delete it and rerun compute_embeddings.py"
+        ) from None
+    raw = (table.schema.metadata or {}).get(EMBEDDINGS_METADATA_KEY)
+    metadata = json.loads(raw) if raw else {}
+    if metadata.get("format") != EMBEDDINGS_FORMAT or not set(EMBEDDINGS_COLUMNS) <= set(table.column_names):
+        raise SetupError(f"{path} is not an SD3 embeddings file written by compute_embeddings.py")
+    if metadata.get("version") != EMBEDDINGS_VERSION or metadata.get("num_rows") != table.num_rows:
+        raise SetupError(
+            f"{path} is incomplete or of another format version: delete it and rerun compute_embeddings.py"
+        )
+
+    config = SD3Transformer2DModel.load_config(
+        args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision, cache_dir=args.cache_dir
+    )
+    expected = (config["joint_attention_dim"], config["pooled_projection_dim"])
+    records = table.select(list(EMBEDDINGS_COLUMNS)).to_pylist()
+    shapes = {(tuple(r["prompt_embeds_shape"]), tuple(r["pooled_prompt_embeds_shape"])) for r in records}
+    widths = {(prompt[-1], pooled[-1]) for prompt, pooled in shapes}
+    if widths != {expected}:
+        found = ", ".join(f"{width}/{pooled}" for width, pooled in sorted(widths))
+        raise SetupError(
+            f"{path} holds embeddings of {metadata.get('model')} (text/pooled dims {found}) but the transformer of "
+            f"{args.pretrained_model_name_or_path} expects {expected[0]}/{expected[1]}: rerun compute_embeddings.py "
+            f"with --pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
+        )
+    if len(shapes) != 1:
+        raise SetupError(f"{path} mixes embeddings of different shapes {sorted(shapes)}: rerun compute_embeddings.py")
+    if metadata.get("model") != args.pretrained_model_name_or_path:
+        logger.warning(
+            f"{path} was computed with {metadata.get('model')}, training uses {args.pretrained_model_name_or_path};"
+            " the shapes fit, so make sure both are the same model."
+        )
+
+    embeddings = PromptEmbeddings([], [], [], {}, {}, metadata)
+    for index, record in enumerate(records):
+        for column, store in (
+            ("prompt_embeds", embeddings.prompt_embeds),
+            ("pooled_prompt_embeds", embeddings.pooled_prompt_embeds),
+        ):
+            values = np.asarray(record[column], dtype=np.float32)
+            if values.size != math.prod(record[f"{column}_shape"]):
+                raise SetupError(f"{path} is corrupt (row {index}): delete it and rerun compute_embeddings.py")
+            store.append(torch.from_numpy(values).reshape(record[f"{column}_shape"]))
+        embeddings.labels.append((record["role"], record["prompt"]))
+        embeddings.rows[(record["role"], record["prompt"])] = index
+        if record["role"] in ("instance", "caption"):
+            embeddings.image_rows.update(dict.fromkeys(record["image_keys"], index))
+    return embeddings
+
+
+def instance_rows(
+    files: list[tuple[str, bytes]], source: str, embeddings: PromptEmbeddings, args: argparse.Namespace
+) -> list[int]:
+    """Each instance image's embeddings row, found by its key; an image without one is an error naming it."""
+    rows = []
+    for name, data in files:
+        row = embeddings.image_rows.get(image_key(name, data))
+        if row is None:
+            raise SetupError(
+                f"no embeddings for instance image '{name}' (added or changed since they were computed): rerun "
+                f"compute_embeddings.py with {source} --output_path {args.embeddings_path}"
+            )
+        role, prompt = embeddings.labels[row]
+        if role == "instance" and prompt != args.instance_prompt:
+            raise SetupError(
+                f"instance image '{name}' was embedded with the instance prompt {prompt!r}, not "
+                f"{args.instance_prompt!r}: rerun compute_embeddings.py with the same --instance_prompt"
+            )
+        rows.append(row)
+    return rows
+
+
+def preprocess(image: Image.Image, size: int, center_crop: bool, random_flip: bool) -> torch.Tensor:
+    """Resize the short side to `size`, crop a square, maybe flip; redrawn every time for random crops and flips."""
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    scale = size / min(image.size)
+    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    image = image.resize((width, height), Image.Resampling.BILINEAR)
+    if center_crop:
+        left, top = (width - size) // 2, (height - size) // 2
+    else:
+        left, top = random.randint(0, width - size), random.randint(0, height - size)
+    image = image.crop((left, top, left + size, top + size))
+    if random_flip and random.random() < 0.5:
+        image = ImageOps.mirror(image)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+    return pixels.permute(2, 0, 1).contiguous()
+
+
+class DreamBoothDataset(Dataset):
+    """Instance images (and class images for prior preservation), each with its precomputed prompt embeddings."""
+
+    def __init__(
+        self,
+        instance_files: list[tuple[str, bytes]],
+        instance_rows: list[int],
+        embeddings: PromptEmbeddings,
+        args: argparse.Namespace,
+        class_paths: list[Path] | None = None,
+        class_row: int | None = None,
+    ):
+        self.instances = list(
+            itertools.chain.from_iterable(
+                [item] * args.repeats for item in zip(instance_files, instance_rows, strict=True)
+            )
+        )
+        self.embeddings = embeddings
+        self.class_paths = class_paths or []
+        self.class_row = class_row
+        self.args = args
+        self._length = max(len(self.instances), len(self.class_paths))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _example(self, image: Image.Image, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pixels = preprocess(image, self.args.resolution, self.args.center_crop, self.args.random_flip)
+        return pixels, self.embeddings.prompt_embeds[row], self.embeddings.pooled_prompt_embeds[row]
+
+    def __getitem__(self, index: int) -> dict:
+        (_, data), row = self.instances[index % len(self.instances)]
+        example = {"instance": self._example(Image.open(io.BytesIO(data)), row)}
+        if self.class_paths:
+            with Image.open(self.class_paths[index % len(self.class_paths)]) as image:
+                example["class"] = self._example(image, self.class_row)
+        return example
+
+
+def collate_fn(examples: list[dict], with_prior_preservation: bool = False) -> dict:
+    """Instance examples first, then class examples: the loss splits the batch in two halves of equal size."""
+    parts = [example["instance"] for example in examples]
+    if with_prior_preservation:
+        parts += [example["class"] for example in examples]
+    pixel_values, prompt_embeds, pooled_prompt_embeds = (torch.stack(items) for items in zip(*parts, strict=True))
+    return {
+        "pixel_values": pixel_values.to(memory_format=torch.contiguous_format).float(),
+        "prompt_embeds": prompt_embeds,
+        "pooled_prompt_embeds": pooled_prompt_embeds,
+    }
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, pixel_values: torch.Tensor) -> torch.Tensor:
+    """SD3 latents: shifted, then scaled, exactly what the pipeline undoes before decoding."""
+    latents = vae.encode(pixel_values).latent_dist.sample()
+    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def flow_matching_loss(
+    model_pred: torch.Tensor, target: torch.Tensor, weighting: torch.Tensor, prior_loss_weight: float | None = None
+) -> torch.Tensor:
+    """Weighted MSE per sample, averaged; with a prior loss weight, the batch is instance half then class half.
+
+    The per-sample weighting is split with the batch, so prior preservation works at any batch size.
+    """
+
+    def mse(pred: torch.Tensor, target: torch.Tensor, weighting: torch.Tensor) -> torch.Tensor:
+        per_sample = (weighting.float() * (pred.float() - target.float()) ** 2).reshape(target.shape[0], -1)
+        return per_sample.mean(1).mean()
+
+    if prior_loss_weight is None:
+        return mse(model_pred, target, weighting)
+    model_pred, model_pred_prior = model_pred.chunk(2)
+    target, target_prior = target.chunk(2)
+    weighting, weighting_prior = weighting.chunk(2)
+    return mse(model_pred, target, weighting) + prior_loss_weight * mse(
+        model_pred_prior, target_prior, weighting_prior
+    )
+
+
+def place_pipeline(pipeline: StableDiffusion3Pipeline, device: torch.device, plugin: LayerOffloadPlugin) -> None:
+    """Puts an inference pipeline on `device`, streaming its transformer as the training run streams its own."""
+    if device.type == "cuda" and plugin.layer_offload_fraction > 0:
+        offload_model(
+            pipeline.transformer,
+            device,
+            layer_offload_fraction=plugin.layer_offload_fraction,
+            gradient_checkpointing=False,
+            activation_offloading=False,
+            prefetch_blocks=plugin.prefetch_blocks,
+            pin_memory=plugin.pin_memory,
+            async_offloading=plugin.async_offloading,
+        )
+    pipeline.to(device)
+
+
+def pipeline_from_pretrained(args: argparse.Namespace, dtype: torch.dtype) -> StableDiffusion3Pipeline:
+    """The SD3 pipeline without its text encoders: prompts arrive as precomputed embeddings."""
+    return StableDiffusion3Pipeline.from_pretrained(
+        args.pretrained_model_name_or_path,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+        revision=args.revision,
+        variant=args.variant,
+        torch_dtype=dtype,
+    )
+
+
+def embedding_args(
+    embeddings: PromptEmbeddings, row: int, negative: int, count: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Pipeline keyword arguments for `count` images of one embedded prompt, with the empty prompt as negative."""
+
+    def batch(tensors: list[torch.Tensor], index: int) -> torch.Tensor:
+        return tensors[index].unsqueeze(0).expand(count, *tensors[index].shape).to(device, dtype)
+
+    return {
+        "prompt_embeds": batch(embeddings.prompt_embeds, row),
+        "pooled_prompt_embeds": batch(embeddings.pooled_prompt_embeds, row),
+        "negative_prompt_embeds": batch(embeddings.prompt_embeds, negative),
+        "negative_pooled_prompt_embeds": batch(embeddings.pooled_prompt_embeds, negative),
+    }
+
+
+def generate_class_images(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    embeddings: PromptEmbeddings,
+    plugin: LayerOffloadPlugin,
+) -> None:
+    """Tops the class folder up to --num_class_images with images of the precomputed class prompt."""
+    class_dir = Path(args.class_data_dir)
+    class_dir.mkdir(parents=True, exist_ok=True)
+    missing = args.num_class_images - len(list_images(class_dir))
+    if missing <= 0:
+        return
+    precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    pipeline = pipeline_from_pretrained(args, dtype)
+    place_pipeline(pipeline, accelerator.device, plugin)
+    pipeline.set_progress_bar_config(disable=True)
+    class_row = embeddings.row("class", args.class_prompt, "--class_prompt")
+    negative = embeddings.row("negative", "")
+    logger.info(f"Generating {missing} class images with the class prompt {args.class_prompt!r}.")
+    for start in tqdm(range(0, missing, args.sample_batch_size), desc="Generating class images"):
+        count = min(args.sample_batch_size, missing - start)
+        kwargs = embedding_args(embeddings, class_row, negative, count, accelerator.device, dtype)
+        images = pipeline(**kwargs, height=args.resolution, width=args.resolution).images
+        for image in images:
+            digest = hashlib.sha1(image.tobytes()).hexdigest()
+            image.save(class_dir / f"{len(list_images(class_dir))}-{digest}.jpg")
+    del pipeline
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def log_validation(
+    pipeline: StableDiffusion3Pipeline,
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    pipeline_args: dict,
+    epoch: int,
+    weight_dtype: torch.dtype,
+    is_final_validation: bool = False,
+) -> list[Image.Image]:
+    logger.info(
+        f"Running validation... \n Generating {args.num_validation_images} images with prompt:"
+        f" {args.validation_prompt}."
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed) if args.seed is not None else None
+    # fp32 LoRA weights and VAE meet half-precision activations: autocast keeps the dtypes consistent.
+    autocast_ctx = (
+        torch.autocast(accelerator.device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else nullcontext()
+    )
+    with autocast_ctx:
+        images = [
+            pipeline(**pipeline_args, height=args.resolution, width=args.resolution, generator=generator).images[0]
+            for _ in range(args.num_validation_images)
+        ]
+
+    for tracker in accelerator.trackers:
+        phase_name = "test" if is_final_validation else "validation"
+        if tracker.name == "tensorboard":
+            np_images = np.stack([np.asarray(img) for img in images])
+            tracker.writer.add_images(phase_name, np_images, epoch, dataformats="NHWC")
+        if tracker.name == "wandb":
+            import wandb
+
+            tracker.log(
+                {
+                    phase_name: [
+                        wandb.Image(image, caption=f"{i}: {args.validation_prompt}") for i, image in enumerate(images)
+                    ]
+                }
+            )
+    return images
+
+
+def save_model_card(
+    repo_id: str, args: argparse.Namespace, images: list[Image.Image] | None = None, repo_folder: str | None = None
+) -> None:
+    """A model card with the base model, trigger prompt and the settings that matter to reproduce the run."""
+    widget = []
+    for i, image in enumerate(images or []):
+        image.save(os.path.join(repo_folder, f"image_{i}.png"))
+        widget.append({"text": args.validation_prompt or " ", "output": {"url": f"image_{i}.png"}})
+    card_data = ModelCardData(
+        license="other",
+        base_model=args.pretrained_model_name_or_path,
+        library_name="diffusers",
+        tags=["text-to-image", "diffusers-training", "diffusers", "lora", "sd3", "sd3-diffusers", "template:sd-lora"],
+        instance_prompt=args.instance_prompt,
+        widget=widget,
+    )
+    settings = {
+        "rank": args.rank,
+        "lora_alpha": args.lora_alpha or args.rank,
+        "lora_layers": args.lora_layers,
+        "learning_rate": args.learning_rate,
+        "lr_scheduler": args.lr_scheduler,
+        "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "max_train_steps": args.max_train_steps,
+        "resolution": args.resolution,
+        "mixed_precision": args.mixed_precision,
+        "weighting_scheme": args.weighting_scheme,
+        "with_prior_preservation": args.with_prior_preservation,
+        "class_prompt": args.class_prompt if args.with_prior_preservation else None,
+        "seed": args.seed,
+    }
+    settings_table = "\n".join(f"| {name} | {value} |" for name, value in settings.items())
+    content = f"""---
+{card_data.to_yaml()}
+---
+
+# SD3 DreamBooth LoRA - {repo_id}
+
+<Gallery />
+
+## Model description
+
+These are {repo_id} DreamBooth LoRA weights for {args.pretrained_model_name_or_path}, trained from precomputed
+prompt embeddings (`compute_embeddings.py`) so that no text encoder was loaded during training.
+
+## Trigger words
+
+You should use `{args.instance_prompt}` to trigger the image generation.
+
+## Use it with diffusers
+
+```py
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+pipeline = StableDiffusion3Pipeline.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.bfloat16)
+pipeline.load_lora_weights("{repo_id}", weight_name="pytorch_lora_weights.safetensors")
+image = pipeline("{args.instance_prompt}").images[0]
+```
+
+## Training settings
+
+| setting | value |
+| --- | --- |
+{settings_table}
+
+## License
+
+Use of these weights follows the license of the base model, {args.pretrained_model_name_or_path}.
+"""
+    ModelCard(content).save(os.path.join(repo_folder, "README.md"))
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.report_to == "wandb" and args.hub_token is not None:
+        raise SetupError(
+            "--report_to wandb with --hub_token would expose the token; log in with `hf auth login` instead"
+        )
+    logging_dir = Path(args.output_dir, args.logging_dir)
+    accelerator_project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
+    kwargs = DistributedDataParallelKwargs(find_unused_parameters=True)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=accelerator_project_config,
+        kwargs_handlers=[kwargs],
+    )
+    if args.use_8bit_adam:
+        if accelerator.device.type != "cuda":
+            raise SetupError("--use_8bit_adam needs a CUDA GPU (bitsandbytes); drop the flag to train with AdamW")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise SetupError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        level=logging.INFO,
+    )
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+
+    if args.seed is not None:
+        set_seed(args.seed)
+
+    # Every input is checked before anything is loaded or written, so a mistake costs seconds and no files.
+    embeddings = load_embeddings(Path(args.embeddings_path), args)
+    instance_files, source = instance_image_files(args)
+    rows = instance_rows(instance_files, source, embeddings, args)
+    class_row = negative_row = validation_row = None
+    if args.with_prior_preservation:
+        class_row = embeddings.row("class", args.class_prompt, "--class_prompt")
+    if args.validation_prompt is not None or args.with_prior_preservation:
+        negative_row = embeddings.row("negative", "")
+    if args.validation_prompt is not None:
+        validation_row = embeddings.row("validation", args.validation_prompt, "--validation_prompt")
+
+    # Offload settings not given here come from the ACCELERATE_OFFLOAD_* variables of the launch config.
+    offload_plugin = LayerOffloadPlugin(gradient_checkpointing=True if args.gradient_checkpointing else None)
+
+    if args.with_prior_preservation:
+        if accelerator.is_local_main_process:
+            generate_class_images(args, accelerator, embeddings, offload_plugin)
+        accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub:
+            repo_id = create_repo(
+                repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
+            ).repo_id
+
+    noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision
+    )
+    noise_scheduler_copy = copy.deepcopy(noise_scheduler)
+    vae = AutoencoderKL.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant
+    )
+    transformer = SD3Transformer2DModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision, variant=args.variant
+    )
+    transformer.requires_grad_(False)
+    vae.requires_grad_(False)
+
+    # The frozen transformer is only used for inference: half precision when mixed precision is on.
+    weight_dtype = torch.float32
+    if accelerator.mixed_precision == "fp16":
+        weight_dtype = torch.float16
+    elif accelerator.mixed_precision == "bf16":
+        weight_dtype = torch.bfloat16
+    if torch.backends.mps.is_available() and weight_dtype == torch.bfloat16:
+        raise SetupError("bf16 mixed precision is not supported on MPS; use fp16 or no")
+
+    # SD3's VAE is kept in fp32: it overflows in fp16 and it is small.
+    vae.to(accelerator.device, dtype=torch.float32)
+    transformer.to(dtype=weight_dtype)
+
+    transformer_lora_config = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.lora_alpha or args.rank,
+        init_lora_weights="gaussian",
+        target_modules=[layer.strip() for layer in args.lora_layers.split(",") if layer.strip()],
+    )
+    transformer.add_adapter(transformer_lora_config)
+    if weight_dtype != torch.float32:
+        # only upcast trainable parameters (LoRA) into fp32
+        cast_training_params([transformer], dtype=torch.float32)
+
+    # The plugin places the transformer (streaming blocks if configured) and owns gradient checkpointing.
+    transformer = offload_plugin.prepare_model(transformer, accelerator.device)
+
+    def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+        model = accelerator.unwrap_model(model)
+        return model._orig_mod if is_compiled_module(model) else model
+
+    def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(model).items()}
+
+    def save_model_hook(models: list, weights: list, output_dir: str) -> None:
+        if accelerator.is_main_process:
+            transformer_lora_layers_to_save = None
+            for model in models:
+                if isinstance(model, type(unwrap_model(transformer))):
+                    transformer_lora_layers_to_save = lora_state_dict(model)
+                else:
+                    raise ValueError(f"unexpected save model: {model.__class__}")
+                # make sure to pop weight so that corresponding model is not saved again
+                weights.pop()
+            StableDiffusion3Pipeline.save_lora_weights(
+                output_dir,
+                transformer_lora_layers=transformer_lora_layers_to_save,
+                transformer_lora_adapter_metadata=transformer_lora_config.to_dict(),
+            )
+
+    def load_model_hook(models: list, input_dir: str) -> None:
+        transformer_ = None
+        while len(models) > 0:
+            model = models.pop()
+            if isinstance(model, type(unwrap_model(transformer))):
+                transformer_ = model
+            else:
+                raise ValueError(f"unexpected save model: {model.__class__}")
+        lora_state = StableDiffusion3Pipeline.lora_state_dict(input_dir)
+        transformer_state_dict = {
+            k.replace("transformer.", ""): v for k, v in lora_state.items() if k.startswith("transformer.")
+        }
+        transformer_state_dict = convert_unet_state_dict_to_peft(transformer_state_dict)
+        incompatible_keys = set_peft_model_state_dict(transformer_, transformer_state_dict, adapter_name="default")
+        unexpected_keys = getattr(incompatible_keys, "unexpected_keys", None)
+        if unexpected_keys:
+            logger.warning(f"Loading adapter weights led to unexpected keys not found in the model: {unexpected_keys}")
+        if weight_dtype != torch.float32:
+            cast_training_params([transformer_])
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.scale_lr:
+        args.learning_rate = (
+            args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        )
+
+    transformer_lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer_class = bnb.optim.AdamW8bit if args.use_8bit_adam else torch.optim.AdamW
+    optimizer = optimizer_class(
+        [{"params": transformer_lora_parameters, "lr": args.learning_rate}],
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+    train_dataset = DreamBoothDataset(
+        instance_files,
+        rows,
+        embeddings,
+        args,
+        class_paths=list_images(Path(args.class_data_dir))[: args.num_class_images]
+        if args.with_prior_preservation
+        else None,
+        class_row=class_row,
+    )
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=lambda examples: collate_fn(examples, args.with_prior_preservation),
+        num_workers=args.dataloader_num_workers,
+    )
+
+    overrode_max_train_steps = False
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+        overrode_max_train_steps = True
+
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+
+    transformer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        transformer, optimizer, train_dataloader, lr_scheduler
+    )
+
+    # The dataloader may have changed size in `prepare`: recompute the number of steps and epochs.
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if overrode_max_train_steps:
+        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("dreambooth-sd3-lora", config=vars(args))
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {len(train_dataset)}")
+    logger.info(f"  Num batches each epoch = {len(train_dataloader)}")
+    logger.info(f"  Num Epochs = {args.num_train_epochs}")
+    logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
+    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
+    logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
+    logger.info(f"  Total optimization steps = {args.max_train_steps}")
+    global_step = 0
+    first_epoch = 0
+
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint != "latest":
+            path = os.path.basename(args.resume_from_checkpoint)
+        else:
+            dirs = [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint")]
+            dirs = sorted(dirs, key=lambda x: int(x.split("-")[1]))
+            path = dirs[-1] if len(dirs) > 0 else None
+        if path is None:
+            accelerator.print(
+                f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run."
+            )
+            args.resume_from_checkpoint = None
+            initial_global_step = 0
+        else:
+            accelerator.print(f"Resuming from checkpoint {path}")
+            accelerator.load_state(os.path.join(args.output_dir, path))
+            global_step = int(path.split("-")[1])
+            initial_global_step = global_step
+            first_epoch = global_step // num_update_steps_per_epoch
+    else:
+        initial_global_step = 0
+
+    progress_bar = tqdm(
+        range(0, args.max_train_steps),
+        initial=initial_global_step,
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
+    )
+
+    def get_sigmas(timesteps: torch.Tensor, n_dim: int = 4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        sigmas = noise_scheduler_copy.sigmas.to(device=accelerator.device, dtype=dtype)
+        schedule_timesteps = noise_scheduler_copy.timesteps.to(accelerator.device)
+        timesteps = timesteps.to(accelerator.device)
+        step_indices = [(schedule_timesteps == t).nonzero().item() for t in timesteps]
+        sigma = sigmas[step_indices].flatten()
+        while len(sigma.shape) < n_dim:
+            sigma = sigma.unsqueeze(-1)
+        return sigma
+
+    def validation_pipeline_args() -> dict:
+        count = 1  # one image per call, `num_validation_images` calls: memory stays that of a single image
+        return embedding_args(embeddings, validation_row, negative_row, count, accelerator.device, weight_dtype)
+
+    on_cuda = accelerator.device.type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
+    step_started = time.perf_counter()
+    for epoch in range(first_epoch, args.num_train_epochs):
+        transformer.train()
+        for batch in train_dataloader:
+            with accelerator.accumulate(transformer):
+                pixel_values = batch["pixel_values"].to(device=accelerator.device, dtype=vae.dtype)
+                model_input = encode_latents(vae, pixel_values).to(dtype=weight_dtype)
+
+                noise = torch.randn_like(model_input)
+                bsz = model_input.shape[0]
+
+                # Sample a random timestep for each image; non-uniform for the logit_normal and mode schemes.
+                u = compute_density_for_timestep_sampling(
+                    weighting_scheme=args.weighting_scheme,
+                    batch_size=bsz,
+                    logit_mean=args.logit_mean,
+                    logit_std=args.logit_std,
+                    mode_scale=args.mode_scale,
+                )
+                indices = (u * noise_scheduler_copy.config.num_train_timesteps).long()
+                timesteps = noise_scheduler_copy.timesteps[indices].to(device=model_input.device)
+
+                # Add noise according to flow matching: zt = (1 - sigma) * x + sigma * noise.
+                sigmas = get_sigmas(timesteps, n_dim=model_input.ndim, dtype=model_input.dtype)
+                noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
+
+                prompt_embeds = batch["prompt_embeds"].to(device=accelerator.device, dtype=weight_dtype)
+                pooled_prompt_embeds = batch["pooled_prompt_embeds"].to(device=accelerator.device, dtype=weight_dtype)
+                model_pred = transformer(
+                    hidden_states=noisy_model_input,
+                    timestep=timesteps,
+                    encoder_hidden_states=prompt_embeds,
+                    pooled_projections=pooled_prompt_embeds,
+                    return_dict=False,
+                )[0]
+
+                # Preconditioning of the model outputs (section 5 of https://arxiv.org/abs/2206.00364).
+                if args.precondition_outputs:
+                    model_pred = model_pred * (-sigmas) + noisy_model_input
+                weighting = compute_loss_weighting_for_sd3(weighting_scheme=args.weighting_scheme, sigmas=sigmas)
+                target = model_input if args.precondition_outputs else noise - model_input
+
+                prior_loss_weight = args.prior_loss_weight if args.with_prior_preservation else None
+                loss = flow_matching_loss(model_pred, target, weighting, prior_loss_weight)
+
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(transformer_lora_parameters, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            if accelerator.sync_gradients:
+                seconds_per_step = time.perf_counter() - step_started
+                step_started = time.perf_counter()
+                progress_bar.update(1)
+                global_step += 1
+
+                if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
+                    # before saving, keep at most `checkpoints_total_limit - 1` checkpoints
+                    if args.checkpoints_total_limit is not None:
+                        checkpoints = [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint")]
+                        checkpoints = sorted(checkpoints, key=lambda x: int(x.split("-")[1]))
+                        if len(checkpoints) >= args.checkpoints_total_limit:
+                            num_to_remove = len(checkpoints) - args.checkpoints_total_limit + 1
+                            removing_checkpoints = checkpoints[0:num_to_remove]
+                            logger.info(f"removing checkpoints: {', '.join(removing_checkpoints)}")
+                            for removing_checkpoint in removing_checkpoints:
+                                shutil.rmtree(os.path.join(args.output_dir, removing_checkpoint))
+                    save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+                    accelerator.save_state(save_path)
+                    logger.info(f"Saved state to {save_path}")
+
+                logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+                postfix = {**logs, "s/step": f"{seconds_per_step:.2f}"}
+                if on_cuda:
+                    postfix["peak_vram_gb"] = f"{torch.cuda.max_memory_allocated(accelerator.device) / 1024**3:.2f}"
+                progress_bar.set_postfix(**postfix)
+                accelerator.log(logs, step=global_step)
+
+            if global_step >= args.max_train_steps:
+                break
+
+        if accelerator.is_main_process and args.validation_prompt is not None and epoch % args.validation_epochs == 0:
+            pipeline = StableDiffusion3Pipeline(
+                scheduler=copy.deepcopy(noise_scheduler),
+                vae=vae,
+                transformer=unwrap_model(transformer),
+                text_encoder=None,
+                tokenizer=None,
+                text_encoder_2=None,
+                tokenizer_2=None,
+                text_encoder_3=None,
+                tokenizer_3=None,
+            )
+            transformer.eval()
+            log_validation(pipeline, args, accelerator, validation_pipeline_args(), epoch, weight_dtype)
+            transformer.train()
+            del pipeline
+            gc.collect()
+            if on_cuda:
+                torch.cuda.empty_cache()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        StableDiffusion3Pipeline.save_lora_weights(
+            save_directory=args.output_dir,
+            transformer_lora_layers=lora_state_dict(unwrap_model(transformer)),
+            transformer_lora_adapter_metadata=transformer_lora_config.to_dict(),
+        )
+
+        # Final inference: a fresh pipeline with the saved LoRA, which checks that the file loads.
+        images = []
+        if args.validation_prompt and args.num_validation_images > 0:
+            pipeline = pipeline_from_pretrained(args, weight_dtype)
+            pipeline.load_lora_weights(args.output_dir)
+            place_pipeline(pipeline, accelerator.device, offload_plugin)
+            images = log_validation(
+                pipeline,
+                args,
+                accelerator,
+                validation_pipeline_args(),
+                epoch,
+                weight_dtype,
+                is_final_validation=True,
+            )
+            del pipeline
+
+        repo_name = args.hub_model_id or Path(args.output_dir).name
+        save_model_card(repo_id if args.push_to_hub else repo_name, args, images=images, repo_folder=args.output_dir)
+        if args.push_to_hub:
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                commit_message="End of training",
+                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{args.logging_dir}/*"],
+                token=args.hub_token,
+            )
+
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except SetupError as error:
+        sys.exit(f"error: {error}")
