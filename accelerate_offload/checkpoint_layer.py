@@ -38,13 +38,14 @@ class OffloadCheckpointLayer:
         self.conductor = conductor
         self.gradient_checkpointing = gradient_checkpointing
         self.activations = activations
-        self.block_forward = block.forward
+        self.original_forward = block.forward
+        self.block_forward = block.forward  # what runs: the block's own forward, or a token-chunked one
         self._had_own_forward = "forward" in block.__dict__
         block.forward = self.forward
 
     def remove(self, block: nn.Module) -> None:
         if self._had_own_forward:
-            block.forward = self.block_forward
+            block.forward = self.original_forward
         else:
             del block.forward
 

@@ -14,10 +14,19 @@ The text stream (512 tokens for Flux) is one chunk; `chunks` splits the image to
 diffusers 0.42.1 op for op (same modules, same order, same dtypes), calling modules rather than their weights so
 that PEFT LoRA layers work unchanged. Attention processors, fused projections, context parallelism, feed-forward
 chunking or attention kwargs that this file does not mirror make the block run whole.
+
+Exactness: each output row goes through the same ops as unchunked, so the forward pass is bitwise equal wherever
+the kernels give a row the same bits whatever the number of rows around it (CPU GEMM and flash-attention kernels
+block rows by count, so uneven chunks may differ in the last bit). Gradients of weights, keys and values are sums
+over tokens that chunking splits into per-chunk partial sums: they differ by reassociation (about 1e-7 relative
+in fp32; in bf16 the key/value gradients are summed across query chunks in bf16). One deliberate difference: SD3's
+last block (`context_pre_only`) discards its text queries' attention output, so they are not computed here and a
+LoRA on that block's `add_q_proj` gets no gradient (None) where the whole block gives it zeros.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,15 +48,17 @@ from torch.utils.checkpoint import checkpoint
 
 MAX_CHUNK_TOKENS = 4096
 
-Rows = Callable[..., torch.Tensor]
+ChunkFunction = Callable[..., Any]  # runs one chunk: (rows, temb, ...) -> rows out, or keys and values
 
 
 def auto_chunks(image_tokens: int, max_chunk_tokens: int = MAX_CHUNK_TOKENS) -> int:
     """The fewest chunks that keep each under `max_chunk_tokens` image tokens.
 
-    Chunking cannot go below the full-sequence attention (queries, keys, values and their gradients: about
-    0.9 GB for a Flux-dev block at 2048²); a 4096-token chunk's token-wise working set is about as large, so
-    smaller chunks buy little memory for more kernel launches. 1024² (4096 tokens) runs whole, 2048² in 4.
+    Chunking leaves a floor it cannot lower: full-sequence keys and values, their gradients, the block's input,
+    output and input gradient (together roughly the 0.9 GB the attention alone peaks at for a Flux-dev block at
+    2048²). The token-wise working set is about (3.15 − 0.9) GB / 16 896 tokens ≈ 0.13 MB per token there, so a
+    4096-token chunk's (≈ 0.55 GB) is already below the floor: smaller chunks buy little memory for more launches.
+    1024² (4096 image tokens) runs whole, 2048² in 4 chunks.
     """
     return max(1, math.ceil(image_tokens / max_chunk_tokens))
 
@@ -68,6 +79,27 @@ def chunked_forward(block: nn.Module, chunks: int) -> Callable[..., Any] | None:
     return whole if chunks == 1 else build(block, chunks, whole)
 
 
+def chunked_block_forward(block: nn.Module, sequence_chunks: int | str) -> Callable[..., Any] | None:
+    """`chunked_forward` for a fixed count; for "auto", one that picks the count from each call's image tokens.
+
+    None where chunking does not apply (one chunk, or a block type run whole).
+    """
+    if sequence_chunks != "auto":
+        return chunked_forward(block, int(sequence_chunks)) if int(sequence_chunks) > 1 else None
+    if chunked_forward(block, 2) is None:
+        return None
+    by_count: dict[int, Callable[..., Any]] = {}
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        chunks = auto_chunks(hidden_states.shape[1])
+        if chunks not in by_count:
+            by_count[chunks] = chunked_forward(block, chunks)
+        return by_count[chunks](*args, **kwargs)
+
+    return forward
+
+
 # ---- shared pieces ----
 
 
@@ -85,7 +117,7 @@ def _spans(length: int, chunks: int) -> list[tuple[int, int]]:
     """`chunks` contiguous spans of `length` differing in size by at most one (as `torch.tensor_split`)."""
     chunks = min(chunks, max(length, 1))
     bounds = [length * i // chunks for i in range(chunks + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def _run_chunk(function: Callable[..., Any], *args: Any) -> Any:
@@ -115,7 +147,7 @@ def _text_then_image(
 
 def _join(per_chunk: list[tuple[torch.Tensor, ...]], sequence_dim: int) -> list[torch.Tensor]:
     """Phase 1's results: the chunks' keys (values, ...) each joined along the sequence, in attention order."""
-    return [torch.cat(pieces, dim=sequence_dim) for pieces in zip(*per_chunk)]
+    return [torch.cat(pieces, dim=sequence_dim) for pieces in zip(*per_chunk, strict=True)]
 
 
 # ---- Flux ----
@@ -207,7 +239,7 @@ def _flux_double_streams(block: FluxTransformerBlock) -> dict[str, _FluxStream]:
     }
 
 
-def _flux_double_key_value(attn: nn.Module, stream: _FluxStream) -> Rows:
+def _flux_double_key_value(attn: nn.Module, stream: _FluxStream) -> ChunkFunction:
     def key_value(x: torch.Tensor, temb: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
         normed = stream.norm1(x, emb=temb)[0]
         return _flux_key_value(attn, normed, stream.to_k, stream.to_v, stream.norm_k, cos, sin)
@@ -215,7 +247,7 @@ def _flux_double_key_value(attn: nn.Module, stream: _FluxStream) -> Rows:
     return key_value
 
 
-def _flux_double_rows(attn: nn.Module, stream: _FluxStream) -> Rows:
+def _flux_double_rows(attn: nn.Module, stream: _FluxStream) -> ChunkFunction:
     """FluxTransformerBlock.forward for the rows of one stream, given every token's keys and values."""
 
     def rows(
@@ -255,14 +287,15 @@ def _flux_double(block: FluxTransformerBlock, chunks: int, whole: Callable[..., 
         if joint_attention_kwargs or not _flux_supported(block):
             return whole(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
         parts = _text_then_image(encoder_hidden_states, hidden_states, image_rotary_emb, chunks)
-        key, value = _join([_run_chunk(key_value[p.stream], p.rows, temb, p.cos, p.sin) for p in parts], 1)
+        keys_values = [_run_chunk(key_value[p.stream], p.rows, temb, p.cos, p.sin) for p in parts]
+        key, value = _join(keys_values, sequence_dim=1)
         outputs = [_run_chunk(rows[p.stream], p.rows, temb, key, value, p.cos, p.sin) for p in parts]
         return outputs[0], torch.cat(outputs[1:], dim=1)
 
     return forward
 
 
-def _flux_single_key_value(block: FluxSingleTransformerBlock) -> Rows:
+def _flux_single_key_value(block: FluxSingleTransformerBlock) -> ChunkFunction:
     attn = block.attn
 
     def key_value(x: torch.Tensor, temb: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
@@ -272,7 +305,7 @@ def _flux_single_key_value(block: FluxSingleTransformerBlock) -> Rows:
     return key_value
 
 
-def _flux_single_rows(block: FluxSingleTransformerBlock) -> Rows:
+def _flux_single_rows(block: FluxSingleTransformerBlock) -> ChunkFunction:
     """FluxSingleTransformerBlock.forward for some rows of the joint sequence, given all keys and values."""
     attn = block.attn
 
@@ -311,7 +344,7 @@ def _flux_single(block: FluxSingleTransformerBlock, chunks: int, whole: Callable
         if joint_attention_kwargs or not _flux_supported(block):
             return whole(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
         parts = _text_then_image(encoder_hidden_states, hidden_states, image_rotary_emb, chunks)
-        key, value = _join([_run_chunk(key_value, p.rows, temb, p.cos, p.sin) for p in parts], 1)
+        key, value = _join([_run_chunk(key_value, p.rows, temb, p.cos, p.sin) for p in parts], sequence_dim=1)
         outputs = [_run_chunk(rows, p.rows, temb, key, value, p.cos, p.sin) for p in parts]
         return outputs[0], torch.cat(outputs[1:], dim=1)
 
@@ -353,7 +386,7 @@ def _sd3_text_norm(block: JointTransformerBlock, x: torch.Tensor, temb: torch.Te
     return block.norm1_context(x, emb=temb)
 
 
-def _sd3_image_key_value(block: JointTransformerBlock) -> Rows:
+def _sd3_image_key_value(block: JointTransformerBlock) -> ChunkFunction:
     """Keys and values of image rows for the joint attention and, with dual attention, for `attn2`."""
     attn, attn2 = block.attn, block.attn2
 
@@ -370,7 +403,7 @@ def _sd3_image_key_value(block: JointTransformerBlock) -> Rows:
     return key_value
 
 
-def _sd3_text_key_value(block: JointTransformerBlock) -> Rows:
+def _sd3_text_key_value(block: JointTransformerBlock) -> ChunkFunction:
     attn = block.attn
 
     def key_value(x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -383,7 +416,7 @@ def _sd3_text_key_value(block: JointTransformerBlock) -> Rows:
     return key_value
 
 
-def _sd3_image_rows(block: JointTransformerBlock) -> Rows:
+def _sd3_image_rows(block: JointTransformerBlock) -> ChunkFunction:
     """JointTransformerBlock.forward for image rows, given the joint (and `attn2`) keys and values."""
 
     def rows(x: torch.Tensor, temb: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *self_kv: torch.Tensor):
@@ -399,7 +432,7 @@ def _sd3_image_rows(block: JointTransformerBlock) -> Rows:
     return rows
 
 
-def _sd3_text_rows(block: JointTransformerBlock) -> Rows:
+def _sd3_text_rows(block: JointTransformerBlock) -> ChunkFunction:
     """JointTransformerBlock.forward for the context rows (blocks that update the context)."""
     attn = block.attn
 

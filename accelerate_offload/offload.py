@@ -10,6 +10,7 @@ from .activations import ActivationShuttle
 from .attention import avoid_cudnn_attention
 from .blocks import base_model, find_blocks
 from .checkpoint_layer import OffloadCheckpointLayer
+from .chunking import chunked_block_forward
 from .conductor import LayerOffloadConductor
 from .planner import VramPlanner, parse_memory
 from .streams import CopyStreams
@@ -31,6 +32,7 @@ def offload_model(
     pin_memory: bool = True,
     block_names: list[str] | None = None,
     max_vram: str | int | None = None,
+    sequence_chunks: int | str = 1,
     activation_min_bytes: int = ACTIVATION_MIN_BYTES,
 ) -> LayerOffloadConductor:
     """Streams `model`'s blocks through `device` and places everything else there; returns the conductor.
@@ -39,7 +41,8 @@ def offload_model(
     this call keeps training them. Later `model.to(device)` calls (e.g. from `accelerator.prepare`) leave the
     streamed weights alone. A CPU `device` runs the same logic with plain copies, which is how it is tested.
     With `max_vram` (bytes, or text like "6GB") every block starts streamed and the first training step
-    decides which become resident.
+    decides which become resident. `sequence_chunks` (a count, or "auto") runs Flux and SD3 blocks in token
+    chunks, cutting each block's working memory at high resolution.
     """
     if getattr(model, "_offload_conductor", None) is not None:
         raise RuntimeError("this model is already offloaded; call remove_offload(model) first")
@@ -71,13 +74,17 @@ def offload_model(
         OffloadCheckpointLayer(block, index, conductor, gradient_checkpointing, activations)
         for index, (_, block) in enumerate(blocks)
     ]
+    for layer, (_, block) in zip(conductor.layers, blocks):
+        chunked = chunked_block_forward(block, sequence_chunks)
+        if chunked is not None:
+            layer.block_forward = chunked
     model.to(device)
     model._offload_conductor = conductor
     model._ddp_params_and_buffers_to_ignore = _streamed_names(model, blocks, conductor)
     streamed_gb = sum(weights.nbytes for weights in conductor.weights.values()) / 1e9
     logger.info(
         "accelerate-offload: %d of %d blocks resident on %s, %d streamed from %s memory (%.2f GB); "
-        "checkpointing %s, activation offloading %s, prefetch %d",
+        "checkpointing %s, activation offloading %s, prefetch %d, token chunks %s",
         conductor.resident_count,
         len(blocks),
         device,
@@ -87,6 +94,7 @@ def offload_model(
         "on" if gradient_checkpointing else "off",
         "on" if activation_offloading else "off",
         prefetch_blocks,
+        sequence_chunks,
     )
     return conductor
 

@@ -71,6 +71,9 @@ class LayerOffloadPlugin:
         max_vram (`str`, defaults to `None`):
             A GPU memory budget such as "6GB" instead of a fraction: the first training step streams every block
             and measures its peak; then as many blocks as fit become resident.
+        sequence_chunks (`int` or `"auto"`, defaults to `1`):
+            Run Flux and SD3 blocks in this many checkpointed chunks along the image tokens (the same function in
+            less memory; "auto" keeps chunks at most 4096 tokens, i.e. 4 at 2048², whole at 1024²).
         block_names (`list[str]`, defaults to the model's known block lists):
             Dotted paths of the `nn.ModuleList`s that hold the model's sequential blocks, for models that
             accelerate-offload does not know.
@@ -102,6 +105,10 @@ class LayerOffloadPlugin:
         default=None,
         metadata={"help": "GPU memory budget, e.g. '6GB': resident blocks chosen to fit it.", "default": None},
     )
+    sequence_chunks: int | str | None = field(
+        default=None,
+        metadata={"help": "Token chunks per Flux/SD3 block (a number, or 'auto').", "default": 1},
+    )
     block_names: list[str] | None = field(
         default=None,
         metadata={"help": "Comma-separated paths of the block lists, for models not known.", "default": None},
@@ -118,13 +125,19 @@ class LayerOffloadPlugin:
         self.async_offloading = parse_bool("async_offloading", self.async_offloading)
         self.pin_memory = parse_bool("pin_memory", self.pin_memory)
         self.prefetch_blocks = _parse_prefetch(self.prefetch_blocks)
+        self.sequence_chunks = _parse_chunks(self.sequence_chunks)
         self.offload_device = str(self.offload_device).strip().lower()
         if self.block_names is not None:
             self.block_names = _parse_names(self.block_names)
         if self.max_vram is not None:
             self.max_vram = str(self.max_vram).strip()
             _parse_budget(self.max_vram)
-        offloads = self.layer_offload_fraction > 0 or self.activation_offloading or self.max_vram is not None
+        offloads = (
+            self.layer_offload_fraction > 0
+            or self.activation_offloading
+            or self.max_vram is not None
+            or self.sequence_chunks != 1
+        )
         if self.gradient_checkpointing is None:
             self.gradient_checkpointing = offloads
         self.gradient_checkpointing = parse_bool("gradient_checkpointing", self.gradient_checkpointing)
@@ -163,6 +176,7 @@ class LayerOffloadPlugin:
             or self.activation_offloading
             or self.gradient_checkpointing
             or self.max_vram is not None
+            or self.sequence_chunks != 1
         )
 
     def to_env(self) -> dict[str, str]:
@@ -207,6 +221,7 @@ class LayerOffloadPlugin:
             pin_memory=self.pin_memory,
             block_names=self.block_names,
             max_vram=self.max_vram if streaming else None,
+            sequence_chunks=self.sequence_chunks,
         )
         return model
 
@@ -239,6 +254,15 @@ def _parse_fraction(value: Any) -> float:
     if not 0.0 <= fraction <= 1.0:
         raise OffloadConfigError(f"layer_offload_fraction must be in 0..1, got {fraction}")
     return fraction
+
+
+def _parse_chunks(value: Any) -> int | str:
+    text = str(value).strip().lower()
+    if text == "auto":
+        return text
+    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+        raise OffloadConfigError(f"sequence_chunks must be a whole number >= 1 or 'auto', got {value!r}")
+    return int(text)
 
 
 def _parse_budget(value: str) -> int:

@@ -150,3 +150,11 @@ def test_out_of_memory_explanation_names_the_settings_to_change() -> None:
     assert "--train_batch_size (now 2)" in message and "--resolution (now 1024)" in message
     plain = explain_out_of_memory(torch.nn.Linear(2, 2), "cpu", batch_size=1, resolution=512)
     assert "layer offloading is off" in plain and "set layer_offload_fraction" in plain
+
+
+def test_sequence_chunks_setting_is_parsed_and_refused_when_wrong(monkeypatch) -> None:
+    monkeypatch.setenv("ACCELERATE_OFFLOAD_SEQUENCE_CHUNKS", "auto")
+    assert LayerOffloadPlugin().sequence_chunks == "auto" and LayerOffloadPlugin().gradient_checkpointing
+    assert LayerOffloadPlugin(sequence_chunks="4").sequence_chunks == 4
+    with pytest.raises(OffloadConfigError, match="sequence_chunks must be a whole number >= 1 or 'auto'"):
+        LayerOffloadPlugin(sequence_chunks=0)

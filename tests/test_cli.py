@@ -197,6 +197,7 @@ def test_config_writer_round_trip(tmp_path: Path) -> None:
         "prefetch_blocks": 2,
         "pin_memory": True,
         "offload_device": "cpu",
+        "sequence_chunks": 1,
         "block_names": ["transformer_blocks", "single_transformer_blocks"],
     }
     assert LayerOffloadPlugin(**section).gradient_checkpointing

@@ -140,3 +140,16 @@ def test_clip_text_encoder_streams_in_inference() -> None:
         actual = model(tokens, output_hidden_states=True)
     assert torch.equal(actual.pooler_output, expected.pooler_output)
     assert torch.equal(actual.hidden_states[-2], expected.hidden_states[-2])
+
+
+@pytest.mark.parametrize("sequence_chunks", [3, "auto"])
+def test_token_chunks_through_the_runtime_match_the_whole_block(sequence_chunks) -> None:
+    reference = with_lora(tiny_flux())
+    chunked = copy.deepcopy(reference)
+    offload_model(chunked, "cpu", layer_offload_fraction=1.0, activation_offloading=True, activation_min_bytes=0,
+                  sequence_chunks=sequence_chunks).poison_evicted = True
+    expected_loss, expected = train_step(reference, flux_inputs())
+    loss, actual = train_step(chunked, flux_inputs())
+    assert torch.allclose(loss, expected_loss, rtol=1e-6, atol=0)
+    for name, grad in expected.items():
+        assert (actual[name] - grad).norm() <= 1e-6 * grad.norm(), name
