@@ -1,0 +1,1309 @@
+#!/usr/bin/env python
+# Copyright 2025 The accelerate-offload authors. Licensed under the Apache License, Version 2.0.
+"""Train a LoRA for FLUX.1 (dev or schnell) with flow matching, DreamBooth-style or on a captioned dataset.
+
+Modelled on diffusers' `examples/dreambooth/train_dreambooth_lora_flux.py` (same flags), with:
+  * aspect-ratio buckets (`--aspect_ratio_buckets auto`): each image trains at the bucket nearest its shape and
+    a batch never mixes shapes;
+  * prior preservation that works at any batch size (every image gets its own prompt embedding);
+  * text embeddings computed once, then the text encoders are freed before the transformer is loaded;
+  * the accelerate-offload runtime: with `--gradient_checkpointing` or an `offload_config:` in the launch config,
+    the transformer's blocks are checkpointed and streamed from pinned CPU memory, so a 12B model trains in bf16
+    on a small GPU.
+
+    accelerate launch train_flux_lora.py --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \
+        --instance_data_dir dog --instance_prompt "a photo of sks dog" --output_dir flux-dog-lora \
+        --resolution 512 --mixed_precision bf16 --gradient_checkpointing --max_train_steps 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# Image side lengths must be multiples of this: the VAE downsamples 8x and latents are packed in 2x2 patches.
+SIZE_MULTIPLE = 16
+DEFAULT_LORA_LAYERS = (
+    "attn.to_k,attn.to_q,attn.to_v,attn.to_out.0,attn.add_k_proj,attn.add_q_proj,attn.add_v_proj,attn.to_add_out,"
+    "ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2"
+)
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy")
+TRACKERS = ("tensorboard", "wandb", "all", "none")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_PREFIX = "checkpoint-"
+TRACKER_PROJECT = "flux-lora"
+# Prompts encoded per text-encoder call; small enough for T5-XXL at 512 tokens on any GPU.
+TEXT_ENCODING_BATCH = 8
+
+
+class UsageError(SystemExit):
+    """Bad input: the run stops with one line that names the fix, no traceback, before anything is written."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train a FLUX.1 LoRA (DreamBooth or captioned dataset).")
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", required=True, help="Hub id or local pipeline folder.")
+    model.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model.")
+    model.add_argument("--variant", default=None, help="Weight file variant, e.g. 'fp16'.")
+    model.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are stored.")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--instance_data_dir", default=None, help="Folder of training images (DreamBooth).")
+    data.add_argument("--instance_prompt", default=None, help="Prompt for every image, e.g. 'a photo of sks dog'.")
+    data.add_argument("--dataset_name", default=None, help="Hub dataset id or local folder (imagefolder).")
+    data.add_argument("--dataset_config_name", default=None, help="Dataset configuration, if it has several.")
+    data.add_argument("--image_column", default="image", help="Dataset column holding the images.")
+    data.add_argument("--caption_column", default=None, help="Dataset column holding each image's caption.")
+    data.add_argument("--repeats", type=int, default=1, help="How many times each training image is repeated.")
+    data.add_argument("--resolution", type=int, default=512, help="Side of the square training size (pixels).")
+    data.add_argument(
+        "--aspect_ratio_buckets",
+        default=None,
+        help="'auto' for buckets of about resolution^2 pixels over common aspect ratios, or 'H,W;H,W;...'. Each "
+        "image trains at its nearest bucket; batches never mix buckets. Default: square crops.",
+    )
+    data.add_argument("--center_crop", action="store_true", help="Center crop instead of a random crop.")
+    data.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses.")
+
+    prior = parser.add_argument_group("prior preservation")
+    prior.add_argument("--with_prior_preservation", action="store_true", help="Add the prior preservation loss.")
+    prior.add_argument("--class_prompt", default=None, help="Prompt of the class, e.g. 'a photo of a dog'.")
+    prior.add_argument("--class_data_dir", default=None, help="Folder of class images (filled if short).")
+    prior.add_argument("--num_class_images", type=int, default=100, help="Class images to use (generated if short).")
+    prior.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior preservation loss.")
+    prior.add_argument("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
+
+    flow = parser.add_argument_group("flow matching")
+    flow.add_argument(
+        "--weighting_scheme",
+        default="none",
+        choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
+        help="Timestep sampling density / loss weighting (SD3 paper).",
+    )
+    flow.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the 'logit_normal' scheme.")
+    flow.add_argument("--logit_std", type=float, default=1.0, help="Std of the 'logit_normal' scheme.")
+    flow.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the 'mode' scheme.")
+    flow.add_argument("--guidance_scale", type=float, default=3.5, help="Guidance fed to FLUX.1-dev's embedding.")
+    flow.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens per prompt.")
+
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--rank", type=int, default=4, help="Dimension of the LoRA update matrices.")
+    lora.add_argument("--lora_alpha", type=int, default=None, help="LoRA scaling numerator (default: rank).")
+    lora.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout inside the LoRA layers.")
+    lora.add_argument(
+        "--lora_layers", default=DEFAULT_LORA_LAYERS, help="Comma-separated transformer modules that get a LoRA."
+    )
+
+    memory = parser.add_argument_group("memory")
+    memory.add_argument("--cache_latents", action="store_true", help="Encode the images once; frees the VAE.")
+    memory.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute each transformer block in the backward pass (through accelerate-offload).",
+    )
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--optimizer", default="AdamW", choices=OPTIMIZERS, help="Optimizer.")
+    optim.add_argument("--learning_rate", type=float, default=1e-4, help="Learning rate after warm-up.")
+    optim.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by the total batch size.")
+    optim.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        help="Learning rate schedule.",
+    )
+    optim.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up steps of the schedule.")
+    optim.add_argument("--lr_num_cycles", type=int, default=1, help="Restarts of 'cosine_with_restarts'.")
+    optim.add_argument("--lr_power", type=float, default=1.0, help="Power of the 'polynomial' schedule.")
+    optim.add_argument("--adam_beta1", type=float, default=0.9, help="Beta1 of Adam and Prodigy.")
+    optim.add_argument("--adam_beta2", type=float, default=0.999, help="Beta2 of Adam and Prodigy.")
+    optim.add_argument("--prodigy_beta3", type=float, default=None, help="Prodigy step-size averaging coefficient.")
+    optim.add_argument("--adam_weight_decay", type=float, default=1e-4, help="Weight decay.")
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="Epsilon of Adam and Prodigy.")
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
+    optim.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
+    optim.add_argument("--num_train_epochs", type=int, default=1, help="Epochs (unless --max_train_steps).")
+    optim.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides epochs.")
+    optim.add_argument("--seed", type=int, default=None, help="Seed for reproducible training.")
+    optim.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Precision of the frozen weights (the LoRA stays fp32). Default: the accelerate config's.",
+    )
+    optim.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+
+    output = parser.add_argument_group("checkpoints and output")
+    output.add_argument("--output_dir", default="flux-lora", help="Where the LoRA, logs and checkpoints go.")
+    output.add_argument("--logging_dir", default="logs", help="Tracker log folder, inside --output_dir.")
+    output.add_argument("--checkpointing_steps", type=int, default=500, help="Save the training state every N steps.")
+    output.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
+    output.add_argument(
+        "--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder (path or name in output_dir)."
+    )
+    output.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the Hub.")
+    output.add_argument("--hub_model_id", default=None, help="Hub repository (default: output folder name).")
+    output.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one).")
+
+    validation = parser.add_argument_group("validation")
+    validation.add_argument("--validation_prompt", default=None, help="Prompt of the validation images.")
+    validation.add_argument("--num_validation_images", type=int, default=4, help="Images per validation.")
+    validation.add_argument("--validation_epochs", type=int, default=50, help="Validate every N epochs.")
+    validation.add_argument("--validation_steps", type=int, default=None, help="Also validate every N steps.")
+    validation.add_argument("--report_to", default="tensorboard", choices=TRACKERS, help="Where to log.")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for check in (check_data_args, check_prior_args, check_numbers, check_optimizer, check_reporting, check_output):
+        message = check(args)
+        if message:
+            parser.error(message)
+    if args.lora_alpha is None:
+        args.lora_alpha = args.rank
+    return args
+
+
+def check_data_args(args: argparse.Namespace) -> str | None:
+    if (args.instance_data_dir is None) == (args.dataset_name is None):
+        return "give exactly one of --instance_data_dir (a folder of images) or --dataset_name"
+    if args.instance_data_dir is not None:
+        folder = Path(args.instance_data_dir)
+        if not folder.is_dir():
+            return f"--instance_data_dir {folder} is not a folder; point it at a folder of training images"
+        if not list_images(folder):
+            return f"--instance_data_dir {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add some"
+    if args.instance_prompt is None and (args.instance_data_dir is not None or args.caption_column is None):
+        return "give --instance_prompt (e.g. 'a photo of sks dog'), or --dataset_name with --caption_column"
+    if args.resolution <= 0 or args.resolution % SIZE_MULTIPLE:
+        lower = max(SIZE_MULTIPLE, args.resolution // SIZE_MULTIPLE * SIZE_MULTIPLE)
+        upper = max(SIZE_MULTIPLE, math.ceil(args.resolution / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+        suggestion = str(lower) if lower == upper else f"{lower} or {upper}"
+        return f"--resolution must be a multiple of {SIZE_MULTIPLE}, got {args.resolution}; try {suggestion}"
+    if args.aspect_ratio_buckets not in (None, "auto"):
+        try:
+            parse_buckets(args.aspect_ratio_buckets)
+        except ValueError as error:
+            return f"--aspect_ratio_buckets: {error}"
+    return None
+
+
+def check_prior_args(args: argparse.Namespace) -> str | None:
+    if not args.with_prior_preservation:
+        return None
+    if not args.class_prompt or not args.class_data_dir:
+        return "--with_prior_preservation needs --class_prompt and --class_data_dir (filled with generated images)"
+    if Path(args.class_data_dir).exists() and not Path(args.class_data_dir).is_dir():
+        return f"--class_data_dir {args.class_data_dir} is a file; give a folder"
+    if args.num_class_images < 1:
+        return "--num_class_images must be at least 1"
+    return None
+
+
+def check_numbers(args: argparse.Namespace) -> str | None:
+    positive = ("train_batch_size", "gradient_accumulation_steps", "rank", "repeats", "checkpointing_steps")
+    positive += ("sample_batch_size", "validation_epochs", "max_sequence_length", "num_train_epochs")
+    for name in positive:
+        if getattr(args, name) < 1:
+            return f"--{name} must be at least 1, got {getattr(args, name)}"
+    for name in ("max_train_steps", "validation_steps", "checkpoints_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            return f"--{name} must be at least 1, got {getattr(args, name)}"
+    if not 0.0 <= args.lora_dropout < 1.0:
+        return f"--lora_dropout must be in [0, 1), got {args.lora_dropout}"
+    if args.num_validation_images < 0:
+        return "--num_validation_images cannot be negative"
+    return None
+
+
+def check_optimizer(args: argparse.Namespace) -> str | None:
+    if args.optimizer == "AdamW8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            return "--optimizer AdamW8bit needs bitsandbytes: pip install bitsandbytes (or use --optimizer AdamW)"
+        if not torch.cuda.is_available():
+            return "--optimizer AdamW8bit needs a CUDA GPU; use --optimizer AdamW on this machine"
+    if args.optimizer == "Prodigy":
+        try:
+            import prodigyopt  # noqa: F401
+        except ImportError:
+            return "--optimizer Prodigy needs prodigyopt: pip install prodigyopt (or use --optimizer AdamW)"
+    return None
+
+
+def check_reporting(args: argparse.Namespace) -> str | None:
+    if args.report_to in ("wandb", "all"):
+        if args.hub_token is not None:
+            return "--hub_token would be logged to wandb: log in with `hf auth login` instead and drop --hub_token"
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            return "--report_to wandb needs wandb: pip install wandb (or use --report_to tensorboard)"
+    return None
+
+
+def check_output(args: argparse.Namespace) -> str | None:
+    """Refuses runs that would delete or mix with an earlier run's checkpoints."""
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        return f"--output_dir {output_dir} is a file; give a folder"
+    if args.resume_from_checkpoint is None:
+        if checkpoint_dirs(output_dir):
+            return (
+                f"{output_dir} holds checkpoints of an earlier run: add --resume_from_checkpoint latest to continue "
+                "it, or choose another --output_dir"
+            )
+    elif args.resume_from_checkpoint != "latest" and resolve_checkpoint(args) is None:
+        return (
+            f"--resume_from_checkpoint {args.resume_from_checkpoint} not found; give a checkpoint-N folder or 'latest'"
+        )
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: images, buckets, batches
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+
+
+def parse_buckets(text: str) -> list[tuple[int, int]]:
+    """'H,W;H,W' -> [(H, W), ...]; each side a positive multiple of 16."""
+    buckets = []
+    for pair in filter(None, (part.strip() for part in text.split(";"))):
+        try:
+            height, width = (int(side) for side in pair.split(","))
+        except ValueError:
+            raise ValueError(f"'{pair}' is not 'height,width'; write e.g. '512,512;384,640'") from None
+        if height <= 0 or width <= 0 or height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
+            raise ValueError(f"bucket {height}x{width}: sides must be positive multiples of {SIZE_MULTIPLE}")
+        buckets.append((height, width))
+    if not buckets:
+        raise ValueError("no buckets given; write e.g. '512,512;384,640' or 'auto'")
+    return buckets
+
+
+def training_buckets(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """The (height, width) sizes images train at: one square, or aspect-ratio buckets."""
+    from diffusers.training_utils import generate_aspect_ratio_buckets
+
+    if args.aspect_ratio_buckets is None:
+        return [(args.resolution, args.resolution)]
+    if args.aspect_ratio_buckets == "auto":
+        return generate_aspect_ratio_buckets(args.resolution, divisibility=SIZE_MULTIPLE)
+    return parse_buckets(args.aspect_ratio_buckets)
+
+
+def nearest_bucket(size: tuple[int, int], buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (width, height) `size`."""
+    width, height = size
+    return min(buckets, key=lambda bucket: abs(math.log((width / height) / (bucket[1] / bucket[0]))))
+
+
+def open_rgb(image: Image.Image) -> Image.Image:
+    image = ImageOps.exif_transpose(image)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def read_image(path: Path) -> Image.Image:
+    """Loads an image fully (so a broken file fails here, naming itself, not mid-training)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return open_rgb(image)
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise UsageError(f"cannot read image {path} ({error}); fix or remove it") from None
+
+
+@dataclass
+class Example:
+    image: Image.Image
+    prompt: str
+
+
+def load_folder_examples(args: argparse.Namespace) -> list[Example]:
+    return [Example(read_image(path), args.instance_prompt) for path in list_images(Path(args.instance_data_dir))]
+
+
+def load_dataset_examples(args: argparse.Namespace) -> list[Example]:
+    """Images and captions from a Hub dataset or a local `imagefolder` (captions in `metadata.jsonl`)."""
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
+        raise UsageError(f"cannot load --dataset_name {args.dataset_name} ({error})") from None
+    split = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+    columns = split.column_names
+    for flag in ("image_column", "caption_column"):
+        column = getattr(args, flag)
+        if column is not None and column not in columns:
+            raise UsageError(f"--{flag} '{column}' is not in the dataset; its columns are: {', '.join(columns)}")
+    examples = []
+    for index in range(len(split)):
+        try:
+            row = split[index]
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            raise UsageError(f"cannot read image {index} of {args.dataset_name} ({error}); fix or remove it") from None
+        caption = row[args.caption_column] if args.caption_column else None
+        prompt = caption or args.instance_prompt
+        if not prompt:
+            raise UsageError(f"image {index} of {args.dataset_name} has no caption: add one or pass --instance_prompt")
+        examples.append(Example(open_rgb(row[args.image_column]), prompt))
+    if not examples:
+        raise UsageError(f"--dataset_name {args.dataset_name} has no images")
+    return examples
+
+
+def load_instance_examples(args: argparse.Namespace) -> list[Example]:
+    examples = load_dataset_examples(args) if args.dataset_name else load_folder_examples(args)
+    return [example for example in examples for _ in range(args.repeats)]
+
+
+def fit_to_bucket(image: Image.Image, bucket: tuple[int, int], center_crop: bool, rng: random.Random) -> Image.Image:
+    """Resizes so the image covers the bucket, then crops it to exactly the bucket's size."""
+    height, width = bucket
+    scale = max(width / image.width, height / image.height)
+    resized = image.resize(
+        (max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.BILINEAR
+    )
+    spare_x, spare_y = resized.width - width, resized.height - height
+    left, top = (spare_x // 2, spare_y // 2) if center_crop else (rng.randint(0, spare_x), rng.randint(0, spare_y))
+    return resized.crop((left, top, left + width, top + height))
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """uint8 HWC image -> float CHW tensor in [-1, 1], the VAE's input range."""
+    array = np.asarray(image, dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+class DreamBoothDataset(torch.utils.data.Dataset):
+    """Instance images (each at its bucket) with their prompts, plus class images cropped to the same bucket."""
+
+    def __init__(
+        self,
+        examples: list[Example],
+        buckets: Sequence[tuple[int, int]],
+        class_images: Sequence[Path] = (),
+        class_prompt: str | None = None,
+        center_crop: bool = False,
+        random_flip: bool = False,
+    ) -> None:
+        self.examples = examples
+        self.buckets = [nearest_bucket(example.image.size, buckets) for example in examples]
+        self.class_images = list(class_images)
+        self.class_prompt = class_prompt
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+
+    def __len__(self) -> int:
+        return max(len(self.examples), len(self.class_images))
+
+    def bucket_of(self, index: int) -> tuple[int, int]:
+        return self.buckets[index % len(self.examples)]
+
+    def _pixels(self, image: Image.Image, bucket: tuple[int, int]) -> torch.Tensor:
+        image = fit_to_bucket(image, bucket, self.center_crop, random)
+        if self.random_flip and random.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_pixels(image)
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.examples[index % len(self.examples)]
+        bucket = self.bucket_of(index)
+        item = {"index": index, "pixels": self._pixels(example.image, bucket), "prompt": example.prompt}
+        if self.class_images:
+            class_image = read_image(self.class_images[index % len(self.class_images)])
+            item["class_pixels"] = self._pixels(class_image, bucket)
+            item["class_prompt"] = self.class_prompt
+        return item
+
+
+class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of indices that share one bucket, shuffled by (seed, epoch) so a resumed run sees the same order."""
+
+    def __init__(self, dataset: DreamBoothDataset, batch_size: int, seed: int) -> None:
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for index in range(len(dataset)):
+            groups[dataset.bucket_of(index)].append(index)
+        self.groups = list(groups.values())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(math.ceil(len(group) / self.batch_size) for group in self.groups)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        batches = []
+        for group in self.groups:
+            order = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+            batches += [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        for position in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[position]
+
+
+def collate(examples: list[dict]) -> dict:
+    """Instance images first, then their class images, so the loss can split the batch in two halves."""
+    pixels = [example["pixels"] for example in examples]
+    prompts = [example["prompt"] for example in examples]
+    if "class_pixels" in examples[0]:
+        pixels += [example["class_pixels"] for example in examples]
+        prompts += [example["class_prompt"] for example in examples]
+    return {
+        "indices": [example["index"] for example in examples],
+        "pixels": torch.stack(pixels).contiguous(),
+        "prompts": prompts,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and prompts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def pretrained_kwargs(args: argparse.Namespace) -> dict:
+    return {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
+
+
+@dataclass
+class PromptEmbeddings:
+    """T5 sequence and CLIP pooled embeddings of one prompt, kept on the CPU while training."""
+
+    sequence: torch.Tensor
+    pooled: torch.Tensor
+
+
+def encode_prompts(
+    args: argparse.Namespace, prompts: Sequence[str], device: torch.device, dtype: torch.dtype
+) -> dict[str, PromptEmbeddings]:
+    """Encodes every prompt once with both text encoders, then frees them (they never stay on the GPU)."""
+    from diffusers import FluxPipeline
+    from diffusers.training_utils import free_memory
+
+    text_pipeline = FluxPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, transformer=None, vae=None, torch_dtype=dtype, **pretrained_kwargs(args)
+    ).to(device)
+    unique = sorted(set(prompts))
+    cache = {}
+    with torch.no_grad():
+        for start in range(0, len(unique), TEXT_ENCODING_BATCH):
+            batch = unique[start : start + TEXT_ENCODING_BATCH]
+            sequence, pooled, _ = text_pipeline.encode_prompt(
+                batch, prompt_2=None, device=device, max_sequence_length=args.max_sequence_length
+            )
+            for prompt, one_sequence, one_pooled in zip(batch, sequence.cpu(), pooled.cpu()):
+                cache[prompt] = PromptEmbeddings(one_sequence, one_pooled)
+    del text_pipeline
+    free_memory()
+    logger.info("Encoded %d prompts; text encoders freed", len(cache))
+    return cache
+
+
+def stack_embeddings(
+    cache: dict[str, PromptEmbeddings], prompts: Sequence[str], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One embedding per image (instance and class alike), so prior preservation works at any batch size."""
+    sequence = torch.stack([cache[prompt].sequence for prompt in prompts]).to(device, dtype)
+    pooled = torch.stack([cache[prompt].pooled for prompt in prompts]).to(device, dtype)
+    return sequence, pooled
+
+
+def load_vae(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="vae", torch_dtype=dtype, **pretrained_kwargs(args)
+    )
+    vae.requires_grad_(False)
+    vae.enable_tiling()  # only images larger than the VAE's tile size are split: large buckets fit in memory
+    return vae.to(device)
+
+
+def load_transformer_with_lora(args: argparse.Namespace, dtype: torch.dtype):
+    """The frozen transformer in `dtype` on the CPU, with a fresh fp32 LoRA adapter."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    transformer = FluxTransformer2DModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="transformer", torch_dtype=dtype, **pretrained_kwargs(args)
+    )
+    transformer.requires_grad_(False)
+    targets = [name.strip() for name in args.lora_layers.split(",") if name.strip()]
+    lora_config = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        init_lora_weights="gaussian",
+        target_modules=targets,
+    )
+    try:
+        transformer.add_adapter(lora_config)
+    except ValueError as error:
+        raise UsageError(f"--lora_layers {args.lora_layers}: {error}") from None
+    cast_training_params(transformer, dtype=torch.float32)
+    return transformer
+
+
+def place_for_inference(model: torch.nn.Module, offload_plugin, device: torch.device) -> torch.nn.Module:
+    """Puts an inference-only transformer on `device` the way training does (streamed when offloading is on)."""
+    if offload_plugin.enabled:
+        return offload_plugin.prepare_model(model, device)
+    return model.to(device)
+
+
+def inference_pipeline(args: argparse.Namespace, dtype: torch.dtype, **components):
+    """A FluxPipeline without text encoders: prompts go in as the cached embeddings."""
+    from diffusers import FluxPipeline
+
+    pipeline = FluxPipeline.from_pretrained(
+        args.pretrained_model_name_or_path,
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        torch_dtype=dtype,
+        **components,
+        **pretrained_kwargs(args),
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def generate(
+    pipeline, embeddings: PromptEmbeddings, count: int, size: int, seed: int | None, device: torch.device, dtype
+) -> list[Image.Image]:
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    sequence, pooled = embeddings.sequence[None].to(device, dtype), embeddings.pooled[None].to(device, dtype)
+    # autocast as in training: the fp32 LoRA makes fp32 latents that a bf16/fp16 VAE would refuse
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    with torch.no_grad(), autocast:
+        return [
+            pipeline(
+                prompt_embeds=sequence, pooled_prompt_embeds=pooled, height=size, width=size, generator=generator
+            ).images[0]
+            for _ in range(count)
+        ]
+
+
+def class_image_paths(args: argparse.Namespace) -> list[Path]:
+    folder = Path(args.class_data_dir)
+    return list_images(folder)[: args.num_class_images] if folder.is_dir() else []
+
+
+def generate_class_images(
+    args: argparse.Namespace, embeddings: PromptEmbeddings, offload_plugin, accelerator, dtype: torch.dtype
+) -> None:
+    """Fills --class_data_dir up to --num_class_images with images of --class_prompt from the base model."""
+    from diffusers.training_utils import free_memory
+
+    missing = args.num_class_images - len(class_image_paths(args))
+    if missing <= 0 or not accelerator.is_main_process:
+        return
+    folder = Path(args.class_data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    logger.info("Generating %d class images of '%s' into %s", missing, args.class_prompt, folder)
+    pipeline = inference_pipeline(args, dtype)
+    place_for_inference(pipeline.transformer, offload_plugin, accelerator.device)
+    pipeline.vae.to(accelerator.device)
+    start = len(list_images(folder))
+    for offset in range(0, missing, args.sample_batch_size):
+        count = min(args.sample_batch_size, missing - offset)
+        seed = None if args.seed is None else args.seed + offset
+        for number, image in enumerate(
+            generate(pipeline, embeddings, count, args.resolution, seed, accelerator.device, dtype)
+        ):
+            digest = hashlib.sha1(image.tobytes()).hexdigest()[:12]
+            image.save(folder / f"{start + offset + number:05d}-{digest}.png")
+    del pipeline
+    free_memory()
+
+
+def encode_latent_distribution(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE posterior; sampling happens at each step, cached or not, so both agree."""
+    with torch.no_grad():
+        distribution = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return distribution.mean, distribution.std
+
+
+def cache_latent_distributions(vae, dataset: DreamBoothDataset) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Encodes every dataset item once (its crop and flip are fixed from then on); kept on the CPU."""
+    from tqdm.auto import tqdm
+
+    cache = {}
+    for index in tqdm(range(len(dataset)), desc="Caching latents"):
+        mean, std = encode_latent_distribution(vae, collate([dataset[index]])["pixels"])
+        cache[index] = (mean.cpu(), std.cpu())
+    return cache
+
+
+def batch_latent_distribution(batch: dict, latent_cache: dict | None, vae) -> tuple[torch.Tensor, torch.Tensor]:
+    if latent_cache is None:
+        return encode_latent_distribution(vae, batch["pixels"])
+    parts = [latent_cache[index] for index in batch["indices"]]
+    # cached items hold [instance, class]: reorder to all instances first, then all classes, as `collate` does
+    means = torch.cat([mean[:1] for mean, _ in parts] + [mean[1:] for mean, _ in parts])
+    stds = torch.cat([std[:1] for _, std in parts] + [std[1:] for _, std in parts])
+    return means, stds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flow matching
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LatentSpace:
+    """What it takes to go from VAE latents to the transformer's packed tokens and back."""
+
+    shift_factor: float
+    scaling_factor: float
+    vae_scale_factor: int
+
+    @classmethod
+    def from_vae(cls, vae) -> LatentSpace:
+        return cls(vae.config.shift_factor, vae.config.scaling_factor, 2 ** (len(vae.config.block_out_channels) - 1))
+
+
+def flow_matching_loss(
+    args: argparse.Namespace,
+    transformer,
+    noise_scheduler,
+    latent_space: LatentSpace,
+    latent_distribution: tuple[torch.Tensor, torch.Tensor],
+    embeddings: tuple[torch.Tensor, torch.Tensor],
+    guidance_embeds: bool,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Rectified-flow loss of one batch, as in diffusers' Flux trainers (plus the prior loss when asked)."""
+    from diffusers import FluxPipeline
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    device = embeddings[0].device
+    mean, std = (part.to(device) for part in latent_distribution)
+    latents = mean + std * torch.randn_like(mean)
+    latents = ((latents - latent_space.shift_factor) * latent_space.scaling_factor).to(device, dtype)
+    batch_size, channels, height, width = latents.shape
+    noise = torch.randn_like(latents)
+    density = compute_density_for_timestep_sampling(
+        weighting_scheme=args.weighting_scheme,
+        batch_size=batch_size,
+        logit_mean=args.logit_mean,
+        logit_std=args.logit_std,
+        mode_scale=args.mode_scale,
+    )
+    indices = (density * noise_scheduler.config.num_train_timesteps).long()
+    timesteps = noise_scheduler.timesteps[indices].to(device)
+    sigmas = noise_scheduler.sigmas[indices].to(device, dtype).view(-1, 1, 1, 1)
+    noisy = (1.0 - sigmas) * latents + sigmas * noise
+    guidance = torch.full((batch_size,), args.guidance_scale, device=device) if guidance_embeds else None
+    prediction = transformer(
+        hidden_states=FluxPipeline._pack_latents(noisy, batch_size, channels, height, width),
+        timestep=timesteps / noise_scheduler.config.num_train_timesteps,
+        guidance=guidance,
+        pooled_projections=embeddings[1],
+        encoder_hidden_states=embeddings[0],
+        txt_ids=torch.zeros(embeddings[0].shape[1], 3, device=device, dtype=dtype),
+        img_ids=FluxPipeline._prepare_latent_image_ids(batch_size, height // 2, width // 2, device, dtype),
+        return_dict=False,
+    )[0]
+    scale = latent_space.vae_scale_factor
+    prediction = FluxPipeline._unpack_latents(prediction, height * scale, width * scale, scale)
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme=args.weighting_scheme, sigmas=sigmas).float()
+    squared_error = weighting * (prediction.float() - (noise - latents).float()) ** 2
+    per_image = squared_error.reshape(batch_size, -1).mean(dim=1)
+    if not args.with_prior_preservation:
+        return per_image.mean()
+    instance_loss, prior_loss = per_image.chunk(2)
+    return instance_loss.mean() + args.prior_loss_weight * prior_loss.mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimisation, checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_optimizer(args: argparse.Namespace, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    common = {"betas": (args.adam_beta1, args.adam_beta2), "weight_decay": args.adam_weight_decay}
+    if args.optimizer == "AdamW8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(parameters, lr=args.learning_rate, eps=args.adam_epsilon, **common)
+    if args.optimizer == "Prodigy":
+        import prodigyopt
+
+        if args.learning_rate < 0.1:
+            logger.warning("Prodigy adapts the step size itself; a --learning_rate near 1.0 is usual")
+        return prodigyopt.Prodigy(
+            parameters, lr=args.learning_rate, beta3=args.prodigy_beta3, eps=args.adam_epsilon, **common
+        )
+    return torch.optim.AdamW(parameters, lr=args.learning_rate, eps=args.adam_epsilon, **common)
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """checkpoint-N folders, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [
+        path for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if path.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX) :])
+
+
+def resolve_checkpoint(args: argparse.Namespace) -> Path | None:
+    """The checkpoint folder --resume_from_checkpoint names ('latest', a path, or a name inside output_dir)."""
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint == "latest":
+        found = checkpoint_dirs(output_dir)
+        return found[-1] if found else None
+    for candidate in (Path(args.resume_from_checkpoint), output_dir / args.resume_from_checkpoint):
+        if candidate.is_dir() and candidate.name[len(CHECKPOINT_PREFIX) :].isdigit():
+            return candidate
+    return None
+
+
+def save_checkpoint(args: argparse.Namespace, accelerator, global_step: int) -> None:
+    """Saves the state as checkpoint-<step>, first removing the oldest beyond --checkpoints_total_limit."""
+    output_dir = Path(args.output_dir)
+    if args.checkpoints_total_limit is not None:
+        existing = checkpoint_dirs(output_dir)
+        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
+            logger.info("Removing %s (--checkpoints_total_limit %d)", old, args.checkpoints_total_limit)
+            shutil.rmtree(old)
+    path = output_dir / f"{CHECKPOINT_PREFIX}{global_step}"
+    accelerator.save_state(str(path))
+    logger.info("Saved state to %s", path)
+
+
+def register_lora_checkpoint_hooks(accelerator, transformer_class: type) -> None:
+    """Makes save_state/load_state store only the LoRA (in diffusers format), not the 12B base weights."""
+    from diffusers import FluxPipeline
+    from diffusers.training_utils import cast_training_params
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        if not accelerator.is_main_process:
+            return
+        for model in models:
+            if not isinstance(model, transformer_class):
+                raise TypeError(f"unexpected model to save: {model.__class__.__name__}")
+            FluxPipeline.save_lora_weights(
+                output_dir,
+                transformer_lora_layers=get_peft_model_state_dict(model),
+                transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
+            )
+            weights.pop()
+
+    def load_hook(models: list, input_dir: str) -> None:
+        while models:
+            model = models.pop()
+            if not isinstance(model, transformer_class):
+                raise TypeError(f"unexpected model to load: {model.__class__.__name__}")
+            state_dict = FluxPipeline.lora_state_dict(input_dir)
+            lora = {key.removeprefix("transformer."): value for key, value in state_dict.items()}
+            result = set_peft_model_state_dict(model, convert_unet_state_dict_to_peft(lora), adapter_name="default")
+            if getattr(result, "unexpected_keys", None):
+                logger.warning("Checkpoint LoRA keys not in the model: %s", result.unexpected_keys)
+            cast_training_params(model, dtype=torch.float32)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation, logging, model card
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def log_images(accelerator, images: list[Image.Image], phase: str, prompt: str, step: int) -> None:
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(phase, np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log(
+                {phase: [wandb.Image(image, caption=f"{i}: {prompt}") for i, image in enumerate(images)]}, step=step
+            )
+
+
+def save_images(images: list[Image.Image], folder: Path, stem: str) -> list[Path]:
+    """Each image as <stem>-<i>.png plus a <stem>-grid.png contact sheet."""
+    from diffusers.utils import make_image_grid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number, image in enumerate(images):
+        paths.append(folder / f"{stem}-{number}.png")
+        image.save(paths[-1])
+    columns = math.ceil(math.sqrt(len(images)))
+    grid = images + [Image.new("RGB", images[0].size)] * (columns * math.ceil(len(images) / columns) - len(images))
+    make_image_grid(grid, rows=len(grid) // columns, cols=columns).save(folder / f"{stem}-grid.png")
+    return paths
+
+
+def run_validation(
+    args: argparse.Namespace, accelerator, transformer, vae, embeddings: PromptEmbeddings, step: int, dtype
+) -> None:
+    """Images of --validation_prompt from the LoRA being trained: saved as PNGs and sent to the trackers."""
+    logger.info("Validation at step %d: %d images of '%s'", step, args.num_validation_images, args.validation_prompt)
+    model = accelerator.unwrap_model(transformer)
+    vae_device = vae.device
+    vae.to(accelerator.device)
+    model.eval()
+    pipeline = inference_pipeline(args, dtype, transformer=model, vae=vae)
+    images = generate(
+        pipeline, embeddings, args.num_validation_images, args.resolution, args.seed, accelerator.device, dtype
+    )
+    model.train()
+    vae.to(vae_device)
+    save_images(images, Path(args.output_dir) / "validation", f"step-{step:06d}")
+    log_images(accelerator, images, "validation", args.validation_prompt, step)
+
+
+def final_inference(
+    args: argparse.Namespace, accelerator, offload_plugin, embeddings: PromptEmbeddings, prompt: str, dtype, step: int
+) -> list[Path]:
+    """Loads the saved LoRA into a fresh FluxPipeline, as a user would, and writes images with it."""
+    pipeline = inference_pipeline(args, dtype)
+    pipeline.load_lora_weights(args.output_dir, weight_name=LORA_WEIGHT_NAME)
+    place_for_inference(pipeline.transformer, offload_plugin, accelerator.device)
+    pipeline.vae.to(accelerator.device)
+    count = max(1, args.num_validation_images)
+    images = generate(pipeline, embeddings, count, args.resolution, args.seed, accelerator.device, dtype)
+    log_images(accelerator, images, "test", prompt, step)
+    return save_images(images, Path(args.output_dir), "final")
+
+
+class MetricsLog:
+    """One JSON line per optimizer step in output_dir/metrics.jsonl, for scripts and for comparing runs."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as file:
+                file.write(json.dumps(record) + "\n")
+
+
+def peak_vram_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def tracker_config(args: argparse.Namespace) -> dict:
+    """The run's settings as trackers accept them (scalars and strings only)."""
+    return {
+        key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()
+    }
+
+
+TRAINING_SETTINGS = (
+    "resolution", "aspect_ratio_buckets", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
+    "learning_rate", "lr_scheduler", "optimizer", "rank", "lora_alpha", "lora_layers", "mixed_precision",
+    "weighting_scheme", "guidance_scale", "with_prior_preservation", "seed",
+)  # fmt: skip
+
+
+def write_model_card(args: argparse.Namespace, repo_id: str, images: list[Path], prompt: str | None) -> None:
+    """README.md with the Hub metadata (base model, tags, widget) and how the LoRA was trained and is used."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = args.pretrained_model_name_or_path
+    is_hub_model = not Path(base).exists()
+    card_data = ModelCardData(
+        license="other",
+        library_name="diffusers",
+        base_model=base if is_hub_model else None,
+        instance_prompt=args.instance_prompt,
+        tags=[
+            "text-to-image",
+            "diffusers-training",
+            "diffusers",
+            "lora",
+            "flux",
+            "flux-diffusers",
+            "template:sd-lora",
+        ],
+        widget=[{"text": prompt or "", "output": {"url": path.name}} for path in images],
+    )
+    settings = "\n".join(f"| `{name}` | `{getattr(args, name)}` |" for name in TRAINING_SETTINGS)
+    trigger = (
+        f"Use `{args.instance_prompt}` in the prompt to trigger it." if args.instance_prompt else "No trigger words."
+    )
+    usage_prompt = (prompt or "").replace("'", "\\'")
+    body = f"""
+# Flux LoRA - {repo_id}
+
+<Gallery />
+
+## Model description
+
+LoRA weights for {f"[{base}](https://huggingface.co/{base})" if is_hub_model else f"the local model `{base}`"},
+trained with `train_flux_lora.py` from accelerate-offload (flow matching, diffusers format).
+
+## Trigger words
+
+{trigger}
+
+## Use it with diffusers
+
+```py
+import torch
+from diffusers import FluxPipeline
+
+pipeline = FluxPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")
+pipeline.load_lora_weights("{repo_id}", weight_name="{LORA_WEIGHT_NAME}")
+image = pipeline('{usage_prompt}').images[0]
+```
+
+## Training settings
+
+| setting | value |
+|---|---|
+{settings}
+
+## License
+
+Follow the license of the base model {base}.
+"""
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+    card.save(Path(args.output_dir) / "README.md")
+
+
+def push_to_hub(args: argparse.Namespace, repo_id: str) -> None:
+    """Uploads the output folder without the checkpoints."""
+    from huggingface_hub import upload_folder
+
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message="End of training",
+        ignore_patterns=[f"{CHECKPOINT_PREFIX}*", f"{CHECKPOINT_PREFIX}*/**"],
+        token=args.hub_token,
+    )
+    logger.info("Uploaded %s to https://huggingface.co/%s", args.output_dir, repo_id)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def weight_dtype_of(accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def make_accelerator(args: argparse.Namespace):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    output_dir = Path(args.output_dir)
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=project,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+def setup_logging(accelerator) -> None:
+    import diffusers
+    import transformers
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # one progress bar (the steps) keeps the log readable
+    diffusers.utils.logging.set_verbosity_warning()
+    diffusers.utils.logging.disable_progress_bar()
+    if not accelerator.is_local_main_process:
+        diffusers.utils.logging.set_verbosity_error()
+        logger.setLevel(logging.ERROR)
+
+
+def make_offload_plugin(args: argparse.Namespace):
+    from accelerate_offload import LayerOffloadPlugin, OffloadConfigError
+
+    try:
+        # other settings come from the launch config (ACCELERATE_OFFLOAD_* variables)
+        return LayerOffloadPlugin(gradient_checkpointing=True if args.gradient_checkpointing else None)
+    except OffloadConfigError as error:
+        raise UsageError(f"offload settings: {error}") from None
+
+
+def create_hub_repo(args: argparse.Namespace) -> str:
+    """Creates the Hub repository up front, so a bad token or name fails before training, not after."""
+    if not args.push_to_hub:
+        return args.hub_model_id or Path(args.output_dir).name
+    from huggingface_hub import create_repo
+
+    return create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token).repo_id
+
+
+def main(args: argparse.Namespace) -> None:
+    from accelerate.utils import set_seed
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import free_memory
+    from peft.utils import get_peft_model_state_dict
+    from tqdm.auto import tqdm
+
+    accelerator = make_accelerator(args)
+    setup_logging(accelerator)
+    offload_plugin = make_offload_plugin(args)
+    if args.seed is not None:
+        set_seed(args.seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    device, dtype = accelerator.device, weight_dtype_of(accelerator)
+    output_dir = Path(args.output_dir)
+
+    # 1. Data first: a broken image fails here, before any model is loaded or anything is written.
+    examples = load_instance_examples(args)
+    buckets = training_buckets(args)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    repo_id = create_hub_repo(args) if accelerator.is_main_process else ""
+
+    # 2. Every prompt is encoded once; the text encoders are freed before the transformer loads.
+    final_prompt = args.validation_prompt or args.instance_prompt or examples[0].prompt
+    prompts = [example.prompt for example in examples] + [final_prompt]
+    if args.with_prior_preservation:
+        prompts.append(args.class_prompt)
+    embeddings = encode_prompts(args, prompts, device, dtype)
+
+    # 3. Class images for prior preservation, generated by the base model where the folder is short.
+    class_images: list[Path] = []
+    if args.with_prior_preservation:
+        generate_class_images(args, embeddings[args.class_prompt], offload_plugin, accelerator, dtype)
+        accelerator.wait_for_everyone()
+        class_images = class_image_paths(args)
+    dataset = DreamBoothDataset(examples, buckets, class_images, args.class_prompt, args.center_crop, args.random_flip)
+    batch_sampler = BucketBatchSampler(dataset, args.train_batch_size, args.seed or 0)
+    dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed or 0),  # keeps the global RNG for noise only
+    )
+    logger.info("%d images in buckets %s", len(examples), sorted(set(dataset.buckets)))
+
+    # 4. VAE: latents encoded now (and the VAE moved off the GPU) or at every step.
+    vae = load_vae(args, device, dtype)
+    latent_space = LatentSpace.from_vae(vae)
+    latent_cache = None
+    if args.cache_latents:
+        if args.random_flip or not args.center_crop:
+            logger.info("--cache_latents: each image keeps the crop and flip it was cached with")
+        latent_cache = cache_latent_distributions(vae, dataset)
+        vae.to("cpu")  # needed again only to decode validation images
+        if args.validation_prompt is None:
+            del vae
+            vae = None
+        free_memory()
+
+    # 5. The transformer: CPU, cast, LoRA, then the offload runtime places it (streamed blocks stay in CPU memory).
+    transformer = load_transformer_with_lora(args, dtype)
+    # Checkpointing goes through the plugin (per block, compatible with streaming), never the model's own.
+    transformer = offload_plugin.prepare_model(transformer, device)
+    register_lora_checkpoint_hooks(accelerator, type(transformer))
+    guidance_embeds = accelerator.unwrap_model(transformer).config.guidance_embeds
+
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = build_optimizer(args, [p for p in transformer.parameters() if p.requires_grad])
+    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    max_steps_given = args.max_train_steps is not None
+    if not max_steps_given:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+    transformer, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+        transformer, optimizer, dataloader, lr_scheduler
+    )
+    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    if not max_steps_given:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(args))
+
+    noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
+    )
+
+    global_step = 0
+    if args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(args)
+        if checkpoint is None:
+            logger.info("No checkpoint in %s: starting a new run", output_dir)
+        else:
+            logger.info("Resuming from %s", checkpoint)
+            accelerator.load_state(str(checkpoint))
+            global_step = checkpoint_step(checkpoint)
+    first_epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
+
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        "Training: %d examples, %d batches/epoch, %d epochs, batch %d (total %d), %d steps, offloading %s",
+        len(dataset), len(dataloader), args.num_train_epochs, args.train_batch_size, total_batch,
+        args.max_train_steps, "on" if offload_plugin.enabled else "off",
+    )  # fmt: skip
+    metrics = MetricsLog(output_dir / METRICS_FILE, accelerator.is_main_process)
+    progress = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    step_started = time.perf_counter()
+    for epoch in range(first_epoch, args.num_train_epochs):
+        transformer.train()
+        batch_sampler.set_epoch(epoch)
+        dataloader.set_epoch(epoch)
+        batches = dataloader
+        if epoch == first_epoch and steps_into_epoch:
+            batches = accelerator.skip_first_batches(dataloader, steps_into_epoch * args.gradient_accumulation_steps)
+        for batch in batches:
+            with accelerator.accumulate(transformer):
+                loss = flow_matching_loss(
+                    args,
+                    transformer,
+                    noise_scheduler,
+                    latent_space,
+                    batch_latent_distribution(batch, latent_cache, vae),
+                    stack_embeddings(embeddings, batch["prompts"], device, dtype),
+                    guidance_embeds,
+                    dtype,
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            now = time.perf_counter()
+            record = {
+                "step": global_step,
+                "epoch": epoch,
+                "loss": loss.detach().item(),
+                "lr": lr_scheduler.get_last_lr()[0],
+                "seconds_per_step": now - step_started,
+                "size": list(batch["pixels"].shape[-2:]),
+            }
+            postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
+            postfix["s/step"] = f"{record['seconds_per_step']:.2f}"
+            peak = peak_vram_gb(device)
+            if peak is not None:
+                record["peak_vram_gb"] = peak
+                postfix["peak_vram"] = f"{peak:.1f}GB"
+            progress.update(1)
+            progress.set_postfix(**postfix)
+            accelerator.log({key: record[key] for key in ("loss", "lr", "seconds_per_step")}, step=global_step)
+            metrics.write(record)
+            if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
+                save_checkpoint(args, accelerator, global_step)
+            if (
+                accelerator.is_main_process
+                and args.validation_prompt
+                and args.num_validation_images
+                and args.validation_steps
+                and global_step % args.validation_steps == 0
+            ):
+                run_validation(
+                    args, accelerator, transformer, vae, embeddings[args.validation_prompt], global_step, dtype
+                )
+            step_started = time.perf_counter()  # checkpoints and validation do not count as step time
+            if global_step >= args.max_train_steps:
+                break
+        if (
+            accelerator.is_main_process
+            and args.validation_prompt
+            and args.num_validation_images
+            and epoch % args.validation_epochs == 0
+        ):
+            run_validation(args, accelerator, transformer, vae, embeddings[args.validation_prompt], global_step, dtype)
+            step_started = time.perf_counter()
+    progress.close()
+
+    # 6. The LoRA in diffusers format, then a fresh pipeline loads it, a model card, and the upload.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        from diffusers import FluxPipeline
+
+        model = accelerator.unwrap_model(transformer)
+        FluxPipeline.save_lora_weights(
+            output_dir,
+            transformer_lora_layers=get_peft_model_state_dict(model),
+            transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
+        )
+        logger.info("Saved the LoRA to %s", output_dir / LORA_WEIGHT_NAME)
+        del model, transformer, optimizer, lr_scheduler, vae
+        accelerator.free_memory()
+        images = final_inference(
+            args, accelerator, offload_plugin, embeddings[final_prompt], final_prompt, dtype, global_step
+        )
+        write_model_card(args, repo_id, images, final_prompt)
+        if args.push_to_hub:
+            push_to_hub(args, repo_id)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
