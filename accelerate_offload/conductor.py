@@ -65,6 +65,7 @@ class LayerOffloadConductor:
         self.log: list[tuple[str, int]] | None = None  # ("load" | "evict", block) when recording
         self.poison_evicted = False  # fill dropped device copies with NaN bytes: use-after-evict shows in tests
         self.peak_streamed_on_device = 0
+        self.bytes_loaded = 0  # host->device weight traffic since the model was offloaded
         self._loaded: dict[int, _Loaded] = {}
         self._end_of_backward_queued = False
 
@@ -148,6 +149,7 @@ class LayerOffloadConductor:
         buffer, ready = self.streams.host_to_device(weights.host, self.device)
         weights.point_at(buffer)
         self._loaded[index] = _Loaded(buffer, ready)
+        self.bytes_loaded += weights.nbytes
         self._record("load", index)
 
     def _wait_for(self, index: int) -> None:

@@ -139,14 +139,12 @@ def measure(model: torch.nn.Module, inputs: dict, target: torch.Tensor, warmup: 
         if index == warmup:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        if conductor is not None:
-            conductor.log = []
+        loaded_before = conductor.bytes_loaded if conductor is not None else 0
         start = time.perf_counter()
         losses.append(training_step(model, optimizer, inputs, target).item())  # .item() synchronises
         times.append(time.perf_counter() - start)
         if conductor is not None:
-            loads = [i for event, i in conductor.log if event == "load"]
-            streamed_bytes = sum(conductor.weights[i].nbytes for i in loads)
+            streamed_bytes = conductor.bytes_loaded - loaded_before
     with torch.no_grad():
         for param, value in zip(lora, initial):
             param.copy_(value)  # the next setting starts from the same LoRA
