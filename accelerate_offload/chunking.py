@@ -30,6 +30,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -120,11 +121,20 @@ def _spans(length: int, chunks: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(bounds))
 
 
-def _run_chunk(function: Callable[..., Any], *args: Any) -> Any:
-    """Keeps only the chunk's inputs for backward; under no_grad there is nothing to keep."""
+def _run_chunk(function: Callable[..., Any], *args: Any, rng: bool) -> Any:
+    """Keeps only the chunk's inputs for backward; under no_grad there is nothing to keep.
+
+    Saving and restoring the RNG state costs per chunk; it matters only when dropout draws random numbers.
+    """
     if torch.is_grad_enabled():
-        return checkpoint(function, *args, use_reentrant=False)
+        return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=rng)
     return function(*args)
+
+
+def _chunk_runner(block: nn.Module) -> Callable[..., Any]:
+    """`_run_chunk` with the RNG state kept only if some dropout in the block is active."""
+    rng = any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in block.modules())
+    return partial(_run_chunk, rng=rng)
 
 
 def _text_then_image(
@@ -287,9 +297,10 @@ def _flux_double(block: FluxTransformerBlock, chunks: int, whole: Callable[..., 
         if joint_attention_kwargs or not _flux_supported(block):
             return whole(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
         parts = _text_then_image(encoder_hidden_states, hidden_states, image_rotary_emb, chunks)
-        keys_values = [_run_chunk(key_value[p.stream], p.rows, temb, p.cos, p.sin) for p in parts]
+        run = _chunk_runner(block)
+        keys_values = [run(key_value[p.stream], p.rows, temb, p.cos, p.sin) for p in parts]
         key, value = _join(keys_values, sequence_dim=1)
-        outputs = [_run_chunk(rows[p.stream], p.rows, temb, key, value, p.cos, p.sin) for p in parts]
+        outputs = [run(rows[p.stream], p.rows, temb, key, value, p.cos, p.sin) for p in parts]
         return outputs[0], torch.cat(outputs[1:], dim=1)
 
     return forward
@@ -344,8 +355,9 @@ def _flux_single(block: FluxSingleTransformerBlock, chunks: int, whole: Callable
         if joint_attention_kwargs or not _flux_supported(block):
             return whole(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
         parts = _text_then_image(encoder_hidden_states, hidden_states, image_rotary_emb, chunks)
-        key, value = _join([_run_chunk(key_value, p.rows, temb, p.cos, p.sin) for p in parts], sequence_dim=1)
-        outputs = [_run_chunk(rows, p.rows, temb, key, value, p.cos, p.sin) for p in parts]
+        run = _chunk_runner(block)
+        key, value = _join([run(key_value, p.rows, temb, p.cos, p.sin) for p in parts], sequence_dim=1)
+        outputs = [run(rows, p.rows, temb, key, value, p.cos, p.sin) for p in parts]
         return outputs[0], torch.cat(outputs[1:], dim=1)
 
     return forward
@@ -462,12 +474,13 @@ def _sd3_joint(block: JointTransformerBlock, chunks: int, whole: Callable[..., A
         if joint_attention_kwargs or not _sd3_supported(block):
             return whole(hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
         image = [hidden_states[:, a:b] for a, b in _spans(hidden_states.shape[1], chunks)]
-        image_kv = [_run_chunk(image_key_value, rows, temb) for rows in image]
-        text_kv = _run_chunk(text_key_value, encoder_hidden_states, temb)
+        run = _chunk_runner(block)
+        image_kv = [run(image_key_value, rows, temb) for rows in image]
+        text_kv = run(text_key_value, encoder_hidden_states, temb)
         key, value = _join([kv[:2] for kv in image_kv] + [text_kv], sequence_dim=2)
         self_kv = _join([kv[2:] for kv in image_kv], sequence_dim=2)  # attn2's, with dual attention
-        outputs = [_run_chunk(image_rows, rows, temb, key, value, *self_kv) for rows in image]
-        context = None if block.context_pre_only else _run_chunk(text_rows, encoder_hidden_states, temb, key, value)
+        outputs = [run(image_rows, rows, temb, key, value, *self_kv) for rows in image]
+        context = None if block.context_pre_only else run(text_rows, encoder_hidden_states, temb, key, value)
         return context, torch.cat(outputs, dim=1)
 
     return forward

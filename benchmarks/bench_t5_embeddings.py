@@ -48,6 +48,20 @@ def embed(model: torch.nn.Module, tokens: torch.Tensor, device: torch.device) ->
     return output, torch.cuda.max_memory_allocated() / 1e9, seconds
 
 
+class Results(list):
+    """Rows written to disk as each mode finishes, so a slow last mode loses nothing measured before it."""
+
+    def __init__(self, path: Path, batch: int) -> None:
+        super().__init__()
+        self.path, self.batch = path, batch
+
+    def append(self, row: dict) -> None:
+        row.update(device=torch.cuda.get_device_name(), torch=torch.__version__, batch=self.batch, tokens=512)
+        super().append(row)
+        self.path.write_text(json.dumps(list(self), indent=2) + "\n")
+        print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
@@ -58,7 +72,7 @@ def main() -> None:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     tokens = torch.randint(0, 32000, (args.batch, 512), generator=torch.Generator().manual_seed(0))
     model = build_on(device)
-    results = []
+    results = Results(args.output_dir / "t5_xxl_embeddings.json", args.batch)
     reference, peak, seconds = embed(model, tokens, device)
     results.append({"mode": "bf16 on GPU", "peak_allocated_gb": peak, "seconds": seconds, "relative_error": 0.0})
     model.to("cpu")
@@ -87,9 +101,6 @@ def main() -> None:
         error = ((output - reference).norm() / reference.norm()).item()
         results.append({"mode": "8-bit (bitsandbytes)", "peak_allocated_gb": peak, "seconds": seconds,
                         "relative_error": error})
-    for result in results:
-        result.update(device=torch.cuda.get_device_name(), torch=torch.__version__, batch=args.batch, tokens=512)
-    (args.output_dir / "t5_xxl_embeddings.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{'mode':22} {'peak GB':>8} {'seconds':>8} {'rel. error':>10}")
     for r in results:
         print(f"{r['mode']:22} {r['peak_allocated_gb']:8.2f} {r['seconds']:8.2f} {r['relative_error']:10.2e}")
