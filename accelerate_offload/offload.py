@@ -82,6 +82,7 @@ def offload_model(
     model._offload_conductor = conductor
     model._ddp_params_and_buffers_to_ignore = _streamed_names(model, blocks, conductor)
     streamed_gb = sum(weights.nbytes for weights in conductor.weights.values()) / 1e9
+    _warn_if_mostly_trainable(blocks, conductor, streamed_gb)
     logger.info(
         "accelerate-offload: %d of %d blocks resident on %s, %d streamed from %s memory (%.2f GB); "
         "checkpointing %s, activation offloading %s, prefetch %d, token chunks %s",
@@ -136,6 +137,22 @@ def _disable_native_checkpointing(model: nn.Module) -> None:
         logger.info("accelerate-offload: the model's own gradient checkpointing is replaced by per-block checkpointing")
     if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "gradient_checkpointing_disable"):
         model.gradient_checkpointing_disable()
+
+
+def _warn_if_mostly_trainable(
+    blocks: list[tuple[str, nn.Module]], conductor: LayerOffloadConductor, streamed_gb: float
+) -> None:
+    """Parameters that require grad stay on the device; a base model left unfrozen would not stream at all."""
+    trainable_gb = sum(
+        p.numel() * p.element_size() for index in conductor.weights for p in blocks[index][1].parameters()
+        if p.requires_grad
+    ) / 1e9
+    if trainable_gb > streamed_gb:
+        logger.warning(
+            "accelerate-offload: %.2f GB of the streamed blocks' parameters require grad and stay on %s (only "
+            "%.2f GB stream); freeze the base model with model.requires_grad_(False) before offloading it",
+            trainable_gb, conductor.device, streamed_gb,
+        )
 
 
 def _streamed_names(model: nn.Module, blocks: list[tuple[str, nn.Module]], conductor: LayerOffloadConductor) -> list[str]:

@@ -29,7 +29,7 @@ def build_on(device: torch.device) -> T5EncoderModel:
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            model = T5EncoderModel(config).eval()
+            model = T5EncoderModel(config).eval().requires_grad_(False)  # frozen, as for embedding
     finally:
         torch.set_default_dtype(torch.float32)
     for name, module in model.named_modules():

@@ -114,9 +114,10 @@ def test_flux_own_checkpointing_is_replaced() -> None:
 def test_t5_encoder_streams_in_inference() -> None:
     torch.manual_seed(0)
     config = T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=4, num_heads=4)
-    reference = T5EncoderModel(config).eval()
+    reference = T5EncoderModel(config).eval().requires_grad_(False)
     model = copy.deepcopy(reference)
     conductor = offload_model(model, "cpu", layer_offload_fraction=1.0, gradient_checkpointing=False)
+    assert all(weights.nbytes > 0 for weights in conductor.weights.values())
     conductor.log = []
     tokens = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -131,9 +132,10 @@ def test_clip_text_encoder_streams_in_inference() -> None:
     torch.manual_seed(0)
     config = CLIPTextConfig(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
                             num_attention_heads=2, max_position_embeddings=20)
-    reference = CLIPTextModel(config).eval()
+    reference = CLIPTextModel(config).eval().requires_grad_(False)
     model = copy.deepcopy(reference)
-    offload_model(model, "cpu", layer_offload_fraction=1.0, gradient_checkpointing=False)
+    conductor = offload_model(model, "cpu", layer_offload_fraction=1.0, gradient_checkpointing=False)
+    assert len(conductor.weights) == 3 and all(weights.nbytes > 0 for weights in conductor.weights.values())
     tokens = torch.randint(0, 60, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = reference(tokens, output_hidden_states=True)
@@ -153,3 +155,13 @@ def test_token_chunks_through_the_runtime_match_the_whole_block(sequence_chunks)
     assert torch.allclose(loss, expected_loss, rtol=1e-6, atol=0)
     for name, grad in expected.items():
         assert (actual[name] - grad).norm() <= 1e-6 * grad.norm(), name
+
+
+def test_unfrozen_model_is_warned_about(caplog) -> None:
+    import logging
+
+    torch.manual_seed(0)
+    model = T5EncoderModel(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4))
+    with caplog.at_level(logging.WARNING):
+        offload_model(model, "cpu", layer_offload_fraction=1.0, gradient_checkpointing=False)
+    assert any("freeze the base model" in record.message for record in caplog.records)
