@@ -282,10 +282,14 @@ def _flux_double_rows(attn: nn.Module, stream: _FluxStream) -> ChunkFunction:
     return rows
 
 
-def _flux_double(block: FluxTransformerBlock, chunks: int, whole: Callable[..., Any]) -> Callable[..., Any]:
-    streams = _flux_double_streams(block)
-    key_value = {name: _flux_double_key_value(block.attn, stream) for name, stream in streams.items()}
-    rows = {name: _flux_double_rows(block.attn, stream) for name, stream in streams.items()}
+def _flux_chunked(
+    block: nn.Module,
+    chunks: int,
+    whole: Callable[..., Any],
+    key_value: dict[str, ChunkFunction],
+    rows: dict[str, ChunkFunction],
+) -> Callable[..., Any]:
+    """The chunked forward shared by both Flux block types; `key_value` and `rows` per stream ("text", "image")."""
 
     def forward(
         hidden_states: torch.Tensor,
@@ -304,6 +308,13 @@ def _flux_double(block: FluxTransformerBlock, chunks: int, whole: Callable[..., 
         return outputs[0], torch.cat(outputs[1:], dim=1)
 
     return forward
+
+
+def _flux_double(block: FluxTransformerBlock, chunks: int, whole: Callable[..., Any]) -> Callable[..., Any]:
+    streams = _flux_double_streams(block)
+    key_value = {name: _flux_double_key_value(block.attn, stream) for name, stream in streams.items()}
+    rows = {name: _flux_double_rows(block.attn, stream) for name, stream in streams.items()}
+    return _flux_chunked(block, chunks, whole, key_value, rows)
 
 
 def _flux_single_key_value(block: FluxSingleTransformerBlock) -> ChunkFunction:
@@ -342,25 +353,10 @@ def _flux_single_rows(block: FluxSingleTransformerBlock) -> ChunkFunction:
 
 
 def _flux_single(block: FluxSingleTransformerBlock, chunks: int, whole: Callable[..., Any]) -> Callable[..., Any]:
-    key_value = _flux_single_key_value(block)
-    rows = _flux_single_rows(block)
-
-    def forward(
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        temb: torch.Tensor,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if joint_attention_kwargs or not _flux_supported(block):
-            return whole(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
-        parts = _text_then_image(encoder_hidden_states, hidden_states, image_rotary_emb, chunks)
-        run = _chunk_runner(block)
-        key, value = _join([run(key_value, p.rows, temb, p.cos, p.sin) for p in parts], sequence_dim=1)
-        outputs = [run(rows, p.rows, temb, key, value, p.cos, p.sin) for p in parts]
-        return outputs[0], torch.cat(outputs[1:], dim=1)
-
-    return forward
+    """Text and image rows of a single block go through the same modules."""
+    key_value, rows = _flux_single_key_value(block), _flux_single_rows(block)
+    streams = ("text", "image")
+    return _flux_chunked(block, chunks, whole, dict.fromkeys(streams, key_value), dict.fromkeys(streams, rows))
 
 
 # ---- SD3 ----
