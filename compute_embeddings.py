@@ -18,6 +18,7 @@ that were added or edited after the embeddings were computed.
 import argparse
 import gc
 import hashlib
+import io
 import json
 import math
 import os
@@ -91,6 +92,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default=None,
         help="The column holding per-image captions (datasets: no captions if unset; metadata.jsonl: `text`).",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="Stop at the first image that cannot be read or decoded, instead of skipping (and counting) it.",
     )
     parser.add_argument(
         "--instance_prompt",
@@ -193,17 +199,41 @@ def folder_captions(root: Path, caption_column: str) -> dict[str, str]:
     return {name: caption.strip() for name, caption in captions.items()}
 
 
-def folder_images(root: Path, caption_column: str | None) -> list[tuple[str, str | None]]:
-    """(key, caption or None) for every image in a folder."""
+def read_image(path: Path) -> bytes:
+    """The file's bytes, once they are known to decode as an image."""
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+    return data
+
+
+def folder_images(root: Path, caption_column: str | None, strict: bool) -> list[tuple[str, str | None]]:
+    """(key, caption or None) for every image in a folder; unreadable ones are skipped and counted, or fatal."""
     if not root.is_dir():
         raise EmbeddingsError(f"image folder {root} does not exist")
     captions = folder_captions(root, caption_column or "text")
-    images = []
-    for path in list_images(root):
+    paths = list_images(root)
+    images, unreadable = [], []
+    for path in paths:
         name = path.relative_to(root).as_posix()
-        images.append((image_key(name, path.read_bytes()), captions.get(name)))
-    if not images:
+        try:
+            images.append((image_key(name, read_image(path)), captions.get(name)))
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            if strict:
+                raise EmbeddingsError(
+                    f"cannot read image {path} ({error}): fix or remove it, or drop --strict"
+                ) from None
+            unreadable.append(f"{name} ({error})")
+    if not paths:
         raise EmbeddingsError(f"no images found in {root}")
+    if not images:
+        raise EmbeddingsError(f"none of the {len(paths)} images in {root} can be read: {'; '.join(unreadable)}")
+    if unreadable:
+        print(
+            f"Skipped {len(unreadable)} of {len(paths)} images in {root} that cannot be read: "
+            f"{'; '.join(unreadable)}. Pass --strict to stop instead.",
+            file=sys.stderr,
+        )
     return images
 
 
@@ -234,7 +264,7 @@ def requested_rows(args: argparse.Namespace) -> dict[tuple[str, str], list[str]]
     if args.dataset_name is not None:
         images = dataset_images(args)
     else:
-        images = folder_images(Path(args.instance_data_dir), args.caption_column)
+        images = folder_images(Path(args.instance_data_dir), args.caption_column, args.strict)
     rows: dict[tuple[str, str], list[str]] = {("instance", args.instance_prompt): []}
     for key, caption in images:
         role_prompt = ("caption", caption) if caption else ("instance", args.instance_prompt)
@@ -242,7 +272,7 @@ def requested_rows(args: argparse.Namespace) -> dict[tuple[str, str], list[str]]
     if args.class_prompt is not None:
         class_keys = []
         if args.class_data_dir is not None and Path(args.class_data_dir).is_dir():
-            class_keys = [key for key, _ in folder_images(Path(args.class_data_dir), None)]
+            class_keys = [key for key, _ in folder_images(Path(args.class_data_dir), None, args.strict)]
         rows[("class", args.class_prompt)] = class_keys
     for prompt in args.validation_prompt:
         rows.setdefault(("validation", prompt), [])
@@ -253,9 +283,17 @@ def requested_rows(args: argparse.Namespace) -> dict[tuple[str, str], list[str]]
 def model_identity(args: argparse.Namespace) -> dict:
     """What an embeddings file must have been computed with to be reused, read from the configs alone."""
     config_args = {"revision": args.revision, "cache_dir": args.cache_dir}
-    clip_l = AutoConfig.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder", **config_args)
-    clip_g = AutoConfig.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder_2", **config_args)
-    t5 = AutoConfig.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder_3", **config_args)
+    try:
+        clip_l, clip_g, t5 = (
+            AutoConfig.from_pretrained(args.pretrained_model_name_or_path, subfolder=subfolder, **config_args)
+            for subfolder in ("text_encoder", "text_encoder_2", "text_encoder_3")
+        )
+    except (OSError, ValueError) as error:
+        raise EmbeddingsError(
+            f"cannot read the text encoder configs of {args.pretrained_model_name_or_path} "
+            f"({str(error).splitlines()[0]}): pass --pretrained_model_name_or_path a folder or Hub id of an SD3"
+            " diffusers pipeline"
+        ) from None
     return {
         "model": args.pretrained_model_name_or_path,
         "revision": args.revision,
@@ -405,6 +443,10 @@ def main(args: argparse.Namespace) -> None:
             raise EmbeddingsError("--t5_mode 8bit needs bitsandbytes: pip install bitsandbytes") from None
 
     output_path = Path(args.output_path)
+    if output_path.is_dir():
+        raise EmbeddingsError(
+            f"--output_path {output_path} is a folder: pass a file path, e.g. {output_path / 'sd3_embeddings.parquet'}"
+        )
     identity = model_identity(args)
     requested = requested_rows(args)
     existing = []

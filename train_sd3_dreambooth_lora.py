@@ -24,6 +24,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -38,7 +39,13 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    broadcast_object_list,
+    set_seed,
+)
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
@@ -60,7 +67,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from accelerate_offload import LayerOffloadPlugin, offload_model
+from accelerate_offload import LayerOffloadPlugin, OffloadConfigError, offload_model
+from accelerate_offload.oom import explain_out_of_memory
 
 logger = get_logger(__name__)
 
@@ -77,6 +85,8 @@ EMBEDDINGS_COLUMNS = (
     "pooled_prompt_embeds",
     "pooled_prompt_embeds_shape",
 )
+# Written last into a checkpoint folder: a `checkpoint-N` without it was cut short and is never resumed from.
+CHECKPOINT_MARKER = "training_state.json"
 DEFAULT_LORA_LAYERS = (
     "attn.add_k_proj,attn.add_q_proj,attn.add_v_proj,attn.to_add_out,attn.to_k,attn.to_out.0,attn.to_q,attn.to_v"
 )
@@ -84,6 +94,10 @@ DEFAULT_LORA_LAYERS = (
 
 class SetupError(Exception):
     """A problem the user fixes by changing the command or the files; reported as one line, without a traceback."""
+
+
+class TrainingStopped(Exception):
+    """Training stopped early (a non-finite loss, out of memory, a failed save); reported as one line."""
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -118,6 +132,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
     parser.add_argument("--image_column", type=str, default="image", help="The dataset column holding the images.")
     parser.add_argument("--repeats", type=int, default=1, help="How many times to repeat the training data.")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="Stop at the first image that cannot be read or decoded, instead of skipping (and counting) it.",
+    )
     parser.add_argument(
         "--class_data_dir", type=str, default=None, help="A folder containing the training data of class images."
     )
@@ -210,9 +229,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=500,
         help="Save a checkpoint of the training state every X updates, to resume with `--resume_from_checkpoint`.",
     )
-    parser.add_argument(
-        "--checkpoints_total_limit", type=int, default=None, help="Max number of checkpoints to store."
-    )
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Max number of checkpoints to store.")
     parser.add_argument(
         "--resume_from_checkpoint",
         type=str,
@@ -342,6 +359,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             parser.error("--with_prior_preservation needs --class_prompt")
     if args.resolution % 16:
         parser.error("--resolution must be a multiple of 16 (8x VAE down-sampling, then 2x2 patches)")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    for name in ("max_train_steps", "checkpoints_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
     if args.report_to == "none":
         args.report_to = None
     return args
@@ -364,8 +387,16 @@ def image_key(name: str, data: bytes) -> str:
     return f"{name}:{hashlib.sha256(data).hexdigest()}"
 
 
-def instance_image_files(args: argparse.Namespace) -> tuple[list[tuple[str, bytes]], str]:
-    """(name, encoded bytes) of every instance image, and where they came from, for messages."""
+def read_file(path: Path) -> bytes | OSError:
+    """The file's bytes, or the error reading it raised (reported with the images that cannot be decoded)."""
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        return error
+
+
+def instance_image_files(args: argparse.Namespace) -> tuple[list[tuple[str, bytes | OSError]], str]:
+    """(name, encoded bytes or read error) of every instance image, and where they came from, for messages."""
     if args.dataset_name is not None:
         from datasets import Image as ImageFeature
         from datasets import load_dataset
@@ -379,16 +410,50 @@ def instance_image_files(args: argparse.Namespace) -> tuple[list[tuple[str, byte
         files = []
         for index, image in enumerate(dataset.cast_column(args.image_column, ImageFeature(decode=False))):
             image = image[args.image_column]
-            data = image["bytes"] if image["bytes"] is not None else Path(image["path"]).read_bytes()
+            data = image["bytes"] if image["bytes"] is not None else read_file(Path(image["path"]))
             files.append((f"{index:06d}/{Path(image['path']).name if image['path'] else 'image'}", data))
         return files, f"--dataset_name {args.dataset_name}"
     root = Path(args.instance_data_dir)
     if not root.is_dir():
         raise SetupError(f"instance image folder {root} does not exist")
-    files = [(path.relative_to(root).as_posix(), path.read_bytes()) for path in list_images(root)]
+    files = [(path.relative_to(root).as_posix(), read_file(path)) for path in list_images(root)]
     if not files:
         raise SetupError(f"no images found in {root}")
     return files, f"--instance_data_dir {root}"
+
+
+def usable_images(
+    files: list[tuple[str, bytes | OSError]], source: str, args: argparse.Namespace
+) -> list[tuple[str, bytes]]:
+    """The images that decode; the others are skipped and counted (an error with --strict). Small ones are named."""
+    usable, unreadable, small = [], [], []
+    for name, data in files:
+        try:
+            if isinstance(data, OSError):
+                raise data
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                if min(image.size) < args.resolution:
+                    small.append(f"{name} {image.width}x{image.height}")
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            if args.strict:
+                raise SetupError(f"cannot read image '{name}' ({error}): fix or remove it, or drop --strict") from None
+            unreadable.append(f"{name} ({error})")
+        else:
+            usable.append((name, data))
+    if not usable:
+        raise SetupError(f"none of the {len(files)} images of {source} can be read: {'; '.join(unreadable)}")
+    if unreadable:
+        logger.warning(
+            f"Skipped {len(unreadable)} of {len(files)} images of {source} that cannot be read: "
+            f"{'; '.join(unreadable)}. Pass --strict to stop instead."
+        )
+    if small:
+        logger.warning(
+            f"{len(small)} images of {source} are smaller than --resolution {args.resolution} and are upscaled "
+            f"({', '.join(small)}): larger images or a lower --resolution train sharper."
+        )
+    return usable
 
 
 @dataclass
@@ -432,9 +497,19 @@ def load_embeddings(path: Path, args: argparse.Namespace) -> PromptEmbeddings:
             f"{path} is incomplete or of another format version: delete it and rerun compute_embeddings.py"
         )
 
-    config = SD3Transformer2DModel.load_config(
-        args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision, cache_dir=args.cache_dir
-    )
+    try:
+        config = SD3Transformer2DModel.load_config(
+            args.pretrained_model_name_or_path,
+            subfolder="transformer",
+            revision=args.revision,
+            cache_dir=args.cache_dir,
+        )
+    except (OSError, ValueError) as error:
+        raise SetupError(
+            f"cannot read the transformer config of {args.pretrained_model_name_or_path} "
+            f"({str(error).splitlines()[0]}): pass --pretrained_model_name_or_path a folder or Hub id of an SD3"
+            " diffusers pipeline"
+        ) from None
     expected = (config["joint_attention_dim"], config["pooled_projection_dim"])
     records = table.select(list(EMBEDDINGS_COLUMNS)).to_pylist()
     shapes = {(tuple(r["prompt_embeds_shape"]), tuple(r["pooled_prompt_embeds_shape"])) for r in records}
@@ -493,25 +568,45 @@ def instance_rows(
     return rows
 
 
-def preprocess(image: Image.Image, size: int, center_crop: bool, random_flip: bool) -> torch.Tensor:
-    """Resize the short side to `size`, crop a square, maybe flip; redrawn every time for random crops and flips."""
-    image = ImageOps.exif_transpose(image).convert("RGB")
+def derived_seed(*keys: int) -> int:
+    """A seed for one use (a step's noise, an image's crop) from the run's seed: the same on resume, in any worker."""
+    return int(np.random.SeedSequence(keys).generate_state(1)[0])
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode: 16-bit values scaled (not clipped to white), transparency flattened onto white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) / 257, 0, 255).round().astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
+    return image.convert("RGB")
+
+
+def preprocess(image: Image.Image, size: int, center_crop: bool, random_flip: bool, rng: random.Random) -> torch.Tensor:
+    """Resize the short side to `size`, crop a square, maybe flip; crops and flips drawn from `rng`."""
+    image = to_rgb(image)
     scale = size / min(image.size)
     width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
     image = image.resize((width, height), Image.Resampling.BILINEAR)
     if center_crop:
         left, top = (width - size) // 2, (height - size) // 2
     else:
-        left, top = random.randint(0, width - size), random.randint(0, height - size)
+        left, top = rng.randint(0, width - size), rng.randint(0, height - size)
     image = image.crop((left, top, left + size, top + size))
-    if random_flip and random.random() < 0.5:
+    if random_flip and rng.random() < 0.5:
         image = ImageOps.mirror(image)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
     return pixels.permute(2, 0, 1).contiguous()
 
 
 class DreamBoothDataset(Dataset):
-    """Instance images (and class images for prior preservation), each with its precomputed prompt embeddings."""
+    """Instance images (and class images for prior preservation), each with its precomputed prompt embeddings.
+
+    An example's random crop and flip depend only on the seed, the epoch and its index, so a resumed run (or a
+    data-loading worker) draws exactly what an uninterrupted one does.
+    """
 
     def __init__(
         self,
@@ -519,7 +614,7 @@ class DreamBoothDataset(Dataset):
         instance_rows: list[int],
         embeddings: PromptEmbeddings,
         args: argparse.Namespace,
-        class_paths: list[Path] | None = None,
+        class_files: list[tuple[str, bytes]] | None = None,
         class_row: int | None = None,
     ):
         self.instances = list(
@@ -528,24 +623,30 @@ class DreamBoothDataset(Dataset):
             )
         )
         self.embeddings = embeddings
-        self.class_paths = class_paths or []
+        self.class_files = class_files or []
         self.class_row = class_row
         self.args = args
-        self._length = max(len(self.instances), len(self.class_paths))
+        self.epoch = 0
+        self._length = max(len(self.instances), len(self.class_files))
 
     def __len__(self) -> int:
         return self._length
 
-    def _example(self, image: Image.Image, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pixels = preprocess(image, self.args.resolution, self.args.center_crop, self.args.random_flip)
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _example(self, data: bytes, row: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with Image.open(io.BytesIO(data)) as image:
+            pixels = preprocess(image, self.args.resolution, self.args.center_crop, self.args.random_flip, rng)
         return pixels, self.embeddings.prompt_embeds[row], self.embeddings.pooled_prompt_embeds[row]
 
     def __getitem__(self, index: int) -> dict:
+        rng = random.Random(derived_seed(self.args.seed, 0, self.epoch, index))
         (_, data), row = self.instances[index % len(self.instances)]
-        example = {"instance": self._example(Image.open(io.BytesIO(data)), row)}
-        if self.class_paths:
-            with Image.open(self.class_paths[index % len(self.class_paths)]) as image:
-                example["class"] = self._example(image, self.class_row)
+        example = {"instance": self._example(data, row, rng)}
+        if self.class_files:
+            _, class_data = self.class_files[index % len(self.class_files)]
+            example["class"] = self._example(class_data, self.class_row, rng)
         return example
 
 
@@ -563,9 +664,11 @@ def collate_fn(examples: list[dict], with_prior_preservation: bool = False) -> d
 
 
 @torch.no_grad()
-def encode_latents(vae: AutoencoderKL, pixel_values: torch.Tensor) -> torch.Tensor:
+def encode_latents(
+    vae: AutoencoderKL, pixel_values: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """SD3 latents: shifted, then scaled, exactly what the pipeline undoes before decoding."""
-    latents = vae.encode(pixel_values).latent_dist.sample()
+    latents = vae.encode(pixel_values).latent_dist.sample(generator)
     return (latents - vae.config.shift_factor) * vae.config.scaling_factor
 
 
@@ -586,9 +689,7 @@ def flow_matching_loss(
     model_pred, model_pred_prior = model_pred.chunk(2)
     target, target_prior = target.chunk(2)
     weighting, weighting_prior = weighting.chunk(2)
-    return mse(model_pred, target, weighting) + prior_loss_weight * mse(
-        model_pred_prior, target_prior, weighting_prior
-    )
+    return mse(model_pred, target, weighting) + prior_loss_weight * mse(model_pred_prior, target_prior, weighting_prior)
 
 
 def place_pipeline(pipeline: StableDiffusion3Pipeline, device: torch.device, plugin: LayerOffloadPlugin) -> None:
@@ -789,11 +890,138 @@ Use of these weights follows the license of the base model, {args.pretrained_mod
     ModelCard(content).save(os.path.join(repo_folder, "README.md"))
 
 
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """The `checkpoint-N` folders whose save finished, oldest first; one cut short lacks the marker."""
+    found = [
+        path
+        for path in output_dir.glob("checkpoint-*")
+        if path.name.removeprefix("checkpoint-").isdigit() and (path / CHECKPOINT_MARKER).is_file()
+    ]
+    return sorted(found, key=lambda path: int(path.name.removeprefix("checkpoint-")))
+
+
+def resume_checkpoint(args: argparse.Namespace) -> Path | None:
+    """The checkpoint --resume_from_checkpoint names (a path, or a name in --output_dir), checked before loading."""
+    if args.resume_from_checkpoint is None:
+        return None
+    output_dir = Path(args.output_dir)
+    checkpoints = complete_checkpoints(output_dir)
+    if args.resume_from_checkpoint == "latest":
+        if not checkpoints:
+            logger.warning(f"No complete checkpoint in {output_dir}: starting a new training run.")
+        return checkpoints[-1] if checkpoints else None
+    path = Path(args.resume_from_checkpoint)
+    if not path.exists():
+        path = output_dir / path
+    if not path.is_dir():
+        names = ", ".join(checkpoint.name for checkpoint in checkpoints) or "none"
+        raise SetupError(
+            f"checkpoint {args.resume_from_checkpoint} not found (complete checkpoints in {output_dir}: {names}):"
+            " pass one of them or --resume_from_checkpoint latest"
+        )
+    if not (path / CHECKPOINT_MARKER).is_file():
+        raise SetupError(
+            f"{path} is not a complete checkpoint (no {CHECKPOINT_MARKER}; its save was cut short):"
+            " pass --resume_from_checkpoint latest to use the last complete one"
+        )
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, args: argparse.Namespace) -> Path:
+    """Saves the training state as `checkpoint-{step}` atomically, then keeps the newest --checkpoints_total_limit.
+
+    Every process writes into a hidden folder; the marker goes in last and the folder is renamed into place, so a
+    crash or a full disk during the save leaves the earlier checkpoints as they were, and old ones are deleted
+    only once the new one is complete.
+    """
+    final = output_dir / f"checkpoint-{step}"
+    partial = output_dir / f".checkpoint-{step}.partial"
+    if accelerator.is_main_process:
+        for stale in output_dir.glob(".checkpoint-*.partial"):  # left by a crash
+            shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (partial / CHECKPOINT_MARKER).write_text(json.dumps({"global_step": step, "seed": args.seed}))
+            if final.exists():  # the same step saved by an earlier run that was resumed from before it
+                shutil.rmtree(final)
+            os.replace(partial, final)
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        kept = complete_checkpoints(output_dir)
+        raise TrainingStopped(
+            f"could not save {final.name} ({error.strerror or error}); the last complete checkpoint "
+            f"{kept[-1] if kept else '(none)'} is intact: free space and rerun with --resume_from_checkpoint latest"
+        ) from None
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        for old in complete_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
+            logger.info(f"Removing {old} (--checkpoints_total_limit {args.checkpoints_total_limit})")
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    logger.info(f"Saved state to {final}")
+    return final
+
+
+def save_lora(output_dir: Path, lora_layers: dict[str, torch.Tensor], lora_config: LoraConfig) -> None:
+    """Writes pytorch_lora_weights.safetensors beside and renames it, so an earlier LoRA is never half overwritten."""
+    partial = output_dir / ".lora.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        StableDiffusion3Pipeline.save_lora_weights(
+            save_directory=partial,
+            transformer_lora_layers=lora_layers,
+            transformer_lora_adapter_metadata=lora_config.to_dict(),
+        )
+        os.replace(partial / "pytorch_lora_weights.safetensors", output_dir / "pytorch_lora_weights.safetensors")
+    except OSError as error:
+        raise TrainingStopped(
+            f"could not write the LoRA to {output_dir} ({error.strerror or error}): free space and rerun with "
+            "--resume_from_checkpoint latest"
+        ) from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+class StopRequest:
+    """Turns the first SIGINT (Ctrl-C) or SIGTERM into a request to stop at the next step boundary, with a checkpoint.
+
+    A second signal is handled as usual and stops at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = signum
+        self.restore()
+        # os.write, not print: the signal may arrive while the progress bar holds the stderr buffer
+        os.write(
+            2, f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to stop now)\n".encode()
+        )
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` is set on any process, so that all of them stop at the same step."""
+    flags = accelerator.gather(torch.tensor([float(flag)], device=accelerator.device))
+    return bool(flags.any())
+
+
 def main(args: argparse.Namespace) -> None:
     if args.report_to == "wandb" and args.hub_token is not None:
         raise SetupError(
             "--report_to wandb with --hub_token would expose the token; log in with `hf auth login` instead"
         )
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise SetupError(f"--output_dir {args.output_dir} is a file, not a folder: pass a folder (created if missing)")
     logging_dir = Path(args.output_dir, args.logging_dir)
     accelerator_project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
     kwargs = DistributedDataParallelKwargs(find_unused_parameters=True)
@@ -803,6 +1031,8 @@ def main(args: argparse.Namespace) -> None:
         log_with=args.report_to,
         project_config=accelerator_project_config,
         kwargs_handlers=[kwargs],
+        # the data order of an epoch depends only on the seed and the epoch, so a resumed run sees the same batches
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     if args.use_8bit_adam:
         if accelerator.device.type != "cuda":
@@ -825,12 +1055,26 @@ def main(args: argparse.Namespace) -> None:
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
 
-    if args.seed is not None:
-        set_seed(args.seed)
-
     # Every input is checked before anything is loaded or written, so a mistake costs seconds and no files.
+    resume_from = resume_checkpoint(args)
+    if args.seed is None:  # drawn once and stored in every checkpoint, so a resumed run draws the same numbers
+        state = json.loads((resume_from / CHECKPOINT_MARKER).read_text()) if resume_from else {}
+        seed = [state.get("seed", random.SystemRandom().randrange(2**32))]
+        broadcast_object_list(seed)
+        args.seed = seed[0]
+    set_seed(args.seed)
+
+    # Offload settings not given here come from the ACCELERATE_OFFLOAD_* variables of the launch config.
+    try:
+        offload_plugin = LayerOffloadPlugin(gradient_checkpointing=True if args.gradient_checkpointing else None)
+    except OffloadConfigError as error:
+        raise SetupError(
+            f"offload config: {error} (fix the offload_config section of the accelerate config file, or the "
+            "ACCELERATE_OFFLOAD_* variables in the environment)"
+        ) from None
     embeddings = load_embeddings(Path(args.embeddings_path), args)
     instance_files, source = instance_image_files(args)
+    instance_files = usable_images(instance_files, source, args)
     rows = instance_rows(instance_files, source, embeddings, args)
     class_row = negative_row = validation_row = None
     if args.with_prior_preservation:
@@ -840,16 +1084,22 @@ def main(args: argparse.Namespace) -> None:
     if args.validation_prompt is not None:
         validation_row = embeddings.row("validation", args.validation_prompt, "--validation_prompt")
 
-    # Offload settings not given here come from the ACCELERATE_OFFLOAD_* variables of the launch config.
-    offload_plugin = LayerOffloadPlugin(gradient_checkpointing=True if args.gradient_checkpointing else None)
-
+    class_files = None
     if args.with_prior_preservation:
         if accelerator.is_local_main_process:
             generate_class_images(args, accelerator, embeddings, offload_plugin)
         accelerator.wait_for_everyone()
+        class_dir = Path(args.class_data_dir)
+        class_files = [(path.name, read_file(path)) for path in list_images(class_dir)[: args.num_class_images]]
+        class_files = usable_images(class_files, f"--class_data_dir {class_dir}", args)
 
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+        except OSError as error:
+            raise SetupError(
+                f"cannot create --output_dir {args.output_dir} ({error.strerror}): pass a folder path"
+            ) from None
         if args.push_to_hub:
             repo_id = create_repo(
                 repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
@@ -958,14 +1208,7 @@ def main(args: argparse.Namespace) -> None:
     )
 
     train_dataset = DreamBoothDataset(
-        instance_files,
-        rows,
-        embeddings,
-        args,
-        class_paths=list_images(Path(args.class_data_dir))[: args.num_class_images]
-        if args.with_prior_preservation
-        else None,
-        class_row=class_row,
+        instance_files, rows, embeddings, args, class_files=class_files, class_row=class_row
     )
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
@@ -1013,33 +1256,17 @@ def main(args: argparse.Namespace) -> None:
     logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
     logger.info(f"  Total optimization steps = {args.max_train_steps}")
     global_step = 0
-    first_epoch = 0
-
-    if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint != "latest":
-            path = os.path.basename(args.resume_from_checkpoint)
-        else:
-            dirs = [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint")]
-            dirs = sorted(dirs, key=lambda x: int(x.split("-")[1]))
-            path = dirs[-1] if len(dirs) > 0 else None
-        if path is None:
-            accelerator.print(
-                f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run."
-            )
-            args.resume_from_checkpoint = None
-            initial_global_step = 0
-        else:
-            accelerator.print(f"Resuming from checkpoint {path}")
-            accelerator.load_state(os.path.join(args.output_dir, path))
-            global_step = int(path.split("-")[1])
-            initial_global_step = global_step
-            first_epoch = global_step // num_update_steps_per_epoch
-    else:
-        initial_global_step = 0
+    if resume_from is not None:
+        accelerator.print(f"Resuming from checkpoint {resume_from.name}")
+        accelerator.load_state(str(resume_from))
+        global_step = json.loads((resume_from / CHECKPOINT_MARKER).read_text())["global_step"]
+    # Where the checkpoint's step falls: its epoch, and the batches of that epoch already trained on.
+    first_epoch = global_step // num_update_steps_per_epoch
+    batches_done = global_step % num_update_steps_per_epoch * args.gradient_accumulation_steps
 
     progress_bar = tqdm(
         range(0, args.max_train_steps),
-        initial=initial_global_step,
+        initial=global_step,
         desc="Steps",
         disable=not accelerator.is_local_main_process,
     )
@@ -1058,81 +1285,121 @@ def main(args: argparse.Namespace) -> None:
         count = 1  # one image per call, `num_validation_images` calls: memory stays that of a single image
         return embedding_args(embeddings, validation_row, negative_row, count, accelerator.device, weight_dtype)
 
+    def training_step(batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """Forward and backward of one batch: the loss, the gradient norm, and whether all of it was finite.
+
+        An update whose loss or gradients are not finite (on any process) is not applied.
+        """
+        with accelerator.accumulate(transformer):
+            pixel_values = batch["pixel_values"].to(device=accelerator.device, dtype=vae.dtype)
+            model_input = encode_latents(vae, pixel_values, generator).to(dtype=weight_dtype)
+
+            # Noise and timesteps come from this batch's own generator (on the CPU: the same numbers on any device).
+            noise = torch.randn(model_input.shape, generator=generator).to(model_input)
+            bsz = model_input.shape[0]
+
+            # Sample a random timestep for each image; non-uniform for the logit_normal and mode schemes.
+            u = compute_density_for_timestep_sampling(
+                weighting_scheme=args.weighting_scheme,
+                batch_size=bsz,
+                logit_mean=args.logit_mean,
+                logit_std=args.logit_std,
+                mode_scale=args.mode_scale,
+                generator=generator,
+            )
+            indices = (u * noise_scheduler_copy.config.num_train_timesteps).long()
+            timesteps = noise_scheduler_copy.timesteps[indices].to(device=model_input.device)
+
+            # Add noise according to flow matching: zt = (1 - sigma) * x + sigma * noise.
+            sigmas = get_sigmas(timesteps, n_dim=model_input.ndim, dtype=model_input.dtype)
+            noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
+
+            prompt_embeds = batch["prompt_embeds"].to(device=accelerator.device, dtype=weight_dtype)
+            pooled_prompt_embeds = batch["pooled_prompt_embeds"].to(device=accelerator.device, dtype=weight_dtype)
+            model_pred = transformer(
+                hidden_states=noisy_model_input,
+                timestep=timesteps,
+                encoder_hidden_states=prompt_embeds,
+                pooled_projections=pooled_prompt_embeds,
+                return_dict=False,
+            )[0]
+
+            # Preconditioning of the model outputs (section 5 of https://arxiv.org/abs/2206.00364).
+            if args.precondition_outputs:
+                model_pred = model_pred * (-sigmas) + noisy_model_input
+            weighting = compute_loss_weighting_for_sd3(weighting_scheme=args.weighting_scheme, sigmas=sigmas)
+            target = model_input if args.precondition_outputs else noise - model_input
+
+            prior_loss_weight = args.prior_loss_weight if args.with_prior_preservation else None
+            loss = flow_matching_loss(model_pred, target, weighting, prior_loss_weight)
+
+            accelerator.backward(loss)
+            grad_norm, finite = None, True
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(transformer_lora_parameters, args.max_grad_norm)
+                # fp16's gradient scaler skips steps with inf gradients by design: there only the loss is checked
+                checked = [loss] if grad_norm is None or accelerator.scaler is not None else [loss, grad_norm]
+                local = torch.stack([torch.isfinite(value.detach().float()).all() for value in checked]).all()
+                finite = not any_process(accelerator, not local)
+                if finite:
+                    optimizer.step()
+                    lr_scheduler.step()
+            optimizer.zero_grad()
+        return loss, grad_norm, finite
+
+    def non_finite_error(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> TrainingStopped:
+        kept = complete_checkpoints(Path(args.output_dir))
+        grad_text = "" if grad_norm is None else f", gradient norm {float(grad_norm):.4g}"
+        return TrainingStopped(
+            f"step {global_step + 1}: loss {float(loss):.4g}{grad_text}, not finite; stopped before applying it and"
+            f" wrote no LoRA. Last good checkpoint: {kept[-1] if kept else 'none'}. Lower --learning_rate (now"
+            f" {args.learning_rate:g}) or check the data, then "
+            + ("rerun with --resume_from_checkpoint latest" if kept else "start again")
+        )
+
     on_cuda = accelerator.device.type == "cuda"
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(accelerator.device)
+    stop_request = StopRequest()
     step_started = time.perf_counter()
     for epoch in range(first_epoch, args.num_train_epochs):
         transformer.train()
-        for batch in train_dataloader:
-            with accelerator.accumulate(transformer):
-                pixel_values = batch["pixel_values"].to(device=accelerator.device, dtype=vae.dtype)
-                model_input = encode_latents(vae, pixel_values).to(dtype=weight_dtype)
-
-                noise = torch.randn_like(model_input)
-                bsz = model_input.shape[0]
-
-                # Sample a random timestep for each image; non-uniform for the logit_normal and mode schemes.
-                u = compute_density_for_timestep_sampling(
-                    weighting_scheme=args.weighting_scheme,
-                    batch_size=bsz,
-                    logit_mean=args.logit_mean,
-                    logit_std=args.logit_std,
-                    mode_scale=args.mode_scale,
+        train_dataset.set_epoch(epoch)
+        train_dataloader.set_epoch(epoch)
+        skip = batches_done if epoch == first_epoch else 0
+        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        for batch_index, batch in enumerate(batches, start=skip):
+            generator = torch.Generator().manual_seed(derived_seed(args.seed, 1, epoch, batch_index))
+            try:
+                loss, grad_norm, finite = training_step(batch, generator)
+            except torch.OutOfMemoryError:
+                explanation = explain_out_of_memory(
+                    unwrap_model(transformer), accelerator.device, args.train_batch_size, args.resolution
                 )
-                indices = (u * noise_scheduler_copy.config.num_train_timesteps).long()
-                timesteps = noise_scheduler_copy.timesteps[indices].to(device=model_input.device)
+                raise TrainingStopped(f"step {global_step + 1}: {explanation}") from None
 
-                # Add noise according to flow matching: zt = (1 - sigma) * x + sigma * noise.
-                sigmas = get_sigmas(timesteps, n_dim=model_input.ndim, dtype=model_input.dtype)
-                noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
-
-                prompt_embeds = batch["prompt_embeds"].to(device=accelerator.device, dtype=weight_dtype)
-                pooled_prompt_embeds = batch["pooled_prompt_embeds"].to(device=accelerator.device, dtype=weight_dtype)
-                model_pred = transformer(
-                    hidden_states=noisy_model_input,
-                    timestep=timesteps,
-                    encoder_hidden_states=prompt_embeds,
-                    pooled_projections=pooled_prompt_embeds,
-                    return_dict=False,
-                )[0]
-
-                # Preconditioning of the model outputs (section 5 of https://arxiv.org/abs/2206.00364).
-                if args.precondition_outputs:
-                    model_pred = model_pred * (-sigmas) + noisy_model_input
-                weighting = compute_loss_weighting_for_sd3(weighting_scheme=args.weighting_scheme, sigmas=sigmas)
-                target = model_input if args.precondition_outputs else noise - model_input
-
-                prior_loss_weight = args.prior_loss_weight if args.with_prior_preservation else None
-                loss = flow_matching_loss(model_pred, target, weighting, prior_loss_weight)
-
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(transformer_lora_parameters, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-
+            if not finite:
+                raise non_finite_error(loss, grad_norm)
             if accelerator.sync_gradients:
                 seconds_per_step = time.perf_counter() - step_started
                 step_started = time.perf_counter()
                 progress_bar.update(1)
                 global_step += 1
 
-                if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
-                    # before saving, keep at most `checkpoints_total_limit - 1` checkpoints
-                    if args.checkpoints_total_limit is not None:
-                        checkpoints = [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint")]
-                        checkpoints = sorted(checkpoints, key=lambda x: int(x.split("-")[1]))
-                        if len(checkpoints) >= args.checkpoints_total_limit:
-                            num_to_remove = len(checkpoints) - args.checkpoints_total_limit + 1
-                            removing_checkpoints = checkpoints[0:num_to_remove]
-                            logger.info(f"removing checkpoints: {', '.join(removing_checkpoints)}")
-                            for removing_checkpoint in removing_checkpoints:
-                                shutil.rmtree(os.path.join(args.output_dir, removing_checkpoint))
-                    save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-                    accelerator.save_state(save_path)
-                    logger.info(f"Saved state to {save_path}")
+                stop = any_process(accelerator, stop_request.signum is not None)
+                if global_step % args.checkpointing_steps == 0 or stop:
+                    saved = save_checkpoint(accelerator, Path(args.output_dir), global_step, args)
+                if stop:
+                    progress_bar.close()
+                    name = signal.Signals(stop_request.signum or signal.SIGTERM).name
+                    if accelerator.is_main_process:
+                        print(
+                            f"Stopped by {name} after step {global_step}: saved {saved}. To go on, rerun the same "
+                            "command with --resume_from_checkpoint latest",
+                            file=sys.stderr,
+                        )
+                    accelerator.end_training()
+                    sys.exit(128 + (stop_request.signum or signal.SIGTERM))
 
                 logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
                 postfix = {**logs, "s/step": f"{seconds_per_step:.2f}"}
@@ -1164,13 +1431,10 @@ def main(args: argparse.Namespace) -> None:
             if on_cuda:
                 torch.cuda.empty_cache()
 
+    stop_request.restore()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        StableDiffusion3Pipeline.save_lora_weights(
-            save_directory=args.output_dir,
-            transformer_lora_layers=lora_state_dict(unwrap_model(transformer)),
-            transformer_lora_adapter_metadata=transformer_lora_config.to_dict(),
-        )
+        save_lora(Path(args.output_dir), lora_state_dict(unwrap_model(transformer)), transformer_lora_config)
 
         # Final inference: a fresh pipeline with the saved LoRA, which checks that the file loads.
         images = []
@@ -1206,5 +1470,8 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except SetupError as error:
+    except (SetupError, TrainingStopped) as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print("error: interrupted; checkpoints already complete are kept", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

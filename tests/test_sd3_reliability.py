@@ -1,0 +1,460 @@
+"""The SD3 scripts under interruption, faults and bad input, through real `accelerate launch --cpu` subprocesses.
+
+Exact resume, atomic checkpoints (a process killed mid-save), SIGTERM/SIGINT, a non-finite loss, out of memory and
+a table of bad inputs. Runs that do not depend on each other go two at a time (the CI machine has two cores).
+Faults that cannot be caused for real on a CPU (a kill in the middle of a save, CUDA out of memory) are injected
+by a wrapper that patches one function and then runs the unchanged script.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported: prove nothing is fetched
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import pytest  # noqa: E402
+import test_sd3  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from test_sd3 import INSTANCE_PROMPT, MAX_SEQUENCE_LENGTH, REPO, compute_embeddings, embedding_args, train_script  # noqa: E402
+
+# the module fixtures of test_sd3.py (fixtures are found by name among a module's attributes)
+instance_dir = test_sd3.instance_dir
+embeddings_path = test_sd3.embeddings_path
+
+pytestmark = pytest.mark.timeout(600)
+
+# Patches one function, then runs the script given as its first argument, unchanged, as __main__.
+FAULT_WRAPPER = """
+import os, runpy, signal, sys
+import torch
+
+fault = os.environ["SD3_TEST_FAULT"]
+if fault == "kill_mid_save":
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        if ".checkpoint-4.partial" in str(f):  # one file of checkpoint-4 written: die as a power cut would
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    torch.save = save
+elif fault == "oom":
+    from diffusers import SD3Transformer2DModel
+
+    def forward(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    SD3Transformer2DModel.forward = forward
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+STEPS = 4  # 6 images at batch size 2: 3 steps an epoch, so the run resumes mid-epoch and crosses an epoch
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ACCELERATE_OFFLOAD_")}
+    pythonpath = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return {**env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath, **extra}
+
+
+def launch_command(script: Path | str, *args: str) -> list[str]:
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--cpu", "--num_processes", "1"]
+    accelerate += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    accelerate += ["--num_cpu_threads_per_process", "1"]
+    return accelerate + [str(script), *args]
+
+
+def train_args(tiny_sd3_path: Path, embeddings: Path, images: Path, output_dir: Path, *extra: str) -> list[str]:
+    args = [str(REPO / "train_sd3_dreambooth_lora.py"), "--pretrained_model_name_or_path", str(tiny_sd3_path)]
+    args += ["--instance_prompt", INSTANCE_PROMPT, "--resolution", "32", "--report_to", "none", "--seed", "0"]
+    args += ["--lr_warmup_steps", "0", "--learning_rate", "1e-3", "--train_batch_size", "2"]
+    args += ["--embeddings_path", str(embeddings), "--instance_data_dir", str(images), "--output_dir", str(output_dir)]
+    return args + list(extra)
+
+
+def run(command: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, env=environment(**env), capture_output=True, text=True, timeout=400)
+
+
+def in_pairs(jobs: dict) -> dict:
+    """Runs the callables of `jobs` two at a time; their results by the same keys."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(job) for name, job in jobs.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def last_line(result: subprocess.CompletedProcess) -> str:
+    return result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = last_line(result)
+    assert re.match(r"(\S+: )?error: ", line), result.stderr[-3000:]  # ours, or argparse's `prog: error:`
+    for fragment in fragments:
+        assert fragment in line, line
+
+
+def interrupt(command: list[str], cwd: Path, output_dir: Path, signum: int) -> subprocess.CompletedProcess:
+    """Starts a long run, waits for its first checkpoint, sends `signum` to the training process, waits."""
+    stdout, stderr = cwd / f"{signum}.out", cwd / f"{signum}.err"
+    with stdout.open("w") as out, stderr.open("w") as err:
+        launcher = subprocess.Popen(command, cwd=cwd, env=environment(), stdout=out, stderr=err)
+        deadline = time.monotonic() + 300
+        while not (output_dir / "checkpoint-2" / train_script.CHECKPOINT_MARKER).exists():
+            assert launcher.poll() is None and time.monotonic() < deadline, stderr.read_text()[-3000:]
+            time.sleep(0.2)
+        (worker,) = psutil.Process(launcher.pid).children()
+        worker.send_signal(signum)
+        launcher.wait(timeout=300)
+    return subprocess.CompletedProcess(command, launcher.returncode, stdout.read_text(), stderr.read_text())
+
+
+def write_fault_wrapper(directory: Path) -> Path:
+    wrapper = directory / "fault_wrapper.py"
+    wrapper.write_text(FAULT_WRAPPER)
+    return wrapper
+
+
+def truncated_png(path: Path) -> None:
+    Image.new("RGB", (64, 64), "red").save(path)
+    path.write_bytes(path.read_bytes()[:100])
+
+
+@pytest.fixture(scope="module")
+def odd_images(tiny_sd3_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Grayscale, RGBA, palette, 16-bit, smaller than the resolution, and truncated images, with their embeddings."""
+    root = tmp_path_factory.mktemp("odd-images")
+    gradient = np.linspace(0, 255, 48 * 48).reshape(48, 48).astype(np.uint8)
+    Image.fromarray(gradient, "L").save(root / "gray.png")
+    rgba = Image.new("RGBA", (48, 48), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (8, 8, 40, 40))
+    rgba.save(root / "rgba.png")
+    Image.new("RGB", (48, 48), "green").convert("P", palette=Image.Palette.ADAPTIVE).save(root / "palette.png")
+    Image.fromarray((gradient.astype(np.uint16) * 257)).save(root / "gray16.png")
+    Image.new("RGB", (16, 24), "yellow").save(root / "small.png")
+    truncated_png(root / "truncated.png")
+    path = root.parent / f"{root.name}.parquet"
+    compute_embeddings.main(embedding_args(tiny_sd3_path, root, path))
+    return root, path
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, odd_images, tmp_path_factory) -> dict:
+    """Every training run of this file, independent ones two at a time; results by name, with their folders."""
+    work = tmp_path_factory.mktemp("runs")
+    wrapper = write_fault_wrapper(work)
+
+    def args(name: str, *extra: str, images: Path = instance_dir, embeddings: Path = embeddings_path) -> list[str]:
+        return train_args(tiny_sd3_path, embeddings, images, work / name, *extra)
+
+    checkpointed = ["--max_train_steps", str(STEPS), "--checkpointing_steps", "2", "--checkpoints_total_limit", "1"]
+    (work / "nan").mkdir()
+    (work / "nan" / "pytorch_lora_weights.safetensors").write_bytes(b"an earlier LoRA")
+    long_run = ["--max_train_steps", "100000", "--checkpointing_steps", "2"]
+    results = in_pairs(
+        {
+            "straight": lambda: run(launch_command(*args("straight", *checkpointed)), work),
+            "crash": lambda: run(
+                launch_command(wrapper, *args("crash", *checkpointed)), work, SD3_TEST_FAULT="kill_mid_save"
+            ),
+            "nan": lambda: run(
+                launch_command(
+                    *args("nan", "--max_train_steps", "4", "--checkpointing_steps", "1", "--learning_rate", "1e30")
+                ),
+                work,
+            ),
+            "oom": lambda: run(
+                launch_command(wrapper, *args("oom", "--max_train_steps", "1")), work, SD3_TEST_FAULT="oom"
+            ),
+            "sigterm": lambda: interrupt(
+                launch_command(*args("sigterm", *long_run)), work, work / "sigterm", signal.SIGTERM
+            ),
+            "sigint": lambda: interrupt(
+                launch_command(*args("sigint", *long_run)), work, work / "sigint", signal.SIGINT
+            ),
+            "odd_images": lambda: run(
+                launch_command(
+                    *args("odd_images", "--max_train_steps", "1", images=odd_images[0], embeddings=odd_images[1])
+                ),
+                work,
+            ),
+        }
+    )
+    # resume the crashed run; a folder named like a checkpoint but without the marker must be passed over
+    shutil.copytree(work / "crash", work / "resumed")
+    (work / "resumed" / "checkpoint-9").mkdir()
+    results["resumed"] = run(
+        launch_command(*args("resumed", *checkpointed, "--resume_from_checkpoint", "latest")), work
+    )
+    return {name: (result, work / name) for name, result in results.items()}
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_resume_after_a_crash_is_exact(runs: dict):
+    """4 steps straight vs 2 steps, a crash, `--resume_from_checkpoint latest`, 2 more: bit for bit in fp32."""
+    (straight, straight_dir), (resumed, resumed_dir) = runs["straight"], runs["resumed"]
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from checkpoint checkpoint-2" in resumed.stdout + resumed.stderr
+    for name in ("pytorch_lora_weights.safetensors", "checkpoint-4/pytorch_lora_weights.safetensors"):
+        expected, got = load_file(straight_dir / name), load_file(resumed_dir / name)
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[key], got[key]) for key in expected), name
+    # optimizer moments and step counts, the lr schedule
+    for name in ("optimizer.bin", "scheduler.bin"):
+        expected = torch.load(straight_dir / "checkpoint-4" / name, weights_only=False)
+        got = torch.load(resumed_dir / "checkpoint-4" / name, weights_only=False)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
+    state = json.loads((resumed_dir / "checkpoint-4" / train_script.CHECKPOINT_MARKER).read_text())
+    assert state == {"global_step": 4, "seed": 0}
+
+
+def test_checkpoint_total_limit_keeps_the_newest_complete_ones(runs: dict):
+    _, straight_dir = runs["straight"]
+    assert sorted(path.name for path in straight_dir.glob("*checkpoint-*")) == ["checkpoint-4"]
+    _, resumed_dir = runs["resumed"]
+    # the incomplete folders are not counted, the partial one of the crash is cleaned up
+    assert sorted(path.name for path in resumed_dir.glob("*checkpoint-*")) == ["checkpoint-4", "checkpoint-9"]
+
+
+def test_kill_mid_save_leaves_the_previous_checkpoint(runs: dict):
+    crash, crash_dir = runs["crash"]
+    assert crash.returncode != 0
+    partial = crash_dir / ".checkpoint-4.partial"
+    assert partial.is_dir() and not (partial / train_script.CHECKPOINT_MARKER).exists()  # killed inside the save
+    assert not (crash_dir / "checkpoint-4").exists()
+    # --checkpoints_total_limit 1 deletes checkpoint-2 only once checkpoint-4 is complete
+    checkpoint = crash_dir / "checkpoint-2"
+    assert sorted(path.name for path in checkpoint.iterdir()) == [
+        "optimizer.bin",
+        "pytorch_lora_weights.safetensors",
+        "random_states_0.pkl",
+        "scheduler.bin",
+        train_script.CHECKPOINT_MARKER,
+    ]
+    assert not (crash_dir / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["sigterm", "sigint"])
+def test_signal_saves_a_checkpoint_and_names_the_resume_flag(runs: dict, name: str):
+    result, output_dir = runs[name]
+    assert result.returncode != 0  # the launcher reports the interrupted worker
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    match = re.search(
+        r"Stopped by (\w+) after step (\d+): saved (\S+)\. .* --resume_from_checkpoint latest$", last_line(result)
+    )
+    assert match, result.stderr[-3000:]
+    assert match[1] == name.upper()
+    step = int(match[2])
+    assert 2 <= step < 100000 and Path(match[3]) == output_dir / f"checkpoint-{step}"
+    state = json.loads((output_dir / f"checkpoint-{step}" / train_script.CHECKPOINT_MARKER).read_text())
+    assert state["global_step"] == step
+    assert not (output_dir / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(runs: dict):
+    """An absurd learning rate in fp32: step 1 is finite, step 2 overflows."""
+    result, output_dir = runs["nan"]
+    assert_one_line_error(result, "step 2:", "not finite", f"Last good checkpoint: {output_dir / 'checkpoint-1'}")
+    assert "--learning_rate (now 1e+30)" in last_line(result)
+    assert sorted(path.name for path in output_dir.glob("*checkpoint-*")) == ["checkpoint-1"]
+    assert (output_dir / "pytorch_lora_weights.safetensors").read_bytes() == b"an earlier LoRA"
+
+
+def test_out_of_memory_is_explained(runs: dict):
+    result, _ = runs["oom"]
+    assert_one_line_error(
+        result, "step 1: CUDA ran out of memory", "layer offloading is off", "--train_batch_size (now 2)"
+    )
+
+
+def test_odd_images_are_converted_skipped_and_counted(runs: dict, odd_images):
+    result, output_dir = runs["odd_images"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (output_dir / "pytorch_lora_weights.safetensors").is_file()
+    log = result.stdout + result.stderr
+    assert "Skipped 1 of 6 images" in log and "truncated.png" in log and "--strict" in log
+    assert "1 images of --instance_data_dir" in log and "small.png 16x24" in log
+
+
+def test_images_of_any_mode_become_8_bit_rgb(odd_images):
+    root, _ = odd_images
+    rgb = {path.stem: train_script.to_rgb(Image.open(path)) for path in root.glob("*.png") if path.stem != "truncated"}
+    assert all(image.mode == "RGB" for image in rgb.values())
+    gray = np.asarray(Image.open(root / "gray.png"))
+    np.testing.assert_array_equal(np.asarray(rgb["gray16"])[..., 0], gray)  # scaled, not clipped to white
+    assert rgb["rgba"].getpixel((0, 0)) == (255, 255, 255)  # transparent: white, not the hidden red
+    assert rgb["rgba"].getpixel((20, 20)) == (0, 0, 255)
+    assert rgb["palette"].getpixel((0, 0)) == (0, 128, 0)
+
+
+# Bad input: (script, extra arguments or a function of the case folder returning them, environment, fragments).
+def compute_case(*extra, **env):
+    return "compute", extra, env
+
+
+def train_case(*extra, **env):
+    return "train", extra, env
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def one_truncated_image(case: Path) -> Path:
+    images = case / "images"
+    images.mkdir()
+    truncated_png(images / "broken.png")
+    return images
+
+
+BAD_INPUT = {
+    "compute-folder-missing": (
+        compute_case(lambda c: ["--instance_data_dir", str(c / "nowhere")]),
+        ["nowhere", "does not exist"],
+    ),
+    "compute-model-missing": (
+        compute_case(lambda c: ["--pretrained_model_name_or_path", str(c / "no-model")]),
+        ["no-model", "SD3 diffusers pipeline"],
+    ),
+    "compute-output-is-a-folder": (
+        compute_case(lambda c: ["--output_path", str(c)]),
+        ["is a folder", "pass a file path"],
+    ),
+    "compute-truncated-image-strict": (
+        compute_case(lambda c: ["--instance_data_dir", str(one_truncated_image(c)), "--strict"]),
+        ["broken.png", "drop --strict"],
+    ),
+    "train-folder-missing": (
+        train_case(lambda c: ["--instance_data_dir", str(c / "nowhere")]),
+        ["nowhere", "does not exist"],
+    ),
+    "train-truncated-image-strict": (
+        train_case(lambda c: ["--instance_data_dir", str(one_truncated_image(c)), "--strict"]),
+        ["broken.png", "drop --strict"],
+    ),
+    "train-resolution": (train_case("--resolution", "40"), ["multiple of 16"]),
+    "train-resume-missing": (
+        train_case("--resume_from_checkpoint", "checkpoint-7"),
+        ["checkpoint-7 not found", "latest"],
+    ),
+    "train-output-is-a-file": (
+        train_case(lambda c: ["--output_dir", str(write(c / "out.txt", b"keep me"))]),
+        ["is a file, not a folder"],
+    ),
+    "train-offload-unknown-variable": (
+        train_case(ACCELERATE_OFFLOAD_LAYER_FRACTON="0.5"),
+        ["offload config", "ACCELERATE_OFFLOAD_LAYER_FRACTON"],
+    ),
+    "train-offload-fraction-out-of-range": (
+        train_case(ACCELERATE_OFFLOAD_LAYER_OFFLOAD_FRACTION="1.5"),
+        ["offload config", "0..1"],
+    ),
+    "train-8bit-adam-without-cuda": (train_case("--use_8bit_adam"), ["--use_8bit_adam needs a CUDA GPU"]),
+    "train-model-missing": (
+        train_case(lambda c: ["--pretrained_model_name_or_path", str(c / "no-model")]),
+        ["no-model", "SD3 diffusers pipeline"],
+    ),
+}
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {path.relative_to(root).as_posix(): digest(path) for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, tmp_path_factory) -> dict:
+    """Each case in its own folder, two at a time; the results with the folder's files before and after."""
+    work = tmp_path_factory.mktemp("bad-input")
+
+    def job(name: str):
+        (script, extra, env), _ = BAD_INPUT[name]
+        case = work / name
+        case.mkdir()
+        extra = [arg for item in extra for arg in (item(case) if callable(item) else [item])]
+        if script == "compute":
+            command = [sys.executable, str(REPO / "compute_embeddings.py"), "--pretrained_model_name_or_path"]
+            command += [
+                str(tiny_sd3_path),
+                "--instance_data_dir",
+                str(instance_dir),
+                "--instance_prompt",
+                INSTANCE_PROMPT,
+            ]
+            command += ["--max_sequence_length", str(MAX_SEQUENCE_LENGTH), "--device", "cpu", "--output_path"]
+            command += [str(case / "embeddings.parquet"), *extra]
+        else:
+            command = launch_command(
+                *train_args(
+                    tiny_sd3_path, embeddings_path, instance_dir, case / "out", "--max_train_steps", "1", *extra
+                )
+            )
+        before = snapshot(case)
+        result = run(command, case, **env)
+        return result, before, snapshot(case)
+
+    return in_pairs({name: (lambda name=name: job(name)) for name in BAD_INPUT})
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUT))
+def test_bad_input_is_one_line_and_changes_no_file(bad_input_results: dict, name: str):
+    result, before, after = bad_input_results[name]
+    assert_one_line_error(result, *BAD_INPUT[name][1])
+    assert after == before  # nothing written, nothing lost
+
+
+# Bad input checked in-process: the same one-line errors, from the functions that raise them (no process start).
+def test_more_bad_input_raises_one_line_errors(
+    tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, tmp_path
+):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(compute_embeddings.EmbeddingsError, match="no images found"):
+        compute_embeddings.main(embedding_args(tiny_sd3_path, empty, tmp_path / "e.parquet"))
+    write(tmp_path / "m" / "metadata.jsonl", b"{oops\n")
+    with pytest.raises(compute_embeddings.EmbeddingsError, match="line 1 is not JSON"):
+        compute_embeddings.main(embedding_args(tiny_sd3_path, tmp_path / "m", tmp_path / "e.parquet"))
+
+    def args(*extra: str):
+        base = ["--pretrained_model_name_or_path", str(tiny_sd3_path), "--instance_prompt", INSTANCE_PROMPT]
+        base += ["--instance_data_dir", str(instance_dir), "--output_dir", str(tmp_path / "out")]
+        return train_script.parse_args([*base, *extra])
+
+    with pytest.raises(train_script.SetupError, match="no images found"):
+        train_script.instance_image_files(args("--instance_data_dir", str(empty)))
+    broken = one_truncated_image(tmp_path)
+    files, source = train_script.instance_image_files(args("--instance_data_dir", str(broken)))
+    with pytest.raises(train_script.SetupError, match="none of the 1 images .*broken.png"):
+        train_script.usable_images(files, source, args())
+    with pytest.raises(SystemExit):  # argparse: `prog: error: --checkpointing_steps must be at least 1`
+        args("--checkpointing_steps", "0")
+    with pytest.raises(train_script.SetupError, match="truncated or corrupt"):
+        train_script.load_embeddings(write(tmp_path / "cut.parquet", b"PAR1 cut short"), args())
+    embeddings = train_script.load_embeddings(embeddings_path, args())
+    with pytest.raises(train_script.SetupError, match="'never embedded': rerun compute_embeddings.py with --valid"):
+        embeddings.row("validation", "never embedded", "--validation_prompt")
+    incomplete = write(tmp_path / "out" / "checkpoint-3" / "optimizer.bin", b"").parent
+    with pytest.raises(train_script.SetupError, match="not a complete checkpoint"):
+        train_script.resume_checkpoint(args("--resume_from_checkpoint", str(incomplete)))
