@@ -9,7 +9,10 @@ Modelled on diffusers' `examples/dreambooth/train_dreambooth_lora_flux.py` (same
   * text embeddings computed once, then the text encoders are freed before the transformer is loaded;
   * the accelerate-offload runtime: with `--gradient_checkpointing` or an `offload_config:` in the launch config,
     the transformer's blocks are checkpointed and streamed from pinned CPU memory, so a 12B model trains in bf16
-    on a small GPU.
+    on a small GPU;
+  * interruption and faults handled: checkpoints are written to `checkpoint-N.tmp` and renamed into place, SIGINT or
+    SIGTERM saves one at the next step boundary and exits with 128 + the signal number (130 or 143), a NaN/inf loss
+    or gradient stops before the optimizer applies it, out of memory is explained in one line.
 
     accelerate launch train_flux_lora.py --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \
         --instance_data_dir dog --instance_prompt "a photo of sks dog" --output_dir flux-dog-lora \
@@ -19,21 +22,27 @@ Modelled on diffusers' `examples/dreambooth/train_dreambooth_lora_flux.py` (same
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
+import signal
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors import SafetensorError
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +58,10 @@ TRACKERS = ("tensorboard", "wandb", "all", "none")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_PREFIX = "checkpoint-"
+# A checkpoint is written under this suffix and renamed into place once complete; `latest` never picks one up.
+PARTIAL_SUFFIX = ".tmp"
+# Test-only: "STEP:kill" SIGKILLs the process, "STEP:disk_full" raises ENOSPC, once checkpoint-STEP's LoRA is written.
+SAVE_FAULT_VARIABLE = "FLUX_LORA_TEST_SAVE_FAULT"
 TRACKER_PROJECT = "flux-lora"
 # Prompts encoded per text-encoder call; small enough for T5-XXL at 512 tokens on any GPU.
 TEXT_ENCODING_BATCH = 8
@@ -56,6 +69,13 @@ TEXT_ENCODING_BATCH = 8
 
 class UsageError(SystemExit):
     """Bad input: the run stops with one line that names the fix, no traceback, before anything is written."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"error: {message}")
+
+
+class TrainingFault(SystemExit):
+    """A fault mid-run (NaN, out of memory, failed save): one line naming the step; earlier checkpoints stay usable."""
 
     def __init__(self, message: str) -> None:
         super().__init__(f"error: {message}")
@@ -81,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset_config_name", default=None, help="Dataset configuration, if it has several.")
     data.add_argument("--image_column", default="image", help="Dataset column holding the images.")
     data.add_argument("--caption_column", default=None, help="Dataset column holding each image's caption.")
+    data.add_argument(
+        "--strict",
+        action="store_true",
+        help="Stop on an unreadable image instead of skipping it (skipped images are counted in a warning).",
+    )
     data.add_argument("--repeats", type=int, default=1, help="How many times each training image is repeated.")
     data.add_argument("--resolution", type=int, default=512, help="Side of the square training size (pixels).")
     data.add_argument(
@@ -240,6 +265,12 @@ def check_numbers(args: argparse.Namespace) -> str | None:
     for name in ("max_train_steps", "validation_steps", "checkpoints_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             return f"--{name} must be at least 1, got {getattr(args, name)}"
+    for name in ("lr_warmup_steps", "dataloader_num_workers"):
+        if getattr(args, name) < 0:
+            return f"--{name} cannot be negative, got {getattr(args, name)}"
+    for name in ("learning_rate", "max_grad_norm"):
+        if not 0.0 < getattr(args, name) < math.inf:
+            return f"--{name} must be a positive number, got {getattr(args, name)}"
     if not 0.0 <= args.lora_dropout < 1.0:
         return f"--lora_dropout must be in [0, 1), got {args.lora_dropout}"
     if args.num_validation_images < 0:
@@ -249,12 +280,12 @@ def check_numbers(args: argparse.Namespace) -> str | None:
 
 def check_optimizer(args: argparse.Namespace) -> str | None:
     if args.optimizer == "AdamW8bit":
+        if not torch.cuda.is_available():
+            return "--optimizer AdamW8bit needs a CUDA GPU; use --optimizer AdamW on this machine"
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
             return "--optimizer AdamW8bit needs bitsandbytes: pip install bitsandbytes (or use --optimizer AdamW)"
-        if not torch.cuda.is_available():
-            return "--optimizer AdamW8bit needs a CUDA GPU; use --optimizer AdamW on this machine"
     if args.optimizer == "Prodigy":
         try:
             import prodigyopt  # noqa: F401
@@ -335,28 +366,60 @@ def nearest_bucket(size: tuple[int, int], buckets: Sequence[tuple[int, int]]) ->
 
 
 def open_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16-bit and float grayscale rescaled, transparency composited over white."""
     image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257.0).round().astype(np.uint8))
+    elif image.mode in ("I", "F"):  # 32-bit: 16-bit data (PNG) or 0..1 floats, scaled by their range
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if array.max() > 255 else 255.0 if array.max() > 1 else 1.0
+        image = Image.fromarray((np.clip(array / top, 0, 1) * 255).round().astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def read_image(path: Path) -> Image.Image:
-    """Loads an image fully (so a broken file fails here, naming itself, not mid-training)."""
+    """Loads an image fully (so a broken file fails here, naming itself, not mid-training); ValueError if it can't."""
     try:
         with Image.open(path) as image:
             image.load()
             return open_rgb(image)
     except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise UsageError(f"cannot read image {path} ({error}); fix or remove it") from None
+        raise ValueError(f"cannot read image {path} ({error})") from None
 
 
 @dataclass
 class Example:
     image: Image.Image
     prompt: str
+    name: str = ""
+
+
+def readable_images(paths: Sequence[Path], strict: bool, what: str) -> list[tuple[Path, Image.Image]]:
+    """The images that load; the others stop the run under --strict, else are skipped with one warning."""
+    images, unreadable = [], []
+    for path in paths:
+        try:
+            images.append((path, read_image(path)))
+        except ValueError as error:
+            if strict:
+                raise UsageError(f"{error}; fix or remove it (or drop --strict to skip unreadable images)") from None
+            unreadable.append(path.name)
+    if unreadable:
+        logger.warning(
+            "Skipped %d of %d %s that cannot be read: %s (fix or remove them; --strict stops on them instead)",
+            len(unreadable), len(paths), what, ", ".join(unreadable),
+        )  # fmt: skip
+    if paths and not images:
+        raise UsageError(f"none of the {len(paths)} {what} in {paths[0].parent} can be read; replace them")
+    return images
 
 
 def load_folder_examples(args: argparse.Namespace) -> list[Example]:
-    return [Example(read_image(path), args.instance_prompt) for path in list_images(Path(args.instance_data_dir))]
+    images = readable_images(list_images(Path(args.instance_data_dir)), args.strict, "training images")
+    return [Example(image, args.instance_prompt, path.name) for path, image in images]
 
 
 def load_dataset_examples(args: argparse.Namespace) -> list[Example]:
@@ -373,25 +436,47 @@ def load_dataset_examples(args: argparse.Namespace) -> list[Example]:
         column = getattr(args, flag)
         if column is not None and column not in columns:
             raise UsageError(f"--{flag} '{column}' is not in the dataset; its columns are: {', '.join(columns)}")
-    examples = []
+    examples, unreadable = [], []
     for index in range(len(split)):
         try:
             row = split[index]
+            image = open_rgb(row[args.image_column])
         except (UnidentifiedImageError, OSError, ValueError) as error:
-            raise UsageError(f"cannot read image {index} of {args.dataset_name} ({error}); fix or remove it") from None
+            if args.strict:
+                raise UsageError(
+                    f"cannot read image {index} of {args.dataset_name} ({error}); fix or remove it (or drop --strict)"
+                ) from None
+            unreadable.append(str(index))
+            continue
         caption = row[args.caption_column] if args.caption_column else None
         prompt = caption or args.instance_prompt
         if not prompt:
             raise UsageError(f"image {index} of {args.dataset_name} has no caption: add one or pass --instance_prompt")
-        examples.append(Example(open_rgb(row[args.image_column]), prompt))
+        examples.append(Example(image, prompt, f"row {index}"))
+    if unreadable:
+        logger.warning("Skipped %d unreadable rows: %s (--strict stops on them)", len(unreadable), ",".join(unreadable))
     if not examples:
-        raise UsageError(f"--dataset_name {args.dataset_name} has no images")
+        raise UsageError(f"--dataset_name {args.dataset_name} has no readable images")
     return examples
 
 
 def load_instance_examples(args: argparse.Namespace) -> list[Example]:
     examples = load_dataset_examples(args) if args.dataset_name else load_folder_examples(args)
     return [example for example in examples for _ in range(args.repeats)]
+
+
+def warn_about_small_images(examples: Sequence[Example], buckets: Sequence[tuple[int, int]]) -> None:
+    """Images smaller than their bucket train upscaled (and blurrier): said once, with the worst offenders."""
+    small = {
+        f"{example.name} ({example.image.width}x{example.image.height} < {width}x{height})"
+        for example, (height, width) in zip(examples, buckets)
+        if example.image.width < width or example.image.height < height
+    }
+    if small:
+        logger.warning(
+            "%d images are smaller than their training size and are upscaled: %s; use larger images or a lower "
+            "--resolution", len(small), ", ".join(sorted(small)[:5]) + (", ..." if len(small) > 5 else ""),
+        )  # fmt: skip
 
 
 def fit_to_bucket(image: Image.Image, bucket: tuple[int, int], center_crop: bool, rng: random.Random) -> Image.Image:
@@ -505,6 +590,22 @@ def pretrained_kwargs(args: argparse.Namespace) -> dict:
     return {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
 
 
+def check_model(args: argparse.Namespace) -> None:
+    """A missing or misspelt model fails in one line before anything is written (its model_index.json is read)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        DiffusionPipeline.load_config(
+            args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir
+        )
+    except (OSError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(
+            f"cannot load --pretrained_model_name_or_path {args.pretrained_model_name_or_path} ({reason}); give a "
+            "local pipeline folder or a Hub id (gated models need `hf auth login`)"
+        ) from None
+
+
 @dataclass
 class PromptEmbeddings:
     """T5 sequence and CLIP pooled embeddings of one prompt, kept on the CPU while training."""
@@ -530,8 +631,14 @@ def encode_prompts(
     )
     text_pipeline.text_encoder_2.requires_grad_(False)
     if device.type == "cuda" and (offload_plugin.layer_offload_fraction > 0 or offload_plugin.max_vram):
-        offload_model(text_pipeline.text_encoder_2, device, layer_offload_fraction=1.0, gradient_checkpointing=False,
-                      pin_memory=offload_plugin.pin_memory, async_offloading=offload_plugin.async_offloading)
+        offload_model(
+            text_pipeline.text_encoder_2,
+            device,
+            layer_offload_fraction=1.0,
+            gradient_checkpointing=False,
+            pin_memory=offload_plugin.pin_memory,
+            async_offloading=offload_plugin.async_offloading,
+        )
     text_pipeline.to(device)
     unique = sorted(set(prompts))
     cache = {}
@@ -794,9 +901,7 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     """checkpoint-N folders, oldest first."""
     if not output_dir.is_dir():
         return []
-    found = [
-        path for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if path.name[len(CHECKPOINT_PREFIX) :].isdigit()
-    ]
+    found = [path for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if path.name[len(CHECKPOINT_PREFIX) :].isdigit()]
     return sorted(found, key=checkpoint_step)
 
 
@@ -816,17 +921,177 @@ def resolve_checkpoint(args: argparse.Namespace) -> Path | None:
     return None
 
 
-def save_checkpoint(args: argparse.Namespace, accelerator, global_step: int) -> None:
-    """Saves the state as checkpoint-<step>, first removing the oldest beyond --checkpoints_total_limit."""
+def write_lora(model, folder: Path) -> None:
+    """The LoRA in diffusers' format (`pytorch_lora_weights.safetensors`), as `load_lora_weights` reads it."""
+    from diffusers import FluxPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    FluxPipeline.save_lora_weights(
+        folder,
+        transformer_lora_layers=get_peft_model_state_dict(model),
+        transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
+    )
+
+
+def save_final_lora(model, output_dir: Path) -> None:
+    """Written beside the final name and renamed over it: a crash never leaves a half-written LoRA."""
+    partial = output_dir / f"lora{PARTIAL_SUFFIX}"
+    write_lora(model, partial)
+    sync_to_disk(partial)
+    os.replace(partial / LORA_WEIGHT_NAME, output_dir / LORA_WEIGHT_NAME)
+    partial.rmdir()
+
+
+def remove_folder(path: Path) -> None:
+    """Renames, then deletes: a crash mid-way never leaves a half-deleted checkpoint-N for `latest` to pick."""
+    doomed = path.with_name(f"{path.name}.deleting")
+    path.rename(doomed)
+    shutil.rmtree(doomed)
+
+
+def remove_partial_checkpoints(output_dir: Path) -> None:
+    """Folders left by saves that a crash or a full disk interrupted; never resumed from."""
+    for partial in sorted(output_dir.glob(f"{CHECKPOINT_PREFIX}*.*")) if output_dir.is_dir() else []:
+        if partial.is_dir() and partial.suffix in (PARTIAL_SUFFIX, ".deleting"):
+            logger.warning("Removing %s, left by a save that did not finish", partial)
+            shutil.rmtree(partial)
+
+
+def sync_to_disk(folder: Path) -> None:
+    """fsync of every file and of the folder, so the rename that follows publishes complete files."""
+    if os.name != "posix":  # folders cannot be opened for fsync on Windows
+        return
+    for path in [*folder.rglob("*"), folder]:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def inject_save_fault(folder: Path) -> None:
+    """Test-only (see SAVE_FAULT_VARIABLE): a crash or a full disk half-way through writing `folder`."""
+    step, _, fault = os.environ.get(SAVE_FAULT_VARIABLE, "").partition(":")
+    if folder.name != f"{CHECKPOINT_PREFIX}{step}{PARTIAL_SUFFIX}":
+        return
+    if fault == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault == "disk_full":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+
+
+def save_checkpoint(args: argparse.Namespace, accelerator, model, global_step: int) -> None:
+    """Writes checkpoint-<step>.tmp, renames it to checkpoint-<step>, then prunes to --checkpoints_total_limit.
+
+    A crash or a full disk during the write leaves every earlier checkpoint as it was.
+    """
+    check_finite_lora(model, global_step, args)
     output_dir = Path(args.output_dir)
-    if args.checkpoints_total_limit is not None:
-        existing = checkpoint_dirs(output_dir)
-        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-            logger.info("Removing %s (--checkpoints_total_limit %d)", old, args.checkpoints_total_limit)
-            shutil.rmtree(old)
     path = output_dir / f"{CHECKPOINT_PREFIX}{global_step}"
-    accelerator.save_state(str(path))
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    if partial.exists():
+        shutil.rmtree(partial)
+    try:
+        accelerator.save_state(str(partial))
+        sync_to_disk(partial)
+    except (OSError, RuntimeError, SafetensorError) as error:  # how a full disk shows in open, torch.save, safetensors
+        shutil.rmtree(partial, ignore_errors=True)
+        previous = checkpoint_dirs(output_dir)
+        kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise TrainingFault(
+            f"could not save {path.name} at step {global_step} ({type(error).__name__}: {error}); {kept}. "
+            "Free disk space, then run the same command with --resume_from_checkpoint latest"
+        ) from None
+    if path.exists():  # from a run that went further before this one resumed from an earlier checkpoint
+        remove_folder(path)
+    partial.rename(path)
+    sync_to_disk(output_dir)
     logger.info("Saved state to %s", path)
+    if args.checkpoints_total_limit is not None:
+        older = [folder for folder in checkpoint_dirs(output_dir) if folder != path]
+        for old in older[: max(0, len(older) + 1 - args.checkpoints_total_limit)]:
+            logger.info("Removing %s (--checkpoints_total_limit %d)", old, args.checkpoints_total_limit)
+            remove_folder(old)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Faults and interruptions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def last_checkpoint_note(output_dir: Path) -> str:
+    found = checkpoint_dirs(output_dir)
+    if not found:
+        return "no checkpoint was saved yet"
+    return f"the last good checkpoint is {found[-1]}; continue from it with --resume_from_checkpoint latest"
+
+
+def check_finite_step(loss: float, grad_norm: float | None, step: int, args: argparse.Namespace) -> None:
+    """Stops before the optimizer applies a NaN/inf loss or gradient, so weights and checkpoints stay finite."""
+    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+        return
+    raise TrainingFault(
+        f"step {step}: the loss is {loss} (gradient norm {grad_norm}); stopped before the optimizer applied it, no "
+        f"LoRA written. Lower --learning_rate (now {args.learning_rate:g}); "
+        + last_checkpoint_note(Path(args.output_dir))
+    )
+
+
+def check_finite_lora(model, step: int, args: argparse.Namespace) -> None:
+    """The LoRA is never saved with NaN/inf values (a huge learning rate can overflow the weights themselves)."""
+    if all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        return
+    raise TrainingFault(
+        f"step {step}: the LoRA weights are not finite; nothing was saved. Lower --learning_rate (now "
+        f"{args.learning_rate:g}); " + last_checkpoint_note(Path(args.output_dir))
+    )
+
+
+def exit_after_signal(accelerator, checkpoint: Path, received: signal.Signals) -> None:
+    """Once the checkpoint of the step a signal interrupted is saved: how to resume, then exit 128 + signal number."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    logger.warning(
+        "Stopped by %s at step %s; saved %s. To continue, run the same command with --resume_from_checkpoint latest",
+        received.name, checkpoint_step(checkpoint), checkpoint,
+    )  # fmt: skip
+    sys.exit(128 + received)
+
+
+@contextmanager
+def out_of_memory_explained(model, device: torch.device, batch_size: int, resolution: int | str, step: int):
+    """Turns an out-of-memory error in a training step into one line with the memory figures and what to change."""
+    from accelerate_offload.oom import explain_out_of_memory
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        explanation = explain_out_of_memory(model, device, batch_size, resolution)
+        raise TrainingFault(f"step {step}: {explanation}") from None
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM ask for a checkpoint at the next step boundary; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self.previous = {number: signal.signal(number, self.handle) for number in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, number: int, frame) -> None:
+        self.received = signal.Signals(number)
+        self.restore()
+        print(f"{self.received.name}: saving a checkpoint after this step (again to stop now)", file=sys.stderr)
+
+    def restore(self) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def requested(self, accelerator) -> bool:
+        """Whether any process got a signal (all of them stop together)."""
+        if accelerator.num_processes == 1:
+            return self.received is not None
+        flag = torch.tensor([float(self.received is not None)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item())
 
 
 def register_lora_checkpoint_hooks(accelerator, transformer_class: type) -> None:
@@ -835,7 +1100,6 @@ def register_lora_checkpoint_hooks(accelerator, transformer_class: type) -> None
     from diffusers.training_utils import cast_training_params
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft import set_peft_model_state_dict
-    from peft.utils import get_peft_model_state_dict
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         if not accelerator.is_main_process:
@@ -843,12 +1107,9 @@ def register_lora_checkpoint_hooks(accelerator, transformer_class: type) -> None
         for model in models:
             if not isinstance(model, transformer_class):
                 raise TypeError(f"unexpected model to save: {model.__class__.__name__}")
-            FluxPipeline.save_lora_weights(
-                output_dir,
-                transformer_lora_layers=get_peft_model_state_dict(model),
-                transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
-            )
+            write_lora(model, Path(output_dir))
             weights.pop()
+            inject_save_fault(Path(output_dir))
 
     def load_hook(models: list, input_dir: str) -> None:
         while models:
@@ -942,6 +1203,16 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a", encoding="utf-8") as file:
                 file.write(json.dumps(record) + "\n")
+
+    def drop_after(self, step: int) -> None:
+        """Keeps the records up to `step` (all of them when resuming there; none for a new run)."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        partial.write_text("".join(kept), encoding="utf-8")
+        os.replace(partial, self.path)
 
 
 def peak_vram_gb(device: torch.device) -> float | None:
@@ -1067,17 +1338,21 @@ def make_accelerator(args: argparse.Namespace):
 
 
 def setup_logging(accelerator) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        logger.setLevel(logging.ERROR)
+
+
+def quiet_libraries(accelerator) -> None:
     import diffusers
     import transformers
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # one progress bar (the steps) keeps the log readable
     diffusers.utils.logging.set_verbosity_warning()
     diffusers.utils.logging.disable_progress_bar()
     if not accelerator.is_local_main_process:
         diffusers.utils.logging.set_verbosity_error()
-        logger.setLevel(logging.ERROR)
 
 
 def make_offload_plugin(args: argparse.Namespace):
@@ -1101,15 +1376,9 @@ def create_hub_repo(args: argparse.Namespace) -> str:
 
 def main(args: argparse.Namespace) -> None:
     from accelerate.utils import set_seed
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import free_memory
-    from peft.utils import get_peft_model_state_dict
-    from tqdm.auto import tqdm
 
     accelerator = make_accelerator(args)
     setup_logging(accelerator)
-    offload_plugin = make_offload_plugin(args)
     if args.seed is not None:
         set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
@@ -1117,9 +1386,17 @@ def main(args: argparse.Namespace) -> None:
     device, dtype = accelerator.device, weight_dtype_of(accelerator)
     output_dir = Path(args.output_dir)
 
-    # 1. Data first: a broken image fails here, before any model is loaded or anything is written.
+    # 1. Data first: a broken image fails here, in seconds (before diffusers is imported), and nothing is written.
     examples = load_instance_examples(args)
+    offload_plugin = make_offload_plugin(args)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import free_memory
+    from tqdm.auto import tqdm
+
+    quiet_libraries(accelerator)
     buckets = training_buckets(args)
+    check_model(args)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     repo_id = create_hub_repo(args) if accelerator.is_main_process else ""
@@ -1136,8 +1413,9 @@ def main(args: argparse.Namespace) -> None:
     if args.with_prior_preservation:
         generate_class_images(args, embeddings[args.class_prompt], offload_plugin, accelerator, dtype)
         accelerator.wait_for_everyone()
-        class_images = class_image_paths(args)
+        class_images = [path for path, _ in readable_images(class_image_paths(args), args.strict, "class images")]
     dataset = DreamBoothDataset(examples, buckets, class_images, args.class_prompt, args.center_crop, args.random_flip)
+    warn_about_small_images(dataset.examples, dataset.buckets)
     batch_sampler = BucketBatchSampler(dataset, args.train_batch_size, args.seed or 0)
     dataloader = torch.utils.data.DataLoader(
         dataset,
@@ -1207,6 +1485,8 @@ def main(args: argparse.Namespace) -> None:
             logger.info("Resuming from %s", checkpoint)
             accelerator.load_state(str(checkpoint))
             global_step = checkpoint_step(checkpoint)
+    if accelerator.is_main_process:
+        remove_partial_checkpoints(output_dir)
     first_epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -1216,93 +1496,118 @@ def main(args: argparse.Namespace) -> None:
         args.max_train_steps, "on" if offload_plugin.enabled else "off",
     )  # fmt: skip
     metrics = MetricsLog(output_dir / METRICS_FILE, accelerator.is_main_process)
+    metrics.drop_after(global_step)  # steps a stopped run logged after its last checkpoint are trained again
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
+    model = accelerator.unwrap_model(transformer)
+    stop, stopped_by = StopSignals(), None
     step_started = time.perf_counter()
-    for epoch in range(first_epoch, args.num_train_epochs):
-        transformer.train()
-        batch_sampler.set_epoch(epoch)
-        dataloader.set_epoch(epoch)
-        batches = dataloader
-        if epoch == first_epoch and steps_into_epoch:
-            batches = accelerator.skip_first_batches(dataloader, steps_into_epoch * args.gradient_accumulation_steps)
-        for batch in batches:
-            with accelerator.accumulate(transformer):
-                loss = flow_matching_loss(
-                    args,
-                    transformer,
-                    noise_scheduler,
-                    latent_space,
-                    batch_latent_distribution(batch, latent_cache, vae),
-                    stack_embeddings(embeddings, batch["prompts"], device, dtype),
-                    guidance_embeds,
-                    dtype,
+    step_indices: list[int] = []
+    try:
+        for epoch in range(first_epoch, args.num_train_epochs):
+            if global_step >= args.max_train_steps:  # resumed from the last step's checkpoint
+                break
+            transformer.train()
+            batch_sampler.set_epoch(epoch)
+            dataloader.set_epoch(epoch)
+            batches = dataloader
+            if epoch == first_epoch and steps_into_epoch:
+                batches = accelerator.skip_first_batches(
+                    dataloader, steps_into_epoch * args.gradient_accumulation_steps
                 )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            now = time.perf_counter()
-            record = {
-                "step": global_step,
-                "epoch": epoch,
-                "loss": loss.detach().item(),
-                "lr": lr_scheduler.get_last_lr()[0],
-                "seconds_per_step": now - step_started,
-                "size": list(batch["pixels"].shape[-2:]),
-            }
-            postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
-            postfix["s/step"] = f"{record['seconds_per_step']:.2f}"
-            peak = peak_vram_gb(device)
-            if peak is not None:
-                record["peak_vram_gb"] = peak
-                postfix["peak_vram"] = f"{peak:.1f}GB"
-            progress.update(1)
-            progress.set_postfix(**postfix)
-            accelerator.log({key: record[key] for key in ("loss", "lr", "seconds_per_step")}, step=global_step)
-            metrics.write(record)
-            if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
-                save_checkpoint(args, accelerator, global_step)
+            for batch in batches:
+                step_indices += batch["indices"]
+                with (
+                    out_of_memory_explained(model, device, args.train_batch_size, args.resolution, global_step + 1),
+                    accelerator.accumulate(transformer),
+                ):
+                    loss = flow_matching_loss(
+                        args,
+                        transformer,
+                        noise_scheduler,
+                        latent_space,
+                        batch_latent_distribution(batch, latent_cache, vae),
+                        stack_embeddings(embeddings, batch["prompts"], device, dtype),
+                        guidance_embeds,
+                        dtype,
+                    )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
+                        # under fp16 the loss scaler skips steps with inf gradients itself
+                        norm = None if grad_norm is None or accelerator.scaler is not None else float(grad_norm)
+                        check_finite_step(loss.item(), norm, global_step + 1, args)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                now = time.perf_counter()
+                record = {
+                    "step": global_step,
+                    "epoch": epoch,
+                    "loss": loss.detach().item(),
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "seconds_per_step": now - step_started,
+                    "size": list(batch["pixels"].shape[-2:]),
+                    "indices": step_indices,
+                }
+                step_indices = []
+                postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
+                postfix["s/step"] = f"{record['seconds_per_step']:.2f}"
+                peak = peak_vram_gb(device)
+                if peak is not None:
+                    record["peak_vram_gb"] = peak
+                    postfix["peak_vram"] = f"{peak:.1f}GB"
+                progress.update(1)
+                progress.set_postfix(**postfix)
+                accelerator.log({key: record[key] for key in ("loss", "lr", "seconds_per_step")}, step=global_step)
+                metrics.write(record)
+                if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(args, accelerator, model, global_step)
+                if (
+                    accelerator.is_main_process
+                    and args.validation_prompt
+                    and args.num_validation_images
+                    and args.validation_steps
+                    and global_step % args.validation_steps == 0
+                ):
+                    run_validation(
+                        args, accelerator, transformer, vae, embeddings[args.validation_prompt], global_step, dtype
+                    )
+                if stop.requested(accelerator):
+                    stopped_by = stop.received or signal.SIGTERM  # a process that got none stops with the others
+                    if accelerator.is_main_process and global_step % args.checkpointing_steps:
+                        save_checkpoint(args, accelerator, model, global_step)
+                    break
+                step_started = time.perf_counter()  # checkpoints and validation do not count as step time
+                if global_step >= args.max_train_steps:
+                    break
+            if stopped_by:
+                break
             if (
                 accelerator.is_main_process
                 and args.validation_prompt
                 and args.num_validation_images
-                and args.validation_steps
-                and global_step % args.validation_steps == 0
+                and epoch % args.validation_epochs == 0
             ):
                 run_validation(
                     args, accelerator, transformer, vae, embeddings[args.validation_prompt], global_step, dtype
                 )
-            step_started = time.perf_counter()  # checkpoints and validation do not count as step time
-            if global_step >= args.max_train_steps:
-                break
-        if (
-            accelerator.is_main_process
-            and args.validation_prompt
-            and args.num_validation_images
-            and epoch % args.validation_epochs == 0
-        ):
-            run_validation(args, accelerator, transformer, vae, embeddings[args.validation_prompt], global_step, dtype)
-            step_started = time.perf_counter()
-    progress.close()
+                step_started = time.perf_counter()
+    finally:  # the progress bar ends before any error line; Ctrl-C stops at once from here on
+        stop.restore()
+        progress.close()
+    if stopped_by:
+        exit_after_signal(accelerator, output_dir / f"{CHECKPOINT_PREFIX}{global_step}", stopped_by)
 
     # 6. The LoRA in diffusers format, then a fresh pipeline loads it, a model card, and the upload.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        from diffusers import FluxPipeline
-
-        model = accelerator.unwrap_model(transformer)
-        FluxPipeline.save_lora_weights(
-            output_dir,
-            transformer_lora_layers=get_peft_model_state_dict(model),
-            transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
-        )
+        check_finite_lora(model, global_step, args)
+        save_final_lora(model, output_dir)
         logger.info("Saved the LoRA to %s", output_dir / LORA_WEIGHT_NAME)
         del model, transformer, optimizer, lr_scheduler, vae
         accelerator.free_memory()
@@ -1316,4 +1621,8 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: no checkpoint was written now
+        print("Interrupted; nothing was saved by this run (earlier checkpoints are kept)", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

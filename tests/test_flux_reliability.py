@@ -1,0 +1,338 @@
+"""train_flux_lora.py under faults and bad input: one clear line, never a traceback, nothing on disk lost.
+
+Interruption, crash mid-save and exact resume run in test_train_flux.py (they compare with its uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from test_train_flux import INSTANCE_PROMPT, Run, base_args, launch, load_script
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script()
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("flux-reliability")
+
+
+@pytest.fixture(scope="module")
+def mixed_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every awkward PIL mode, one image smaller than the resolution, a truncated PNG and a stray text file."""
+    folder = tmp_path_factory.mktemp("mixed-images")
+    gradient = np.linspace(0, 255, 48 * 48).reshape(48, 48).astype(np.uint8)
+    Image.fromarray(gradient).save(folder / "gray.png")
+    Image.fromarray(gradient.astype(np.uint16) * 257).save(folder / "sixteen_bit.png")
+    rgba = np.dstack([gradient, 255 - gradient, gradient, (gradient > 100).astype(np.uint8) * 255])
+    Image.fromarray(rgba).save(folder / "transparent.png")
+    Image.fromarray(np.dstack([gradient] * 3)).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
+    Image.fromarray(np.dstack([gradient] * 3)).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.new("RGB", (20, 12), "orange").save(folder / "tiny.png")
+    Image.new("RGB", (48, 48), "blue").save(folder / "truncated.png")
+    data = (folder / "truncated.png").read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# In-process: image modes, out-of-memory wiring, NaN checks, metrics on resume
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_every_image_mode_becomes_8_bit_rgb(script, mixed_images: Path) -> None:
+    read = {
+        path.stem: script.read_image(path) for path in mixed_images.glob("*") if path.stem not in ("truncated", "notes")
+    }
+
+    assert {image.mode for image in read.values()} == {"RGB"}
+    assert np.asarray(read["sixteen_bit"])[-1, -1].tolist() == [255, 255, 255], "16-bit white stays white"
+    np.testing.assert_array_equal(np.asarray(read["sixteen_bit"]), np.asarray(read["gray"]))
+    corner = np.asarray(read["transparent"])[0, 0].tolist()
+    assert corner == [255, 255, 255], "transparent pixels become white, not black"
+    assert np.asarray(read["palette"]).std() > 10 and read["tiny"].size == (20, 12)
+    with pytest.raises(ValueError, match="cannot read image .*truncated.png"):
+        script.read_image(mixed_images / "truncated.png")
+
+
+def test_out_of_memory_in_a_step_is_one_line_with_the_fixes(script) -> None:
+    model = torch.nn.Linear(4, 4)  # not offloaded: the advice is to stream blocks
+
+    with (
+        pytest.raises(SystemExit) as stopped,
+        script.out_of_memory_explained(model, torch.device("cpu"), 2, 512, step=7),
+    ):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    message = str(stopped.value.code)
+    assert "\n" not in message and message.startswith("error: step 7: CUDA ran out of memory; layer offloading is off")
+    assert (
+        "layer_offload_fraction" in message and "lower --train_batch_size (now 2) or --resolution (now 512)" in message
+    )
+
+
+def test_non_finite_loss_gradient_or_weights_stop_naming_the_step(script, tmp_path: Path) -> None:
+    args = argparse.Namespace(learning_rate=1e-3, output_dir=str(tmp_path))
+    script.check_finite_step(0.5, 1.0, 3, args)
+    script.check_finite_step(0.5, None, 3, args)  # fp16: the loss scaler handles inf gradients
+    for loss, norm in ((float("nan"), 1.0), (0.5, float("inf"))):
+        with pytest.raises(SystemExit, match="error: step 3: the loss is .* no checkpoint was saved yet"):
+            script.check_finite_step(loss, norm, 3, args)
+    lora = torch.nn.Linear(2, 2)
+    script.check_finite_lora(lora, 4, args)
+    with torch.no_grad():
+        lora.weight[0, 0] = float("inf")
+    with pytest.raises(SystemExit, match="error: step 4: the LoRA weights are not finite"):
+        script.check_finite_lora(lora, 4, args)
+
+
+def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_stops_at_once(script) -> None:
+    """The SIGINT path with a real signal (the SIGTERM one runs end to end in test_train_flux.py)."""
+    one_process = SimpleNamespace(num_processes=1)
+    stop = script.StopSignals()
+    try:
+        assert not stop.requested(one_process)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == signal.SIGINT and stop.requested(one_process)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+
+
+def test_metrics_keep_the_steps_up_to_the_checkpoint_resumed_from(script, tmp_path: Path) -> None:
+    log = script.MetricsLog(tmp_path / "metrics.jsonl", enabled=True)
+    for step in (1, 2, 3):
+        log.write({"step": step})
+
+    log.drop_after(2)
+    assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [1, 2]
+    log.drop_after(0)  # a new run in the same folder
+    assert log.path.read_text() == ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: `accelerate launch --quiet`, one line naming the fix, no traceback, nothing written
+# ----------------------------------------------------------------------------------------------------------------
+
+# (id, change to the arguments or "{placeholders}", ACCELERATE_OFFLOAD_* variables, end of the last stderr line)
+BAD_INPUTS = [
+    (
+        "data-dir-missing",
+        ["--instance_data_dir", "{home}/nowhere"],
+        {},
+        "nowhere is not a folder; point it at a folder",
+    ),
+    ("data-dir-empty", ["--instance_data_dir", "{empty}"], {}, "has no images (.bmp, .gif"),
+    ("images-all-unreadable", ["--instance_data_dir", "{broken}"], {}, "none of the 1 training images in"),
+    ("strict-stops-on-unreadable", ["--strict", True], {}, "truncated.png (image file is truncated"),
+    ("no-instance-prompt", ["--instance_prompt", None], {}, "give --instance_prompt (e.g. 'a photo of sks dog')"),
+    ("two-data-sources", ["--dataset_name", "{captioned}"], {}, "give exactly one of --instance_data_dir"),
+    (
+        "dataset-missing",
+        ["--instance_data_dir", None, "--dataset_name", "{home}/no-dataset"],
+        {},
+        "cannot load --dataset_name",
+    ),
+    (
+        "caption-column-missing",
+        ["--instance_data_dir", None, "--dataset_name", "{captioned}", "--caption_column", "caption"],
+        {},
+        "--caption_column 'caption' is not in the dataset; its columns are: image, text",
+    ),
+    ("resolution-not-16", ["--resolution", "40"], {}, "--resolution must be a multiple of 16, got 40; try 32 or 48"),
+    ("bad-buckets", ["--aspect_ratio_buckets", "512,500"], {}, "sides must be positive multiples of 16"),
+    (
+        "model-missing",
+        ["--pretrained_model_name_or_path", "{home}/no-model"],
+        {},
+        "cannot load --pretrained_model_name_or_path",
+    ),
+    (
+        "resume-missing",
+        ["--resume_from_checkpoint", "checkpoint-7"],
+        {},
+        "checkpoint-7 not found; give a checkpoint-N folder",
+    ),
+    ("output-dir-is-a-file", ["--output_dir", "{a-file}"], {}, "is a file; give a folder"),
+    (
+        "offload-unknown-key",
+        [],
+        {"ACCELERATE_OFFLOAD_LAYER_OFLOAD_FRACTION": "0.5"},
+        "known settings: layer_offload_fraction",
+    ),
+    (
+        "offload-fraction-range",
+        [],
+        {"ACCELERATE_OFFLOAD_LAYER_OFFLOAD_FRACTION": "1.5"},
+        "layer_offload_fraction must be in 0..1, got 1.5",
+    ),
+    (
+        "adamw8bit-without-cuda",
+        ["--optimizer", "AdamW8bit"],
+        {},
+        "--optimizer AdamW8bit needs a CUDA GPU; use --optimizer AdamW",
+    ),
+    ("validation-epochs-zero", ["--validation_epochs", "0"], {}, "--validation_epochs must be at least 1, got 0"),
+    ("negative-steps", ["--max_train_steps", "-3"], {}, "--max_train_steps must be at least 1, got -3"),
+    (
+        "zero-learning-rate",
+        ["--learning_rate", "0"],
+        {},
+        "--learning_rate must be a positive number, got 0.0",
+    ),
+    ("negative-warmup", ["--lr_warmup_steps", "-1"], {}, "--lr_warmup_steps cannot be negative, got -1"),
+]
+
+
+def bad_input_args(change: list, folders: dict[str, str], output_dir: Path, model: Path) -> list[str]:
+    """A valid run's arguments with `change` applied: a flag followed by None is dropped, by True is set alone."""
+    options = {
+        "--pretrained_model_name_or_path": str(model),
+        "--output_dir": str(output_dir),
+        "--instance_data_dir": folders["mixed"],
+        "--instance_prompt": INSTANCE_PROMPT,
+        "--resolution": "32",
+        "--max_sequence_length": "16",
+        "--max_train_steps": "2",
+    }
+    for flag, value in zip(change[0::2], change[1::2]):
+        options[flag] = value.format(**folders) if isinstance(value, str) else value
+    args = []
+    for flag, value in options.items():
+        args += [flag] if value is True else [] if value is None else [flag, value]
+    return args
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tiny_flux_path: Path, mixed_images: Path, home: Path) -> dict[str, Run]:
+    """Every case, two at a time: each fails before any model is loaded, in a few seconds."""
+    from accelerate_offload.tiny_pipelines import write_sample_images
+
+    (home / "empty").mkdir()
+    (home / "broken").mkdir()
+    (home / "broken" / "broken.png").write_bytes(b"not an image")
+    (home / "a-file").write_text("keep me")
+    write_sample_images(home / "captioned", sizes=[(32, 32)], captions=True)
+    folders = {name: str(home / name) for name in ("empty", "broken", "captioned", "a-file")}
+    folders.update(home=str(home), mixed=str(mixed_images))
+
+    def run(case: tuple) -> Run:
+        name, change, env, _ = case
+        return launch(bad_input_args(change, folders, home / name, tiny_flux_path), home, False, extra_env=env)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip([case[0] for case in BAD_INPUTS], pool.map(run, BAD_INPUTS)))
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"), [(case[0], case[3]) for case in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
+)
+def test_bad_input_fails_with_one_clear_line(
+    name: str, expected: str, bad_input_runs: dict[str, Run], home: Path
+) -> None:
+    if name == "adamw8bit-without-cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    run = bad_input_runs[name]
+    last_line = run.stderr.strip().splitlines()[-1]
+
+    assert run.returncode != 0
+    assert "error: " in last_line and expected in last_line, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    if name == "output-dir-is-a-file":
+        assert (home / "a-file").read_text() == "keep me"
+    else:
+        assert not (home / name).exists(), "nothing is written before the input is checked"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Faults mid-run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def finite_lora(path: Path) -> bool:
+    return all(torch.isfinite(tensor).all() for tensor in load_file(path).values())
+
+
+@pytest.fixture(scope="module")
+def disk_full_run(tiny_flux_path: Path, mixed_images: Path, home: Path) -> Run:
+    """Trains on the awkward images (batch 3, so two steps see all six readable ones); the disk fills at step 2."""
+    args = base_args(
+        tiny_flux_path,
+        home / "disk-full",
+        "--instance_data_dir", str(mixed_images),
+        "--instance_prompt", INSTANCE_PROMPT,
+        "--train_batch_size", "3",
+        "--max_train_steps", "2",
+        "--checkpointing_steps", "1",
+        "--report_to", "none",
+    )  # fmt: skip
+    return launch(args, home, expect_success=False, extra_env={"FLUX_LORA_TEST_SAVE_FAULT": "2:disk_full"})
+
+
+def test_unreadable_images_are_skipped_and_every_mode_trains(disk_full_run: Run) -> None:
+    stderr = disk_full_run.stderr
+
+    assert "Skipped 1 of 7 training images that cannot be read: truncated.png" in stderr
+    assert "1 images are smaller than their training size and are upscaled: tiny.png (20x12 < 32x32)" in stderr
+    indices = [index for record in disk_full_run.metrics() for index in record["indices"]]
+    assert sorted(indices) == list(range(6)), "gray, 16-bit, RGBA, palette, CMYK and the tiny image all trained"
+    assert all(np.isfinite(record["loss"]) for record in disk_full_run.metrics())
+
+
+def test_a_full_disk_while_saving_stops_and_keeps_the_previous_checkpoint(disk_full_run: Run) -> None:
+    out = disk_full_run.output_dir
+    last_line = disk_full_run.stderr.strip().splitlines()[-1]
+
+    assert disk_full_run.returncode != 0 and "Traceback" not in disk_full_run.stderr
+    assert last_line.startswith("error: could not save checkpoint-2 at step 2 (OSError: [Errno 28] No space left")
+    assert f"{out / 'checkpoint-1'} is intact" in last_line and "--resume_from_checkpoint latest" in last_line
+    assert sorted(path.name for path in out.iterdir() if path.name.startswith("checkpoint")) == ["checkpoint-1"]
+    assert finite_lora(out / "checkpoint-1" / "pytorch_lora_weights.safetensors")
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_a_huge_learning_rate_stops_at_the_first_nan_and_saves_nothing_broken(
+    tiny_flux_path: Path, sample_images: Path, home: Path
+) -> None:
+    # lr 1e30: step 1 leaves finite but enormous LoRA weights; step 2's forward pass overflows to inf/NaN
+    args = base_args(
+        tiny_flux_path,
+        home / "nan",
+        "--instance_data_dir", str(sample_images),
+        "--instance_prompt", INSTANCE_PROMPT,
+        "--train_batch_size", "2",
+        "--max_train_steps", "3",
+        "--checkpointing_steps", "1",
+        "--learning_rate", "1e30",
+        "--report_to", "none",
+    )  # fmt: skip
+
+    run = launch(args, home, expect_success=False)
+
+    last_line = run.stderr.strip().splitlines()[-1]
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert last_line.startswith(("error: step 2: the loss is nan", "error: step 2: the loss is inf"))
+    assert "Lower --learning_rate (now 1e+30)" in last_line
+    assert f"the last good checkpoint is {run.output_dir / 'checkpoint-1'}" in last_line
+    assert [record["step"] for record in run.metrics()] == [1]
+    assert sorted(path.name for path in run.output_dir.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert finite_lora(run.output_dir / "checkpoint-1" / "pytorch_lora_weights.safetensors")
+    assert not (run.output_dir / "pytorch_lora_weights.safetensors").exists()
