@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -127,7 +128,7 @@ def _launch(args: argparse.Namespace) -> int:
 
     with _accelerate_config_file(config, config_path) as accelerate_config:
         args.config_file = accelerate_config
-        with patch_environment(**exported):
+        with patch_environment(**exported), _workers_get_the_signals():
             try:
                 launch_command(args)
             except subprocess.CalledProcessError as error:
@@ -135,6 +136,34 @@ def _launch(args: argparse.Namespace) -> int:
                 logger.error("the training script exited with code %d", error.returncode)
                 return error.returncode
     return 0
+
+
+@contextmanager
+def _workers_get_the_signals() -> Iterator[None]:
+    """SIGTERM goes on to the training processes and Ctrl-C is left to them, so they can save and exit.
+
+    Accelerate's launcher forwards neither: SIGTERM would kill it and orphan a training worker, and Ctrl-C
+    (which the terminal sends to the worker too) would end it mid-save with a traceback. The launcher instead
+    waits and returns the worker's exit code.
+    """
+    import psutil
+
+    def forward(signum: int, frame: Any) -> None:
+        for child in psutil.Process().children():
+            try:
+                child.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+        signal.SIGINT: signal.signal(signal.SIGINT, lambda signum, frame: None),
+    }
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _config_accelerate_reads(args: argparse.Namespace) -> Path | None:

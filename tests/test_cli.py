@@ -431,3 +431,25 @@ def test_bad_value_fails_end_to_end_with_one_line(tmp_path: Path) -> None:
         "accelerate-offload: ERROR: layer_offload_fraction must be in 0..1, got 1.5"
     ]
     assert not report_path.exists()
+
+
+def test_sigterm_to_the_launcher_reaches_the_worker_which_saves(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    marker = tmp_path / "marker.txt"
+    script = Path(__file__).parent / "scripts" / "wait_for_sigterm.py"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "accelerate_offload.cli", "launch", "--cpu", "--num_processes", "1",
+         "--num_cpu_threads_per_process", "1", str(script), str(marker)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 90
+    while not marker.with_suffix(".ready").exists():
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[0]
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGTERM)
+    output, _ = launcher.communicate(timeout=60)
+    assert marker.read_text() == "saved", output
+    assert launcher.returncode == 143, output
+    assert "Traceback" not in output
