@@ -1,0 +1,49 @@
+"""Two-process training under accelerate (DDP on CPU): the offloaded model and a plain one end equal."""
+
+import copy
+import json
+import sys
+
+import torch
+from accelerate import Accelerator
+
+_here = __import__("pathlib").Path(__file__).resolve()
+sys.path[:0] = [str(_here.parents[1]), str(_here.parents[2])]
+from accelerate_offload import offload_model  # noqa: E402
+from toy_models import ToyTransformer, add_lora  # noqa: E402
+
+
+def train(model: torch.nn.Module, accelerator: Accelerator) -> dict[str, torch.Tensor]:
+    """Three steps on this rank's own batches; returns the LoRA parameters after them."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    generator = torch.Generator().manual_seed(100 + accelerator.process_index)  # each rank its own data
+    for _ in range(3):
+        inputs = (torch.randn(2, 10, 16, generator=generator), torch.randn(2, 4, 16, generator=generator),
+                  torch.randn(2, 16, generator=generator))
+        loss = model(*inputs).square().mean()
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    return {n: p.detach() for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+
+
+accelerator = Accelerator(cpu=True)
+torch.manual_seed(0)
+plain = add_lora(ToyTransformer(16, 4), ["to_q", "to_out"])
+offloaded = copy.deepcopy(plain)
+initial = {n: p.detach().clone() for n, p in plain.named_parameters() if p.requires_grad}
+offload_model(offloaded, accelerator.device, block_names=["blocks"], layer_offload_fraction=0.5,
+              activation_offloading=True, activation_min_bytes=0)
+expected, actual = train(plain, accelerator), train(offloaded, accelerator)
+equal = all(torch.equal(expected[name], actual[name]) for name in expected)
+gathered = accelerator.gather(torch.cat([p.flatten() for p in actual.values()])[None])
+result = {
+    "processes": accelerator.num_processes,
+    "equal_to_plain": equal,
+    "ranks_agree": bool(torch.equal(gathered[0], gathered[-1])),
+    "trained": any(not torch.equal(actual[name], initial[name]) for name in initial),
+}
+if accelerator.is_main_process:
+    with open(sys.argv[1], "w") as handle:
+        json.dump(result, handle)
