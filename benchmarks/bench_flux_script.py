@@ -41,8 +41,10 @@ def launch_command(config: str, args: argparse.Namespace, images: Path, output: 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if config == RESIDENT:
         env["ACCELERATE_OFFLOAD_LAYER_OFFLOAD_FRACTION"] = "0"
-        return ["accelerate", "launch", "--num_processes", "1", "--mixed_precision", "bf16", *script], env
-    return ["accelerate-offload", "launch", "--config_file", str(ROOT / "configs" / config), *script], env
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "bf16",
+                *script], env
+    return [sys.executable, "-m", "accelerate_offload.cli", "launch", "--config_file", str(ROOT / "configs" / config),
+            *script], env
 
 
 def summarize(config: str, output: Path, seconds: float, warmup: int, returncode: int) -> dict:
