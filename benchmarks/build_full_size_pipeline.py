@@ -54,6 +54,7 @@ def main() -> None:
                                                     pad_token_id=clip_tokenizer.pad_token_id))
         vae = AutoencoderKL(**FLUX_VAE)
     torch.set_default_dtype(torch.float32)
+    print(f"built the models on {device} in {time.perf_counter() - start:.0f} s; writing {args.output_dir}", flush=True)
     pipeline = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG), vae=vae, text_encoder=text_encoder,
         tokenizer=clip_tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer, transformer=transformer,
