@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .activations import ActivationShuttle
 from .conductor import LayerOffloadConductor
+from .recompute import recomputation
 
 
 class OffloadCheckpointLayer:
@@ -79,7 +80,8 @@ class OffloadCheckpointLayer:
                 filled[position] = tensor if tensor.device == device else tensor.to(device, non_blocking=True)
             call_args, call_kwargs = tree_unflatten(filled, spec)
             self.conductor.before_block(self.index, backward=recomputing)
-            output = self.block_forward(*call_args, **call_kwargs)
+            with recomputation(recomputing):
+                output = self.block_forward(*call_args, **call_kwargs)
             if not recomputing:
                 self.conductor.after_block(self.index)
             return output

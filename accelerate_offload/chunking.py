@@ -9,7 +9,11 @@ inputs and outputs outlive it:
 2. per query chunk: modulation and norm, query, attention against all keys and values, out-projection, gated
    residual, second norm and modulation, MLP, gated residual.
 
-Backward recomputes one chunk at a time and autograd sums the key and value gradients of all query chunks.
+Phase 2 is one autograd node (`_ChunkedRows`): its forward runs the row chunks without building a graph and keeps
+only their inputs (block input, keys, values); its backward recomputes and differentiates one chunk at a time,
+summing the key, value and LoRA gradients over the chunks. Inside the offload runtime's per-block checkpoint, the
+block's recomputation for backward stops right after phase 1 (see `recompute`): phase 2's outputs would be thrown
+away, so the rows cost one forward more than an unchunked block, not two.
 The text stream (512 tokens for Flux) is one chunk; `chunks` splits the image tokens. The math mirrors
 diffusers 0.42.1 op for op (same modules, same order, same dtypes), calling modules rather than their weights so
 that PEFT LoRA layers work unchanged. Attention processors, fused projections, context parallelism, feed-forward
@@ -46,6 +50,8 @@ from diffusers.models.transformers.transformer_flux import (
 )
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .recompute import outputs_discarded
 
 MAX_CHUNK_TOKENS = 4096
 
@@ -131,10 +137,116 @@ def _run_chunk(function: Callable[..., Any], *args: Any, rng: bool) -> Any:
     return function(*args)
 
 
+def _dropout_active(block: nn.Module) -> bool:
+    return any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in block.modules())
+
+
 def _chunk_runner(block: nn.Module) -> Callable[..., Any]:
     """`_run_chunk` with the RNG state kept only if some dropout in the block is active."""
-    rng = any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in block.modules())
-    return partial(_run_chunk, rng=rng)
+    return partial(_run_chunk, rng=_dropout_active(block))
+
+
+@dataclass(frozen=True)
+class _RowJob:
+    """One chunk of phase 2: `function(rows, *extras)` for rows [start, end) of input `source`, giving the same rows
+    of that source's output. An extra is an input index (the tensor passed whole, or None for a None input) or
+    `(index, offset)`: rows [offset + start, offset + end) of a RoPE table (RoPE tables get no gradient)."""
+
+    function: ChunkFunction
+    source: int
+    start: int
+    end: int
+    extras: tuple[int | tuple[int, int], ...]
+
+    def arguments(self, rows: torch.Tensor, whole: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        arguments = [rows]
+        for extra in self.extras:
+            if isinstance(extra, int):
+                arguments.append(whole[extra])
+            else:
+                table, offset = whole[extra[0]], extra[1]
+                arguments.append(None if table is None else table[offset + self.start : offset + self.end])
+        return arguments
+
+
+class _ChunkedRows(torch.autograd.Function):
+    """Phase 2 as one autograd node: a graph for one chunk at a time, and only in backward.
+
+    Inputs are `jobs`, the source order of the outputs, the number of trainable parameters at the end, then the
+    tensors the jobs index and those parameters (passed so that their gradients flow through this node once, as
+    distributed data parallel expects, rather than being accumulated into `.grad` chunk by chunk).
+    """
+
+    @staticmethod
+    def forward(ctx, jobs: tuple[_RowJob, ...], sources: tuple[int, ...], parameter_count: int, *inputs: Any):
+        tensors = list(inputs[: len(inputs) - parameter_count])
+        ctx.jobs, ctx.sources, ctx.parameters = jobs, sources, inputs[len(tensors) :]
+        device_type = tensors[sources[0]].device.type
+        ctx.autocast = dict(device_type=device_type, dtype=torch.get_autocast_dtype(device_type),
+                            enabled=torch.is_autocast_enabled(device_type))
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*tensors)
+        if outputs_discarded():  # a recomputation for backward: keeping the inputs is all it is for
+            return tuple(torch.zeros((), dtype=tensors[s].dtype, device=tensors[s].device).expand(tensors[s].shape)
+                         for s in sources)
+        outputs: dict[int, torch.Tensor] = {}
+        for job in jobs:
+            source = tensors[job.source]
+            rows = job.function(*job.arguments(source[:, job.start : job.end], tensors))
+            if job.source not in outputs:
+                outputs[job.source] = torch.empty(source.shape, dtype=rows.dtype, device=rows.device)
+            outputs[job.source][:, job.start : job.end] = rows
+        return tuple(outputs[s] for s in sources)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs: torch.Tensor | None):
+        tensors = list(ctx.saved_tensors)
+        needs = ctx.needs_input_grad[3:]
+        shared = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(tensors, needs)]
+        grads: list[torch.Tensor | None] = [None] * len(needs)
+        parameters = list(ctx.parameters)
+        for job in ctx.jobs:
+            grad_rows = grad_outputs[ctx.sources.index(job.source)]
+            if grad_rows is None:
+                continue
+            source = tensors[job.source][:, job.start : job.end].detach().requires_grad_(needs[job.source])
+            with torch.enable_grad(), torch.autocast(**ctx.autocast):
+                rows = job.function(*job.arguments(source, shared))
+            wanted = [(job.source, source)] + [
+                (index, shared[index]) for index in dict.fromkeys(e for e in job.extras if isinstance(e, int))
+                if shared[index] is not None and shared[index].requires_grad
+            ] + [(len(tensors) + i, p) for i, p in enumerate(parameters)]
+            wanted = [(index, tensor) for index, tensor in wanted if tensor.requires_grad]
+            if not wanted or not rows.requires_grad:
+                continue
+            chunk_grads = torch.autograd.grad(rows, [t for _, t in wanted], grad_rows[:, job.start : job.end],
+                                              allow_unused=True)
+            for (index, _), grad in zip(wanted, chunk_grads, strict=True):
+                if grad is None:
+                    continue
+                if index == job.source:
+                    if grads[index] is None:
+                        grads[index] = torch.zeros_like(tensors[index])
+                    grads[index][:, job.start : job.end] += grad
+                elif grads[index] is None:
+                    grads[index] = grad
+                else:
+                    grads[index] += grad
+        return (None, None, None, *grads)
+
+
+def _run_rows(block: nn.Module, jobs: list[_RowJob], sources: tuple[int, ...], tensors: list) -> tuple:
+    """Phase 2: one `_ChunkedRows` node when training; chunk by chunk without a graph under no_grad; per-chunk
+    checkpoints when a dropout draws random numbers (their RNG state must be replayed exactly)."""
+    if torch.is_grad_enabled() and not _dropout_active(block):
+        parameters = [p for p in block.parameters() if p.requires_grad]
+        return _ChunkedRows.apply(tuple(jobs), sources, len(parameters), *tensors, *parameters)
+    run = _chunk_runner(block)
+    outputs: dict[int, list[torch.Tensor]] = {}
+    for job in jobs:
+        rows = tensors[job.source][:, job.start : job.end]
+        outputs.setdefault(job.source, []).append(run(job.function, *job.arguments(rows, tensors)))
+    return tuple(torch.cat(outputs[s], dim=1) for s in sources)
 
 
 def _text_then_image(
@@ -304,8 +416,14 @@ def _flux_chunked(
         run = _chunk_runner(block)
         keys_values = [run(key_value[p.stream], p.rows, temb, p.cos, p.sin) for p in parts]
         key, value = _join(keys_values, sequence_dim=1)
-        outputs = [run(rows[p.stream], p.rows, temb, key, value, p.cos, p.sin) for p in parts]
-        return outputs[0], torch.cat(outputs[1:], dim=1)
+        cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        tensors = [hidden_states, encoder_hidden_states, temb, key, value, cos, sin]
+        text = encoder_hidden_states.shape[1]
+        jobs = [_RowJob(rows["text"], 1, 0, text, (2, 3, 4, (5, 0), (6, 0)))] + [
+            _RowJob(rows["image"], 0, start, end, (2, 3, 4, (5, text), (6, text)))
+            for start, end in _spans(hidden_states.shape[1], chunks)
+        ]
+        return _run_rows(block, jobs, (1, 0), tensors)
 
     return forward
 
@@ -475,9 +593,14 @@ def _sd3_joint(block: JointTransformerBlock, chunks: int, whole: Callable[..., A
         text_kv = run(text_key_value, encoder_hidden_states, temb)
         key, value = _join([kv[:2] for kv in image_kv] + [text_kv], sequence_dim=2)
         self_kv = _join([kv[2:] for kv in image_kv], sequence_dim=2)  # attn2's, with dual attention
-        outputs = [run(image_rows, rows, temb, key, value, *self_kv) for rows in image]
-        context = None if block.context_pre_only else run(text_rows, encoder_hidden_states, temb, key, value)
-        return context, torch.cat(outputs, dim=1)
+        tensors = [hidden_states, encoder_hidden_states, temb, key, value, *self_kv]
+        extras = (2, 3, 4) + tuple(range(5, len(tensors)))
+        jobs = [_RowJob(image_rows, 0, start, end, extras) for start, end in _spans(hidden_states.shape[1], chunks)]
+        if block.context_pre_only:
+            return None, _run_rows(block, jobs, (0,), tensors)[0]
+        jobs.append(_RowJob(text_rows, 1, 0, encoder_hidden_states.shape[1], (2, 3, 4)))
+        image_output, context = _run_rows(block, jobs, (0, 1), tensors)
+        return context, image_output
 
     return forward
 

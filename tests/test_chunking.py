@@ -213,6 +213,22 @@ def test_composes_with_offload_runtime(model_name: str) -> None:
     assert conductor.streamed_on_device == []
 
 
+@pytest.mark.parametrize("model_name", ["flux", "sd3"])
+def test_recomputation_for_backward_skips_the_row_chunks(model_name: str) -> None:
+    """Each feed-forward chunk runs once forward and once in backward: the block's recomputation inside the
+    runtime's checkpoint stops after keys and values instead of computing rows whose output it would discard."""
+    build, inputs = MODELS[model_name]
+    model = with_lora(build())
+    conductor = offload_model(model, "cpu", layer_offload_fraction=1.0, sequence_chunks=2)
+    calls: list[str] = []
+    for index, block in enumerate(conductor.blocks):
+        if hasattr(block, "ff"):
+            block.ff.register_forward_hook(lambda *_, index=index: calls.append(index))
+    train_step(model, inputs())
+    fed_forward = [block for block in range(len(conductor.blocks)) if block in calls]
+    assert fed_forward and all(calls.count(block) == 2 * 2 for block in fed_forward), calls
+
+
 def test_unknown_blocks_return_none() -> None:
     assert chunked_forward(torch.nn.Linear(4, 4), 2) is None
     assert chunked_forward(SD3SingleTransformerBlock(DIM, HEADS, HEAD_DIM), 2) is None
