@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import torch
@@ -33,6 +34,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch.utils.checkpoint import checkpoint
 
 from accelerate_offload.chunking import chunked_forward
+from accelerate_offload.recompute import recomputation
 
 TEXT_TOKENS = 512
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -123,8 +125,16 @@ def forward_backward(
     """One checkpointed forward and backward from cleared gradients, as the offload runtime runs each block."""
     clear_grads(block, inputs)
     tensors = {k: v for k, v in inputs.items() if k != "image_rotary_emb"}
+    runs = 0
+
+    def run(**kwargs: torch.Tensor) -> Any:  # the second run is the recomputation for backward, as in the runtime
+        nonlocal runs
+        runs += 1
+        with recomputation(runs > 1):
+            return forward(**kwargs)
+
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        outputs = checkpoint(forward, **tensors, image_rotary_emb=inputs["image_rotary_emb"], use_reentrant=False)
+        outputs = checkpoint(run, **tensors, image_rotary_emb=inputs["image_rotary_emb"], use_reentrant=False)
     torch.autograd.backward(outputs, output_grads)
 
 
