@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -141,6 +142,7 @@ def test_sixteen_block_toy_peak_stays_under_bound_and_flat_over_200_steps() -> N
     block_bytes = sum(t.numel() * t.element_size() for t in model.blocks[0].parameters() if not t.requires_grad)
     trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
     hidden = 256 * width * 2
+    gc.collect()  # models of earlier tests, freed by a later cycle collection mid-run, would move the figures
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
