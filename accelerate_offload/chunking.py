@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -172,15 +173,16 @@ class _RowJob:
 class _ChunkedRows(torch.autograd.Function):
     """Phase 2 as one autograd node: a graph for one chunk at a time, and only in backward.
 
-    Inputs are `jobs`, the source order of the outputs, the number of trainable parameters at the end, then the
-    tensors the jobs index and those parameters (passed so that their gradients flow through this node once, as
-    distributed data parallel expects, rather than being accumulated into `.grad` chunk by chunk).
+    Inputs are `jobs`, the source order of the outputs, the block's trainable parameter slots, then the tensors
+    the jobs index and the trainable parameters themselves. Parameters are inputs so that their gradients leave
+    this node once per step, as distributed data parallel expects; in backward the chunks write theirs into
+    stand-ins (see `_stand_ins`).
     """
 
     @staticmethod
-    def forward(ctx, jobs: tuple[_RowJob, ...], sources: tuple[int, ...], parameter_count: int, *inputs: Any):
-        tensors = list(inputs[: len(inputs) - parameter_count])
-        ctx.jobs, ctx.sources, ctx.parameters = jobs, sources, inputs[len(tensors) :]
+    def forward(ctx, jobs: tuple[_RowJob, ...], sources: tuple[int, ...], slots: tuple, *inputs: Any):
+        tensors = list(inputs[: len(inputs) - len(slots)])
+        ctx.jobs, ctx.sources, ctx.slots, ctx.tensor_count = jobs, sources, slots, len(tensors)
         device_type = tensors[sources[0]].device.type
         ctx.autocast = dict(device_type=device_type, dtype=torch.get_autocast_dtype(device_type),
                             enabled=torch.is_autocast_enabled(device_type))
@@ -200,47 +202,71 @@ class _ChunkedRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs: torch.Tensor | None):
+        """Autograd's own accumulation into `.grad` of detached leaves: each chunk's key and value gradients are
+        added in place as soon as attention's backward makes them, then freed, as with plain autograd."""
         tensors = list(ctx.saved_tensors)
-        needs = ctx.needs_input_grad[3:]
+        needs = ctx.needs_input_grad[3 : 3 + ctx.tensor_count]
         shared = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(tensors, needs)]
-        grads: list[torch.Tensor | None] = [None] * len(needs)
-        parameters = list(ctx.parameters)
-        for job in ctx.jobs:
-            grad_rows = grad_outputs[ctx.sources.index(job.source)]
-            if grad_rows is None:
-                continue
-            source = tensors[job.source][:, job.start : job.end].detach().requires_grad_(needs[job.source])
-            with torch.enable_grad(), torch.autocast(**ctx.autocast):
-                rows = job.function(*job.arguments(source, shared))
-            wanted = [(job.source, source)] + [
-                (index, shared[index]) for index in dict.fromkeys(e for e in job.extras if isinstance(e, int))
-                if shared[index] is not None and shared[index].requires_grad
-            ] + [(len(tensors) + i, p) for i, p in enumerate(parameters)]
-            wanted = [(index, tensor) for index, tensor in wanted if tensor.requires_grad]
-            if not wanted or not rows.requires_grad:
-                continue
-            chunk_grads = torch.autograd.grad(rows, [t for _, t in wanted], grad_rows[:, job.start : job.end],
-                                              allow_unused=True)
-            for (index, _), grad in zip(wanted, chunk_grads, strict=True):
-                if grad is None:
+        grads: list[torch.Tensor | None] = [None] * len(tensors)
+        with _stand_ins(ctx.slots) as parameters:
+            for job in ctx.jobs:
+                grad_rows = grad_outputs[ctx.sources.index(job.source)]
+                if grad_rows is None:
                     continue
-                if index == job.source:
-                    if grads[index] is None:
-                        grads[index] = torch.zeros_like(tensors[index])
-                    grads[index][:, job.start : job.end] += grad
-                elif grads[index] is None:
-                    grads[index] = grad
-                else:
-                    grads[index] += grad
-        return (None, None, None, *grads)
+                source = tensors[job.source][:, job.start : job.end].detach().requires_grad_(needs[job.source])
+                with torch.enable_grad(), torch.autocast(**ctx.autocast):
+                    rows = job.function(*job.arguments(source, shared))
+                whole = [shared[e] for e in dict.fromkeys(e for e in job.extras if isinstance(e, int))]
+                inputs = [t for t in [source, *whole, *parameters] if t is not None and t.requires_grad]
+                if not inputs or not rows.requires_grad:
+                    continue
+                torch.autograd.backward(rows, grad_rows[:, job.start : job.end], inputs=inputs)
+                del rows  # the chunk's output goes before the next chunk allocates its own
+                if source.grad is not None:
+                    if grads[job.source] is None:
+                        grads[job.source] = torch.zeros_like(tensors[job.source])
+                    grads[job.source][:, job.start : job.end] = source.grad
+        for index, leaf in enumerate(shared):
+            if grads[index] is None and leaf is not None and leaf.grad is not None:
+                grads[index] = leaf.grad
+        return (None, None, None, *grads, *(p.grad for p in parameters))
+
+
+def _trainable_slots(block: nn.Module) -> tuple[tuple[nn.Module, str], ...]:
+    """Where each trainable parameter of `block` lives: (owning module, attribute name)."""
+    return tuple(
+        (module, name)
+        for module in block.modules()
+        for name, parameter in module._parameters.items()
+        if parameter is not None and parameter.requires_grad
+    )
+
+
+@contextmanager
+def _stand_ins(slots: tuple[tuple[nn.Module, str], ...]) -> Iterator[list[nn.Parameter]]:
+    """Puts a fresh leaf sharing each trainable parameter's storage in its place while the chunks run backward.
+
+    Their `.grad` sums the chunks' gradients; the real parameters (whose gradient hooks distributed data parallel
+    watches) then receive the sum once, from `_ChunkedRows`.
+    """
+    originals = [module._parameters[name] for module, name in slots]
+    stand_ins = [nn.Parameter(parameter.detach()) for parameter in originals]
+    for (module, name), stand_in in zip(slots, stand_ins, strict=True):
+        module._parameters[name] = stand_in
+    try:
+        yield stand_ins
+    finally:
+        for (module, name), original in zip(slots, originals, strict=True):
+            module._parameters[name] = original
 
 
 def _run_rows(block: nn.Module, jobs: list[_RowJob], sources: tuple[int, ...], tensors: list) -> tuple:
     """Phase 2: one `_ChunkedRows` node when training; chunk by chunk without a graph under no_grad; per-chunk
     checkpoints when a dropout draws random numbers (their RNG state must be replayed exactly)."""
     if torch.is_grad_enabled() and not _dropout_active(block):
-        parameters = [p for p in block.parameters() if p.requires_grad]
-        return _ChunkedRows.apply(tuple(jobs), sources, len(parameters), *tensors, *parameters)
+        slots = _trainable_slots(block)
+        parameters = [module._parameters[name] for module, name in slots]
+        return _ChunkedRows.apply(tuple(jobs), sources, slots, *tensors, *parameters)
     run = _chunk_runner(block)
     outputs: dict[int, list[torch.Tensor]] = {}
     for job in jobs:
