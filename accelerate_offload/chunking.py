@@ -208,8 +208,9 @@ class _ChunkedRows(torch.autograd.Function):
         needs = ctx.needs_input_grad[3 : 3 + ctx.tensor_count]
         shared = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(tensors, needs)]
         grads: list[torch.Tensor | None] = [None] * len(tensors)
+        rows_grads: dict[int, list[tuple[_RowJob, torch.Tensor]]] = {}  # joined at the end: no zero-filled whole
         with _stand_ins(ctx.slots) as parameters:
-            for job in ctx.jobs:
+            for job in reversed(ctx.jobs):  # as autograd would: the text rows' gradient does not wait through all
                 grad_rows = grad_outputs[ctx.sources.index(job.source)]
                 if grad_rows is None:
                     continue
@@ -223,13 +224,19 @@ class _ChunkedRows(torch.autograd.Function):
                 torch.autograd.backward(rows, grad_rows[:, job.start : job.end], inputs=inputs)
                 del rows  # the chunk's output goes before the next chunk allocates its own
                 if source.grad is not None:
-                    if grads[job.source] is None:
-                        grads[job.source] = torch.zeros_like(tensors[job.source])
-                    grads[job.source][:, job.start : job.end] = source.grad
+                    rows_grads.setdefault(job.source, []).append((job, source.grad))
+        for index, pieces in rows_grads.items():
+            grads[index] = _join_rows(pieces)
         for index, leaf in enumerate(shared):
             if grads[index] is None and leaf is not None and leaf.grad is not None:
                 grads[index] = leaf.grad
         return (None, None, None, *grads, *(p.grad for p in parameters))
+
+
+def _join_rows(pieces: list[tuple[_RowJob, torch.Tensor]]) -> torch.Tensor:
+    """A source's gradient from its chunks' row gradients (its jobs tile its rows, and all of them ran)."""
+    pieces = sorted(pieces, key=lambda piece: piece[0].start)
+    return pieces[0][1] if len(pieces) == 1 else torch.cat([grad for _, grad in pieces], dim=1)
 
 
 def _trainable_slots(block: nn.Module) -> tuple[tuple[nn.Module, str], ...]:
