@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -171,7 +172,12 @@ def main() -> None:
     parser.add_argument("--output_dir", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--timeline", type=Path, default=None,
                         help="write a VRAM timeline (PNG + JSON) of one step of the first streamed setting")
+    parser.add_argument("--expandable_segments", action="store_true",
+                        help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: reserved memory closer to allocated "
+                             "where blocks of different sizes and token chunks fragment the caching allocator")
     args = parser.parse_args()
+    if args.expandable_segments:  # read when the allocator first runs: nothing has touched the GPU yet
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     if not torch.cuda.is_available():
         raise SystemExit("error: this benchmark needs a CUDA GPU")
     device = torch.device("cuda", 0)
@@ -208,11 +214,12 @@ def main() -> None:
                 loss_falls=losses[-1] < losses[0], streamed_gb_per_step=round(streamed, 2),
                 resident_blocks=conductor.resident_count,
                 within_budget=allocated * 1e9 <= parse_memory(options["max_vram"]) if "max_vram" in options else None,
-                settings={**options, "setup_seconds": round(setup_seconds, 1)},
+                settings={**options, "setup_seconds": round(setup_seconds, 1),
+                          "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")},
             )
             results.append(result)
             print(json.dumps(asdict(result)), flush=True)
-            name = f"{args.model}_{resolution}_{setting}.json"
+            name = f"{args.model}_{resolution}_{setting}{'-expandable' if args.expandable_segments else ''}.json"
             (args.output_dir / name).write_text(json.dumps(asdict(result), indent=2) + "\n")
         remove_offload(model, device if setting == "resident" else "cpu")
     print(f"\n{'model':5} {'res':>5} {'setting':28} {'s/step':>7} {'ratio':>6} {'alloc GB':>9} {'resv GB':>8} "
