@@ -61,6 +61,7 @@ def bf16_step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
     {"layer_offload_fraction": 1.0, "activation_offloading": True},
     {"layer_offload_fraction": 0.5, "activation_offloading": True, "prefetch_blocks": 2},
     {"layer_offload_fraction": 1.0, "activation_offloading": False, "prefetch_blocks": 0},
+    {"layer_offload_fraction": 1.0, "activation_offloading": True, "sequence_chunks": 2},
 ])
 def test_flux_lora_gradients_match_resident_in_bf16(settings: dict) -> None:
     reference = with_lora(bigger_flux())
