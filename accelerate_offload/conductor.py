@@ -122,7 +122,7 @@ class LayerOffloadConductor:
         self._end_of_backward_queued = False
         self.evict_all()
         if self.planner is not None and self.planner.measuring:
-            resident, self.prefetch_blocks = self.planner.plan(self)
+            resident, self.prefetch_blocks = self.planner.plan(self, self.planner.measured_peak())
             self.make_resident(resident)
             self.planner = None
 

@@ -67,17 +67,21 @@ def offload_model(
         pinned,
         activations,
     )
-    if max_vram is not None:
-        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        conductor.planner = VramPlanner(parse_memory(max_vram), device, optimizer_state_bytes=2 * trainable)
     conductor.layers = [
         OffloadCheckpointLayer(block, index, conductor, gradient_checkpointing, activations)
         for index, (_, block) in enumerate(blocks)
     ]
+    chunked_any = False
     for layer, (_, block) in zip(conductor.layers, blocks):
         chunked = chunked_block_forward(block, sequence_chunks)
         if chunked is not None:
-            layer.block_forward = chunked
+            layer.block_forward, chunked_any = chunked, True
+    if max_vram is not None:
+        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        remedies = (() if activation_offloading else ("turn on activation_offloading",)) + (
+            ("set sequence_chunks: auto",) if not chunked_any and chunked_block_forward(blocks[0][1], 2) else ()
+        )
+        conductor.planner = VramPlanner(parse_memory(max_vram), device, 2 * trainable, remedies)
     model.to(device)
     model._offload_conductor = conductor
     model._ddp_params_and_buffers_to_ignore = _streamed_names(model, blocks, conductor)

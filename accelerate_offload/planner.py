@@ -44,29 +44,34 @@ def parse_memory(value: str | int | float) -> int:
 class VramPlanner:
     """Measures the first training step and chooses the resident set and prefetch depth for `budget` bytes."""
 
-    def __init__(self, budget: int, device: torch.device, optimizer_state_bytes: int) -> None:
+    def __init__(
+        self, budget: int, device: torch.device, optimizer_state_bytes: int, remedies: tuple[str, ...] = ()
+    ) -> None:
         self.budget = budget
         self.device = device
         self.optimizer_state_bytes = optimizer_state_bytes
+        self.remedies = remedies  # settings still off that lower the streamed peak, named if the budget is too low
         self.measuring = False
 
     def start_measuring(self) -> None:
         torch.cuda.reset_peak_memory_stats(self.device)
         self.measuring = True
 
-    def plan(self, conductor: LayerOffloadConductor) -> tuple[list[int], int]:
-        """Resident blocks and prefetch depth from the peak of the step just finished."""
-        peak = torch.cuda.max_memory_allocated(self.device)
+    def measured_peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def plan(self, conductor: LayerOffloadConductor, peak: int) -> tuple[list[int], int]:
+        """Resident blocks and prefetch depth from `peak`, the allocated peak of the step just finished."""
         usable = self.budget * (1 - SAFETY_MARGIN) - self.optimizer_state_bytes
         prefetch = conductor.prefetch_blocks
         largest = max(weights.nbytes for weights in conductor.weights.values())
         if peak > usable and prefetch > 0:
             peak, prefetch = peak - prefetch * largest, 0  # one block in flight only: slower, but it may fit
         if peak > usable:
+            remedies = ", ".join(("raise max_vram", *self.remedies, "lower the resolution or batch size"))
             raise VramBudgetError(
                 f"max_vram {self.budget / 1e9:.2f} GB is below one step with every block streamed "
-                f"({(peak + self.optimizer_state_bytes) / 1e9:.2f} GB measured): raise max_vram, or lower the "
-                "resolution or batch size, or turn on activation_offloading"
+                f"({(peak + self.optimizer_state_bytes) / 1e9:.2f} GB measured): {remedies}"
             )
         room, resident = usable - peak, []
         for index in sorted(conductor.weights):
