@@ -80,11 +80,16 @@ def chunked_forward(block: nn.Module, chunks: int) -> Callable[..., Any] | None:
     """
     if chunks < 1:
         raise ValueError(f"chunks must be at least 1, got {chunks}")
-    supported, build = _BLOCKS.get(type(block), (None, None))
-    if build is None or not supported(block):
+    if not chunkable(block):
         return None
     whole = type(block).forward.__get__(block)
-    return whole if chunks == 1 else build(block, chunks, whole)
+    return whole if chunks == 1 else _BLOCKS[type(block)][1](block, chunks, whole)
+
+
+def chunkable(block: nn.Module) -> bool:
+    """Whether `block` is of a type and configuration that this module mirrors (others run whole)."""
+    supported, _ = _BLOCKS.get(type(block), (None, None))
+    return supported is not None and supported(block)
 
 
 def chunked_block_forward(block: nn.Module, sequence_chunks: int | str) -> Callable[..., Any] | None:
@@ -94,7 +99,7 @@ def chunked_block_forward(block: nn.Module, sequence_chunks: int | str) -> Calla
     """
     if sequence_chunks != "auto":
         return chunked_forward(block, int(sequence_chunks)) if int(sequence_chunks) > 1 else None
-    if chunked_forward(block, 2) is None:
+    if not chunkable(block):
         return None
     by_count: dict[int, Callable[..., Any]] = {}
 
@@ -140,11 +145,6 @@ def _run_chunk(function: Callable[..., Any], *args: Any, rng: bool) -> Any:
 
 def _dropout_active(block: nn.Module) -> bool:
     return any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in block.modules())
-
-
-def _chunk_runner(block: nn.Module) -> Callable[..., Any]:
-    """`_run_chunk` with the RNG state kept only if some dropout in the block is active."""
-    return partial(_run_chunk, rng=_dropout_active(block))
 
 
 @dataclass(frozen=True)
@@ -267,14 +267,14 @@ def _stand_ins(slots: tuple[tuple[nn.Module, str], ...]) -> Iterator[list[nn.Par
             module._parameters[name] = original
 
 
-def _run_rows(block: nn.Module, jobs: list[_RowJob], sources: tuple[int, ...], tensors: list) -> tuple:
+def _run_rows(block: nn.Module, jobs: list[_RowJob], sources: tuple[int, ...], tensors: list, rng: bool) -> tuple:
     """Phase 2: one `_ChunkedRows` node when training; chunk by chunk without a graph under no_grad; per-chunk
-    checkpoints when a dropout draws random numbers (their RNG state must be replayed exactly)."""
-    if torch.is_grad_enabled() and not _dropout_active(block):
+    checkpoints when a dropout draws random numbers (`rng`: their RNG state must be replayed exactly)."""
+    if torch.is_grad_enabled() and not rng:
         slots = _trainable_slots(block)
         parameters = [module._parameters[name] for module, name in slots]
         return _ChunkedRows.apply(tuple(jobs), sources, slots, *tensors, *parameters)
-    run = _chunk_runner(block)
+    run = partial(_run_chunk, rng=rng)
     outputs: dict[int, list[torch.Tensor]] = {}
     for job in jobs:
         rows = tensors[job.source][:, job.start : job.end]
@@ -446,7 +446,8 @@ def _flux_chunked(
         if joint_attention_kwargs or not _flux_supported(block):
             return whole(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
         parts = _text_then_image(encoder_hidden_states, hidden_states, image_rotary_emb, chunks)
-        run = _chunk_runner(block)
+        rng = _dropout_active(block)  # one walk over the block's modules per call
+        run = partial(_run_chunk, rng=rng)
         keys_values = [run(key_value[p.stream], p.rows, temb, p.cos, p.sin) for p in parts]
         key, value = _join(keys_values, sequence_dim=1)
         cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
@@ -456,7 +457,7 @@ def _flux_chunked(
             _RowJob(rows["image"], 0, start, end, (2, 3, 4, (5, text), (6, text)))
             for start, end in _spans(hidden_states.shape[1], chunks)
         ]
-        return _run_rows(block, jobs, (1, 0), tensors)
+        return _run_rows(block, jobs, (1, 0), tensors, rng)
 
     return forward
 
@@ -621,7 +622,8 @@ def _sd3_joint(block: JointTransformerBlock, chunks: int, whole: Callable[..., A
         if joint_attention_kwargs or not _sd3_supported(block):
             return whole(hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
         image = [hidden_states[:, a:b] for a, b in _spans(hidden_states.shape[1], chunks)]
-        run = _chunk_runner(block)
+        rng = _dropout_active(block)  # one walk over the block's modules per call
+        run = partial(_run_chunk, rng=rng)
         image_kv = [run(image_key_value, rows, temb) for rows in image]
         text_kv = run(text_key_value, encoder_hidden_states, temb)
         key, value = _join([kv[:2] for kv in image_kv] + [text_kv], sequence_dim=2)
@@ -630,9 +632,9 @@ def _sd3_joint(block: JointTransformerBlock, chunks: int, whole: Callable[..., A
         extras = (2, 3, 4) + tuple(range(5, len(tensors)))
         jobs = [_RowJob(image_rows, 0, start, end, extras) for start, end in _spans(hidden_states.shape[1], chunks)]
         if block.context_pre_only:
-            return None, _run_rows(block, jobs, (0,), tensors)[0]
+            return None, _run_rows(block, jobs, (0,), tensors, rng)[0]
         jobs.append(_RowJob(text_rows, 1, 0, encoder_hidden_states.shape[1], (2, 3, 4)))
-        image_output, context = _run_rows(block, jobs, (0, 1), tensors)
+        image_output, context = _run_rows(block, jobs, (0, 1), tensors, rng)
         return context, image_output
 
     return forward

@@ -10,7 +10,7 @@ from .activations import ActivationShuttle
 from .attention import avoid_cudnn_attention
 from .blocks import base_model, find_blocks
 from .checkpoint_layer import OffloadCheckpointLayer
-from .chunking import chunked_block_forward
+from .chunking import chunkable, chunked_block_forward
 from .conductor import LayerOffloadConductor
 from .planner import VramPlanner, parse_memory
 from .streams import CopyStreams
@@ -79,7 +79,7 @@ def offload_model(
     if max_vram is not None:
         trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         remedies = (() if activation_offloading else ("turn on activation_offloading",)) + (
-            ("set sequence_chunks: auto",) if not chunked_any and chunked_block_forward(blocks[0][1], 2) else ()
+            ("set sequence_chunks: auto",) if not chunked_any and chunkable(blocks[0][1]) else ()
         )
         conductor.planner = VramPlanner(parse_memory(max_vram), device, 2 * trainable, remedies)
     model.to(device)
