@@ -26,6 +26,7 @@ from peft import LoraConfig
 from accelerate_offload import get_conductor, offload_model, remove_offload
 from accelerate_offload.planner import parse_memory
 from accelerate_offload.timeline import plot_timeline, trace_step
+from peak_breakdown import peak_breakdown, print_breakdown
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
 MODELS = {
@@ -118,11 +119,16 @@ def make_batch(name: str, model: torch.nn.Module, resolution: int, device: torch
     return inputs, target
 
 
-def training_step(model: torch.nn.Module, optimizer, inputs: dict, target: torch.Tensor) -> torch.Tensor:
+def forward_backward(model: torch.nn.Module, inputs: dict, target: torch.Tensor) -> torch.Tensor:
     with torch.autocast("cuda", dtype=torch.bfloat16):
         prediction = model(**inputs, return_dict=False)[0]
     loss = torch.nn.functional.mse_loss(prediction.float(), target)
     loss.backward()
+    return loss
+
+
+def training_step(model: torch.nn.Module, optimizer, inputs: dict, target: torch.Tensor) -> torch.Tensor:
+    loss = forward_backward(model, inputs, target)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
@@ -161,6 +167,27 @@ def write_timeline(model, optimizer, inputs: dict, target: torch.Tensor, path: P
     print(f"timeline: {path} (peak {timeline['peak_allocated_gb']:.2f} GB)", flush=True)
 
 
+def write_peak_breakdown(model, optimizer, inputs: dict, target: torch.Tensor, path: Path, title: str) -> None:
+    """One more forward + backward under the allocator's recorder: what is live at its peak, by origin."""
+    lora = [p for p in model.parameters() if p.requires_grad]
+    frozen = [t for t in [*model.parameters(), *model.buffers()] if not t.requires_grad]
+    state = [t for per_param in optimizer.state.values() for t in per_param.values() if isinstance(t, torch.Tensor)]
+    batch = [t for t in [*inputs.values(), target] if isinstance(t, torch.Tensor)]
+    breakdown = peak_breakdown(
+        lambda: forward_backward(model, inputs, target),
+        {"non-block and resident weights": frozen, "LoRA parameters": lora, "Adam state": state, "the batch": batch},
+        lambda: [p.grad for p in lora],
+        {weights.nbytes for weights in get_conductor(model).weights.values()},
+        torch.device("cuda", torch.cuda.current_device()),
+    )
+    optimizer.zero_grad(set_to_none=True)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"peak_breakdown_{title.replace(' ', '_').replace('²', '')}.json").write_text(
+        json.dumps({"title": title, **breakdown}, indent=2) + "\n"
+    )
+    print_breakdown(breakdown, title)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="flux")
@@ -172,6 +199,9 @@ def main() -> None:
     parser.add_argument("--output_dir", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--timeline", type=Path, default=None,
                         help="write a VRAM timeline (PNG + JSON) of one step of the first streamed setting")
+    parser.add_argument("--peak_breakdown", action="store_true",
+                        help="after timing each streamed setting, record one more step and write what is live at "
+                             "its peak, by origin, to --output_dir")
     parser.add_argument("--expandable_segments", action="store_true",
                         help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: reserved memory closer to allocated "
                              "where blocks of different sizes and token chunks fragment the caching allocator")
@@ -203,6 +233,9 @@ def main() -> None:
             if args.timeline is not None and setting != "resident":
                 write_timeline(model, optimizer, inputs, target, args.timeline, f"{args.model} {resolution}² {setting}")
                 args.timeline = None
+            if args.peak_breakdown and setting != "resident":
+                write_peak_breakdown(model, optimizer, inputs, target, args.output_dir,
+                                     f"{args.model} {resolution}² {setting}")
             if setting == "resident":
                 resident_time[resolution] = seconds
             base = resident_time.get(resolution)
