@@ -1,8 +1,12 @@
 """The frozen tensors of one streamed block, kept once in one flat host buffer.
 
-One buffer per block means one host-to-device copy per load (large copies reach full bandwidth; many small ones
+One buffer per block means few, large host-to-device copies (large copies reach full bandwidth; many small ones
 do not) and no second CPU copy: the model's own parameters are re-pointed at views of the buffer. Trainable
 parameters (LoRA) never enter it: they stay on the compute device where the optimizer holds them.
+
+A block whose feed-forward runs after its attention keeps those weights in a second, "late" piece of the
+buffer. Each piece is copied to its own device allocation, so in backward the late piece can leave the device as
+soon as the feed-forward's backward is done, and the next block's late piece arrive only then.
 
 Each host view is its own storage over the shared memory (`torch.frombuffer`), so state dicts of a streamed
 model serialise like any other: safetensors refuses tensors that share one storage.
@@ -22,6 +26,14 @@ ALIGNMENT = 256  # bytes; keeps every view aligned for vectorised kernels
 
 
 @dataclass(frozen=True)
+class Piece:
+    """A contiguous range of the host buffer, copied to the device as one allocation."""
+
+    start: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class _Slot:
     module: nn.Module
     name: str
@@ -31,32 +43,54 @@ class _Slot:
     nbytes: int
     dtype: torch.dtype
     shape: torch.Size
+    piece: int
 
 
 class BlockWeights:
-    """Owns a block's frozen parameters and buffers and points them at host or device storage."""
+    """Owns a block's frozen parameters and buffers and points them at host or device storage.
 
-    def __init__(self, block: nn.Module, pin_memory: bool) -> None:
+    `late_modules` (submodules of the block) go into a second piece when no tensor is shared across the two.
+    """
+
+    def __init__(self, block: nn.Module, pin_memory: bool, late_modules: tuple[nn.Module, ...] = ()) -> None:
+        late = {id(module) for root in late_modules for module in root.modules()}
+        frozen = [
+            (prefix, module, is_parameter, name, tensor)
+            for prefix, module in block.named_modules(remove_duplicate=False)
+            for is_parameter, tensors in ((True, module._parameters), (False, module._buffers))
+            for name, tensor in tensors.items()
+            if tensor is not None and not (is_parameter and tensor.requires_grad)
+        ]
+        piece_of = [int(id(module) in late) for _, module, _, _, _ in frozen]
+        pieces_by_tensor: dict[int, set[int]] = {}
+        for (_, _, _, _, tensor), piece in zip(frozen, piece_of):
+            pieces_by_tensor.setdefault(id(tensor), set()).add(piece)
+        if any(len(pieces) > 1 for pieces in pieces_by_tensor.values()) or 1 not in piece_of or 0 not in piece_of:
+            piece_of = [0] * len(frozen)  # a tensor in both pieces, or one piece empty: keep the block whole
+
         self._slots: list[_Slot] = []
         sources: list[torch.Tensor | None] = []
         offsets: dict[int, int] = {}  # a tensor shared by two modules is stored once
+        self.pieces: list[Piece] = []
         offset = 0
-        for prefix, module in block.named_modules(remove_duplicate=False):
-            for is_parameter, tensors in ((True, module._parameters), (False, module._buffers)):
-                for name, tensor in tensors.items():
-                    if tensor is None or (is_parameter and tensor.requires_grad):
-                        continue
-                    nbytes = tensor.numel() * tensor.element_size()
-                    shared = id(tensor) in offsets
-                    if not shared:
-                        offsets[id(tensor)] = offset
-                        offset += -(-nbytes // ALIGNMENT) * ALIGNMENT
-                    qualified = f"{prefix}.{name}" if prefix else name
-                    self._slots.append(
-                        _Slot(module, name, qualified, is_parameter, offsets[id(tensor)], nbytes, tensor.dtype,
-                              tensor.shape)
-                    )
-                    sources.append(None if shared else tensor)
+        for piece in sorted(set(piece_of)):
+            start = offset
+            for (prefix, module, is_parameter, name, tensor), tensor_piece in zip(frozen, piece_of):
+                if tensor_piece != piece:
+                    continue
+                nbytes = tensor.numel() * tensor.element_size()
+                shared = id(tensor) in offsets
+                if not shared:
+                    offsets[id(tensor)] = offset
+                    offset += -(-nbytes // ALIGNMENT) * ALIGNMENT
+                qualified = f"{prefix}.{name}" if prefix else name
+                self._slots.append(
+                    _Slot(module, name, qualified, is_parameter, offsets[id(tensor)], nbytes, tensor.dtype,
+                          tensor.shape, piece)
+                )
+                sources.append(None if shared else tensor)
+            self.pieces.append(Piece(start, offset - start))
+        self.pieces = self.pieces or [Piece(0, 0)]
         self.nbytes = offset
         self._memory = np.empty(offset + ALIGNMENT, dtype=np.uint8)
         self._base = -self._memory.ctypes.data % ALIGNMENT
@@ -77,18 +111,27 @@ class BlockWeights:
             return torch.empty(0, dtype=dtype)
         return torch.frombuffer(self._memory, dtype=dtype, count=count, offset=self._base + offset)
 
-    def point_at_host(self) -> None:
-        """Re-points every managed tensor at its host view (dropping the block from the device)."""
-        self._assign(self._host_views)
+    def host_piece(self, piece: int) -> torch.Tensor:
+        """The host bytes of one piece, for copying it to the device."""
+        return self.host[self.pieces[piece].start : self.pieces[piece].start + self.pieces[piece].nbytes]
 
-    def point_at(self, buffer: torch.Tensor) -> None:
-        """Re-points every managed tensor at its place in `buffer`, a device copy of the host buffer."""
+    def point_at_host(self, piece: int | None = None) -> None:
+        """Re-points the managed tensors (of one piece, or all) at their host views, dropping them from the device."""
+        self._assign(self._host_views, piece)
+
+    def point_at(self, buffer: torch.Tensor, piece: int) -> None:
+        """Re-points one piece's tensors at their places in `buffer`, a device copy of `host_piece(piece)`."""
+        start = self.pieces[piece].start
         self._assign(
-            [buffer[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self._slots]
+            [buffer[s.offset - start : s.offset - start + s.nbytes].view(s.dtype).view(s.shape)
+             if s.piece == piece else None for s in self._slots],
+            piece,
         )
 
-    def _assign(self, tensors: list[torch.Tensor]) -> None:
+    def _assign(self, tensors: list[torch.Tensor | None], piece: int | None = None) -> None:
         for slot, tensor in zip(self._slots, tensors):
+            if piece is not None and slot.piece != piece:
+                continue
             if slot.is_parameter:
                 slot.module._parameters[slot.name].data = tensor
             else:

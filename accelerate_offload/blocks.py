@@ -16,6 +16,14 @@ KNOWN_BLOCK_LISTS: dict[str, list[tuple[str, ...]]] = {
 }
 
 
+# Block class name -> (the attention module, the feed-forward modules that run after it). In backward the
+# feed-forward's gradient is done before attention's starts, so those weights can leave the device first.
+LATE_FEED_FORWARD: dict[str, tuple[str, tuple[str, ...]]] = {
+    "FluxTransformerBlock": ("attn", ("ff", "ff_context")),
+    "JointTransformerBlock": ("attn", ("ff", "ff_context")),
+}
+
+
 class BlocksNotFoundError(ValueError):
     """The model's blocks cannot be found: names what was seen so the user can pass `block_names`."""
 
@@ -51,6 +59,14 @@ def find_blocks(model: nn.Module, block_names: list[str] | None = None) -> list[
     if not blocks:
         raise BlocksNotFoundError(f"the block lists {', '.join(names)} of {type(model).__name__} are empty")
     return blocks
+
+
+def late_feed_forward(block: nn.Module) -> tuple[nn.Module | None, tuple[nn.Module, ...]]:
+    """The block's attention module and the feed-forward modules that run after it; (None, ()) if not known."""
+    attention, feed_forwards = LATE_FEED_FORWARD.get(type(block).__name__, (None, ()))
+    modules = tuple(m for m in (getattr(block, name, None) for name in feed_forwards) if isinstance(m, nn.Module))
+    found = getattr(block, attention, None) if attention else None
+    return (found, modules) if isinstance(found, nn.Module) and modules else (None, ())
 
 
 def _known_lists(model: nn.Module) -> tuple[str, ...] | None:

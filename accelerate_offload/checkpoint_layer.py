@@ -16,11 +16,12 @@ from torch.utils.checkpoint import checkpoint
 
 from .activations import ActivationShuttle
 from .conductor import LayerOffloadConductor
-from .recompute import recomputation
+from .recompute import outputs_discarded, recomputation
 
 
 class OffloadCheckpointLayer:
-    """Loads the block before it runs, drops it after, and checkpoints it when gradients are on.
+    """Loads the block before it runs, drops it after, and checkpoints it when gradients are on; tells the
+    conductor when the feed-forward of a block that has one after its attention (`attention`) is done in backward.
 
     Keyword tensors (Flux passes `encoder_hidden_states`, `temb` and `image_rotary_emb` by keyword) are handed
     to `checkpoint` as positional arguments: only those are saved tensors, which activation shuttling moves,
@@ -34,6 +35,7 @@ class OffloadCheckpointLayer:
         conductor: LayerOffloadConductor,
         gradient_checkpointing: bool,
         activations: ActivationShuttle | None,
+        attention: nn.Module | None = None,
     ) -> None:
         self.index = index
         self.conductor = conductor
@@ -43,12 +45,42 @@ class OffloadCheckpointLayer:
         self.block_forward = block.forward  # what runs: the block's own forward, or a token-chunked one
         self._had_own_forward = "forward" in block.__dict__
         block.forward = self.forward
+        self._attention_hook = None if attention is None else attention.register_forward_hook(self._watch_attention)
 
     def remove(self, block: nn.Module) -> None:
+        if self._attention_hook is not None:
+            self._attention_hook.remove()
         if self._had_own_forward:
             block.forward = self.original_forward
         else:
             del block.forward
+
+    def _watch_attention(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Tells the conductor when the gradients of attention's outputs are all in: the feed-forward that runs
+        after attention is then done with its weights.
+
+        As `torch.autograd.graph.register_multi_grad_hook` (outputs that get no gradient, like the text output of
+        SD3's last block, are not waited for), but its nodes are dropped at the first gradient: kept, they hold
+        the step's graph in a reference cycle and its saved activations wait for the garbage collector. Not set
+        in a recomputation, whose graph never runs backward.
+        """
+        if not torch.is_grad_enabled() or outputs_discarded():
+            return
+        outputs = output if isinstance(output, tuple) else (output,)
+        tensors = [t for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad and t.grad_fn is not None]
+        nodes = [t.grad_fn for t in tensors]
+        waiting: list[int] = []
+
+        def arrived(grad: torch.Tensor | None) -> None:
+            if not waiting:
+                waiting.append(sum(map(torch._C._will_engine_execute_node, nodes)))
+                nodes.clear()
+            waiting[0] -= 1
+            if waiting[0] == 0:
+                self.conductor.late_piece_done(self.index)
+
+        for tensor in tensors:
+            tensor.register_hook(arrived)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled() and self.gradient_checkpointing:

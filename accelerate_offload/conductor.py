@@ -5,6 +5,12 @@ before they run, `prefetch_blocks` ahead, in forward order during the forward pa
 the backward pass. Frozen weights are never copied back: dropping a block is re-pointing its parameters at the
 host buffer. A block loaded for a recomputation that non-reentrant checkpointing stopped early is left behind
 (nothing after the early stop runs), so every `before_block` first evicts whatever it does not need.
+
+Blocks whose feed-forward follows attention (Flux double blocks, SD3 joint blocks) are stored in two pieces. In
+backward, once a block's attention backward starts (`late_piece_done`), its feed-forward is done with its
+weights: they leave, and only then do the prefetched block's feed-forward weights arrive. At a block's
+backward, the peak of a streamed step, the prefetched block is then on the device without its feed-forward.
+Blocks whose hook did not fire in the last backward (run in token chunks, say) are prefetched whole.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from .timeline import StepTrace
 
 @dataclass
 class _Loaded:
+    """One piece of a block on the device: its buffer, and the copy the compute stream must wait for."""
+
     buffer: torch.Tensor
     ready: torch.cuda.Event | None
     waited: bool = False
@@ -46,6 +54,7 @@ class LayerOffloadConductor:
         prefetch_blocks: int,
         pin_memory: bool,
         activations: ActivationShuttle | None = None,
+        late_modules: dict[int, tuple[nn.Module, ...]] | None = None,
     ) -> None:
         self.device = device
         self.streams = streams
@@ -55,18 +64,22 @@ class LayerOffloadConductor:
         self.prefetch_blocks = prefetch_blocks
         self.activations = activations
         resident_count = resident_block_count(len(blocks), layer_offload_fraction)
+        late_modules = late_modules or {}
         self.weights: dict[int, BlockWeights] = {
-            index: BlockWeights(block, pin_memory) for index, block in enumerate(blocks) if index >= resident_count
+            index: BlockWeights(block, pin_memory, late_modules.get(index, ()))
+            for index, block in enumerate(blocks)
+            if index >= resident_count
         }
         for index, weights in self.weights.items():
             guard_device_moves(blocks[index], weights)
         self.planner: VramPlanner | None = None  # set for max_vram: picks resident blocks after the first step
         self.trace: StepTrace | None = None  # set while a step is traced for the VRAM timeline
-        self.log: list[tuple[str, int]] | None = None  # ("load" | "evict", block) when recording
+        self.log: list[tuple[str, int]] | None = None  # ("load" | "evict" | "load late" | "evict late", block)
         self.poison_evicted = False  # fill dropped device copies with NaN bytes: use-after-evict shows in tests
         self.peak_streamed_on_device = 0
         self.bytes_loaded = 0  # host->device weight traffic since the model was offloaded
-        self._loaded: dict[int, _Loaded] = {}
+        self._loaded: dict[int, dict[int, _Loaded]] = {}  # block -> piece -> its device copy
+        self._late_after: set[int] = set()  # blocks whose attention-backward hook fired in the last backward
         self._end_of_backward_queued = False
 
     def is_streamed(self, index: int) -> bool:
@@ -98,15 +111,28 @@ class LayerOffloadConductor:
         for stale in [i for i in self._loaded if i != index and i not in targets]:
             self._evict(stale)
         if self.is_streamed(index):
-            self._wait_for(index)
+            self._wait_for(index, backward)
         for target in targets:
-            self._load(target)
+            late_follows = backward and index in self._late_after
+            self._load(target, self._early_pieces(target) if late_follows else None)
         self.peak_streamed_on_device = max(self.peak_streamed_on_device, len(self._loaded))
         if self.activations is not None and backward:
             self.activations.prefetch(self._neighbours(index, backward))
         if backward and not self._end_of_backward_queued and torch._C._current_graph_task_id() != -1:
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             self._end_of_backward_queued = True
+
+    def late_piece_done(self, index: int) -> None:
+        """Called as block `index`'s attention backward starts: its feed-forward backward is over. Its late piece
+        leaves the device and the prefetched blocks' late pieces are copied in its place."""
+        self._late_after.add(index)
+        if index in self._loaded and len(self._loaded[index]) > 1:
+            self._evict(index, [len(self.weights[index].pieces) - 1])
+            self._record("evict late", index)
+        for target in self._upcoming(index, backward=True):
+            if target in self._loaded and len(self._loaded[target]) < len(self.weights[target].pieces):
+                self._record("load late", target)
+            self._load(target)
 
     def after_block(self, index: int) -> None:
         """Called when block `index` has run forward. Not called after a recomputation (which may stop early)."""
@@ -142,31 +168,46 @@ class LayerOffloadConductor:
             position += step
         return upcoming
 
-    def _load(self, index: int) -> None:
-        if index in self._loaded:
-            return
+    def _early_pieces(self, index: int) -> list[int]:
+        """All pieces but the late one (a block in one piece has no late one)."""
+        count = len(self.weights[index].pieces)
+        return list(range(count - 1 if count > 1 else count))
+
+    def _load(self, index: int, pieces: list[int] | None = None) -> None:
         weights = self.weights[index]
-        buffer, ready = self.streams.host_to_device(weights.host, self.device)
-        weights.point_at(buffer)
-        self._loaded[index] = _Loaded(buffer, ready)
-        self.bytes_loaded += weights.nbytes
-        self._record("load", index)
-
-    def _wait_for(self, index: int) -> None:
-        self._load(index)
+        if index not in self._loaded:
+            self._loaded[index] = {}
+            self._record("load", index)
         loaded = self._loaded[index]
-        if not loaded.waited:
-            self.streams.wait(loaded.ready)
-            loaded.waited = True
+        for piece in range(len(weights.pieces)) if pieces is None else pieces:
+            if piece in loaded:
+                continue
+            buffer, ready = self.streams.host_to_device(weights.host_piece(piece), self.device)
+            weights.point_at(buffer, piece)
+            loaded[piece] = _Loaded(buffer, ready)
+            self.bytes_loaded += weights.pieces[piece].nbytes
 
-    def _evict(self, index: int) -> None:
-        loaded = self._loaded.pop(index)
-        if not loaded.waited:  # a prefetch never used: its copy must finish before the memory is reused
-            self.streams.wait(loaded.ready)
-        self.weights[index].point_at_host()
-        if self.poison_evicted:
-            loaded.buffer.fill_(255)
-        self._record("evict", index)
+    def _wait_for(self, index: int, backward: bool) -> None:
+        if backward and index in self._loaded and len(self._loaded[index]) < len(self.weights[index].pieces):
+            self._late_after.discard(index + 1)  # its late piece was not fetched early: prefetch it whole next time
+        self._load(index)
+        for loaded in self._loaded[index].values():
+            if not loaded.waited:
+                self.streams.wait(loaded.ready)
+                loaded.waited = True
+
+    def _evict(self, index: int, pieces: list[int] | None = None) -> None:
+        loaded = self._loaded[index]
+        for piece in list(loaded) if pieces is None else pieces:
+            copy = loaded.pop(piece)
+            if not copy.waited:  # a prefetch never used: its copy must finish before the memory is reused
+                self.streams.wait(copy.ready)
+            self.weights[index].point_at_host(piece)
+            if self.poison_evicted:
+                copy.buffer.fill_(255)
+        if not loaded:
+            del self._loaded[index]
+            self._record("evict", index)
 
     def _record(self, event: str, index: int) -> None:
         if self.log is not None:

@@ -8,7 +8,7 @@ from torch import nn
 
 from .activations import ActivationShuttle
 from .attention import avoid_cudnn_attention
-from .blocks import base_model, find_blocks
+from .blocks import base_model, find_blocks, late_feed_forward
 from .checkpoint_layer import OffloadCheckpointLayer
 from .chunking import chunkable, chunked_block_forward
 from .conductor import LayerOffloadConductor
@@ -58,6 +58,7 @@ def offload_model(
     pinned = pin_memory and device.type == "cuda"
     streams = CopyStreams(device, async_offloading)
     activations = ActivationShuttle(device, streams, pinned, activation_min_bytes) if activation_offloading else None
+    feed_forwards = [late_feed_forward(block) for _, block in blocks]
     conductor = LayerOffloadConductor(
         [block for _, block in blocks],
         device,
@@ -66,10 +67,11 @@ def offload_model(
         prefetch_blocks,
         pinned,
         activations,
+        late_modules={index: late for index, (_, late) in enumerate(feed_forwards) if late},
     )
     conductor.layers = [
-        OffloadCheckpointLayer(block, index, conductor, gradient_checkpointing, activations)
-        for index, (_, block) in enumerate(blocks)
+        OffloadCheckpointLayer(block, index, conductor, gradient_checkpointing, activations, attention)
+        for index, ((_, block), (attention, _)) in enumerate(zip(blocks, feed_forwards))
     ]
     chunked_any = False
     for layer, (_, block) in zip(conductor.layers, blocks):
