@@ -177,7 +177,7 @@ def write_peak_breakdown(model, optimizer, inputs: dict, target: torch.Tensor, p
         lambda: forward_backward(model, inputs, target),
         {"non-block and resident weights": frozen, "LoRA parameters": lora, "Adam state": state, "the batch": batch},
         lambda: [p.grad for p in lora],
-        {weights.nbytes for weights in get_conductor(model).weights.values()},
+        {piece.nbytes for weights in get_conductor(model).weights.values() for piece in weights.pieces},
         torch.device("cuda", torch.cuda.current_device()),
     )
     optimizer.zero_grad(set_to_none=True)

@@ -28,10 +28,10 @@ def _storage_bytes(tensors: Iterable[torch.Tensor]) -> dict[int, int]:
     return sizes
 
 
-def _origin(size: int, block_sizes: set[int]) -> str:
-    """What an allocation made during the step is, from its size: a streamed block's flat buffer has its own."""
-    if any(0 <= size - nbytes < 512 for nbytes in block_sizes):
-        return "streamed block weights (the block computing and the one prefetched)"
+def _origin(size: int, piece_sizes: set[int]) -> str:
+    """What an allocation made during the step is, from its size: each streamed weight piece has its own."""
+    if any(0 <= size - nbytes < 512 for nbytes in piece_sizes):
+        return "streamed block weights (the block computing and what is prefetched)"
     return "activations and their gradients (block working set, block inputs and outputs)"
 
 
@@ -74,14 +74,14 @@ def peak_breakdown(
     run_forward_backward: Callable[[], None],
     persistent: dict[str, Iterable[torch.Tensor]],
     gradients: Callable[[], Iterable[torch.Tensor]],
-    block_sizes: set[int],
+    piece_sizes: set[int],
     device: torch.device,
 ) -> dict:
     """Runs one forward + backward under the allocator's recorder and returns the peak split into groups (GB).
 
     `persistent` names the tensors that exist before the step (weights, LoRA, optimizer state, batch);
     `gradients` gives, after the step, the gradients it made (matched by address among the step's allocations);
-    `block_sizes` are the byte sizes of the streamed blocks' buffers.
+    `piece_sizes` are the byte sizes of the streamed blocks' weight pieces (one device allocation each).
     """
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
@@ -99,17 +99,18 @@ def peak_breakdown(
     groups["before the step: other"] = pre_step - sum(groups.values())
     gradient_addresses = set(_storage_bytes(gradients()))
     for address, size in live.items():
-        label = "LoRA gradients" if address in gradient_addresses else _origin(size, block_sizes)
+        label = "LoRA gradients" if address in gradient_addresses else _origin(size, piece_sizes)
         groups[label] += size
     if len(trace) >= MAX_EVENTS:
         raise RuntimeError(f"the step made over {MAX_EVENTS} allocator events: the recorder dropped the oldest")
     ordered = sorted(groups.items(), key=lambda item: -item[1])
-    largest = sorted(((size, _origin(size, block_sizes)) for size in live.values()), reverse=True)[:16]
-    loads = [event["size"] for event in trace[: peak_event + 1] if event["action"] == "alloc"
-             and _origin(event["size"], block_sizes).startswith("streamed")]
+    largest = sorted(((size, _origin(size, piece_sizes)) for size in live.values()), reverse=True)[:16]
+    copies = [event["size"] for event in trace[: peak_event + 1] if event["action"] == "alloc"
+              and _origin(event["size"], piece_sizes).startswith("streamed")]
     return {
         "peak_allocated_gb": round(peak / 1e9, 3),
-        "block_loads_before_peak": len(loads),  # forward loads come first, then backward's in reverse order
+        "weight_copies_before_peak": len(copies),  # the forward pass's come first, then backward's
+        "weight_copies_before_peak_gb": round(sum(copies) / 1e9, 2),
         "recorded_events": len(trace),
         "groups_gb": {label: round(size / 1e9, 4) for label, size in ordered if size},
         "largest_live_mb": [[round(size / 1e6, 1), label] for size, label in largest],
@@ -118,7 +119,7 @@ def peak_breakdown(
 
 def print_breakdown(breakdown: dict, title: str) -> None:
     print(f"\npeak breakdown, {title}: {breakdown['peak_allocated_gb']:.2f} GB allocated, after "
-          f"{breakdown['block_loads_before_peak']} block loads")
+          f"{breakdown['weight_copies_before_peak_gb']:.1f} GB of weights were copied in")
     for label, size in breakdown["groups_gb"].items():
         print(f"  {size:7.3f} GB  {label}")
     print("  largest allocations live at the peak (MB):")
