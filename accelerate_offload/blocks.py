@@ -16,8 +16,9 @@ KNOWN_BLOCK_LISTS: dict[str, list[tuple[str, ...]]] = {
 }
 
 
-# Block class name -> (the attention module, the feed-forward modules that run after it). In backward the
-# feed-forward's gradient is done before attention's starts, so those weights can leave the device first.
+# Block class name -> (the attention module, the feed-forward modules that run after it, fed by attention's
+# outputs in this order). In backward the feed-forwards' gradients are done before attention's starts, so
+# their weights can leave the device first.
 LATE_FEED_FORWARD: dict[str, tuple[str, tuple[str, ...]]] = {
     "FluxTransformerBlock": ("attn", ("ff", "ff_context")),
     "JointTransformerBlock": ("attn", ("ff", "ff_context")),

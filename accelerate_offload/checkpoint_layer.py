@@ -36,6 +36,7 @@ class OffloadCheckpointLayer:
         gradient_checkpointing: bool,
         activations: ActivationShuttle | None,
         attention: nn.Module | None = None,
+        feed_forwards: int = 0,
     ) -> None:
         self.index = index
         self.conductor = conductor
@@ -45,6 +46,7 @@ class OffloadCheckpointLayer:
         self.block_forward = block.forward  # what runs: the block's own forward, or a token-chunked one
         self._had_own_forward = "forward" in block.__dict__
         block.forward = self.forward
+        self.feed_forwards = feed_forwards  # attention outputs that feed a feed-forward after it
         self._attention_hook = None if attention is None else attention.register_forward_hook(self._watch_attention)
 
     def remove(self, block: nn.Module) -> None:
@@ -56,25 +58,24 @@ class OffloadCheckpointLayer:
             del block.forward
 
     def _watch_attention(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """Tells the conductor when the gradients of attention's outputs are all in: the feed-forward that runs
-        after attention is then done with its weights.
+        """Tells the conductor when the gradients of the attention outputs that feed the feed-forwards are all
+        in: those are then done with their weights.
 
-        As `torch.autograd.graph.register_multi_grad_hook` (outputs that get no gradient, like the text output of
-        SD3's last block, are not waited for), but its nodes are dropped at the first gradient: kept, they hold
-        the step's graph in a reference cycle and its saved activations wait for the garbage collector. Not set
-        in a recomputation, whose graph never runs backward.
+        Attention returns (image, text) outputs, which feed `ff` and `ff_context` in that order; SD3's last block
+        has no `ff_context` and discards its text output. A countdown over those outputs, holding no graph node:
+        a hook that refers to the graph it sits in keeps it, and the step's saved activations, in a reference
+        cycle that only the garbage collector would free (`register_multi_grad_hook` does). Not set in a
+        recomputation, whose graph never runs backward.
         """
         if not torch.is_grad_enabled() or outputs_discarded():
             return
         outputs = output if isinstance(output, tuple) else (output,)
-        tensors = [t for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad and t.grad_fn is not None]
-        nodes = [t.grad_fn for t in tensors]
-        waiting: list[int] = []
+        tensors = outputs[: self.feed_forwards]
+        if len(tensors) < self.feed_forwards or not all(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+            return  # no signal: the conductor prefetches this block's neighbour whole
+        waiting = [len(tensors)]
 
-        def arrived(grad: torch.Tensor | None) -> None:
-            if not waiting:
-                waiting.append(sum(map(torch._C._will_engine_execute_node, nodes)))
-                nodes.clear()
+        def arrived(grad: torch.Tensor) -> None:
             waiting[0] -= 1
             if waiting[0] == 0:
                 self.conductor.late_piece_done(self.index)

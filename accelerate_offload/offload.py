@@ -70,8 +70,8 @@ def offload_model(
         late_modules={index: late for index, (_, late) in enumerate(feed_forwards) if late},
     )
     conductor.layers = [
-        OffloadCheckpointLayer(block, index, conductor, gradient_checkpointing, activations, attention)
-        for index, ((_, block), (attention, _)) in enumerate(zip(blocks, feed_forwards))
+        OffloadCheckpointLayer(block, index, conductor, gradient_checkpointing, activations, attention, len(late))
+        for index, ((_, block), (attention, late)) in enumerate(zip(blocks, feed_forwards))
     ]
     chunked_any = False
     for layer, (_, block) in zip(conductor.layers, blocks):
