@@ -111,6 +111,12 @@ class BlockWeights:
             return torch.empty(0, dtype=dtype)
         return torch.frombuffer(self._memory, dtype=dtype, count=count, offset=self._base + offset)
 
+    @property
+    def early_nbytes(self) -> int:
+        """Bytes a backward prefetch copies: all but the late piece (the late one comes once the block before is
+        done with its own)."""
+        return self.nbytes - (self.pieces[-1].nbytes if len(self.pieces) > 1 else 0)
+
     def host_piece(self, piece: int) -> torch.Tensor:
         """The host bytes of one piece, for copying it to the device."""
         return self.host[self.pieces[piece].start : self.pieces[piece].start + self.pieces[piece].nbytes]

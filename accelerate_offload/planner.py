@@ -64,9 +64,10 @@ class VramPlanner:
         """Resident blocks and prefetch depth from `peak`, the allocated peak of the step just finished."""
         usable = self.budget * (1 - SAFETY_MARGIN) - self.optimizer_state_bytes
         prefetch = conductor.prefetch_blocks
-        largest = max(weights.nbytes for weights in conductor.weights.values())
+        # what a prefetch surely holds at a backward peak: the smallest block, or its part before the late piece
+        prefetched = min(weights.early_nbytes for weights in conductor.weights.values())
         if peak > usable and prefetch > 0:
-            peak, prefetch = peak - prefetch * largest, 0  # one block in flight only: slower, but it may fit
+            peak, prefetch = peak - prefetch * prefetched, 0  # one block in flight only: slower, but it may fit
         if peak > usable:
             remedies = ", ".join(("raise max_vram", *self.remedies, "lower the resolution or batch size"))
             raise VramBudgetError(

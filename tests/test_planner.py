@@ -51,3 +51,19 @@ def test_budget_below_the_streamed_step_names_every_remedy_left() -> None:
     assert "\n" not in message
     for remedy in ("raise max_vram", "activation_offloading", "sequence_chunks: auto", "resolution or batch size"):
         assert remedy in message, message
+
+
+def test_dropping_prefetch_counts_only_what_a_backward_prefetch_holds() -> None:
+    """A double block is prefetched in backward without its feed-forward piece, and single blocks are smaller:
+    the planner must not count a whole double block as freed when prefetch goes, or the budget breaks."""
+    from test_models import tiny_flux, with_lora
+
+    conductor = offload_model(with_lora(tiny_flux()), "cpu", layer_offload_fraction=1.0, prefetch_blocks=1)
+    largest = max(weights.nbytes for weights in conductor.weights.values())
+    held = min(weights.early_nbytes for weights in conductor.weights.values())
+    assert held < largest
+    peak = 100 * largest
+    with pytest.raises(VramBudgetError):  # room only if a whole double block were freed
+        planner_for(peak - (held + largest) / 2).plan(conductor, peak)
+    resident, prefetch = planner_for(peak - held).plan(conductor, peak)
+    assert prefetch == 0 and resident == []
