@@ -91,6 +91,8 @@ class BlockWeights:
                 sources.append(None if shared else tensor)
             self.pieces.append(Piece(start, offset - start))
         self.pieces = self.pieces or [Piece(0, 0)]
+        self.late_piece: int | None = 1 if len(self.pieces) > 1 else None  # the feed-forward's, if split
+        self.early_pieces: tuple[int, ...] = (0,)  # what a backward prefetch copies before the late piece
         self.nbytes = offset
         self._memory = np.empty(offset + ALIGNMENT, dtype=np.uint8)
         self._base = -self._memory.ctypes.data % ALIGNMENT
@@ -115,7 +117,7 @@ class BlockWeights:
     def early_nbytes(self) -> int:
         """Bytes a backward prefetch copies: all but the late piece (the late one comes once the block before is
         done with its own)."""
-        return self.nbytes - (self.pieces[-1].nbytes if len(self.pieces) > 1 else 0)
+        return sum(self.pieces[piece].nbytes for piece in self.early_pieces)
 
     def host_piece(self, piece: int) -> torch.Tensor:
         """The host bytes of one piece, for copying it to the device."""

@@ -143,8 +143,25 @@ def _run_chunk(function: Callable[..., Any], *args: Any, rng: bool) -> Any:
     return function(*args)
 
 
-def _dropout_active(block: nn.Module) -> bool:
-    return any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in block.modules())
+@dataclass(frozen=True)
+class _BlockScan:
+    """What one call needs to know of the block's modules, found in one walk over them: whether a dropout draws
+    random numbers (its RNG state must then be replayed exactly), and where each trainable parameter lives
+    (owning module, attribute name)."""
+
+    rng: bool
+    trainable: tuple[tuple[nn.Module, str], ...]
+
+
+def _scan(block: nn.Module) -> _BlockScan:
+    rng, trainable = False, []
+    for module in block.modules():
+        rng = rng or (isinstance(module, nn.Dropout) and module.p > 0 and module.training)
+        trainable.extend(
+            (module, name) for name, parameter in module._parameters.items()
+            if parameter is not None and parameter.requires_grad
+        )
+    return _BlockScan(rng, tuple(trainable))
 
 
 @dataclass(frozen=True)
@@ -239,16 +256,6 @@ def _join_rows(pieces: list[tuple[_RowJob, torch.Tensor]]) -> torch.Tensor:
     return pieces[0][1] if len(pieces) == 1 else torch.cat([grad for _, grad in pieces], dim=1)
 
 
-def _trainable_slots(block: nn.Module) -> tuple[tuple[nn.Module, str], ...]:
-    """Where each trainable parameter of `block` lives: (owning module, attribute name)."""
-    return tuple(
-        (module, name)
-        for module in block.modules()
-        for name, parameter in module._parameters.items()
-        if parameter is not None and parameter.requires_grad
-    )
-
-
 @contextmanager
 def _stand_ins(slots: tuple[tuple[nn.Module, str], ...]) -> Iterator[list[nn.Parameter]]:
     """Puts a fresh leaf sharing each trainable parameter's storage in its place while the chunks run backward.
@@ -267,14 +274,13 @@ def _stand_ins(slots: tuple[tuple[nn.Module, str], ...]) -> Iterator[list[nn.Par
             module._parameters[name] = original
 
 
-def _run_rows(block: nn.Module, jobs: list[_RowJob], sources: tuple[int, ...], tensors: list, rng: bool) -> tuple:
+def _run_rows(scan: _BlockScan, jobs: list[_RowJob], sources: tuple[int, ...], tensors: list) -> tuple:
     """Phase 2: one `_ChunkedRows` node when training; chunk by chunk without a graph under no_grad; per-chunk
-    checkpoints when a dropout draws random numbers (`rng`: their RNG state must be replayed exactly)."""
-    if torch.is_grad_enabled() and not rng:
-        slots = _trainable_slots(block)
-        parameters = [module._parameters[name] for module, name in slots]
-        return _ChunkedRows.apply(tuple(jobs), sources, slots, *tensors, *parameters)
-    run = partial(_run_chunk, rng=rng)
+    checkpoints when a dropout draws random numbers."""
+    if torch.is_grad_enabled() and not scan.rng:
+        parameters = [module._parameters[name] for module, name in scan.trainable]
+        return _ChunkedRows.apply(tuple(jobs), sources, scan.trainable, *tensors, *parameters)
+    run = partial(_run_chunk, rng=scan.rng)
     outputs: dict[int, list[torch.Tensor]] = {}
     for job in jobs:
         rows = tensors[job.source][:, job.start : job.end]
@@ -446,8 +452,8 @@ def _flux_chunked(
         if joint_attention_kwargs or not _flux_supported(block):
             return whole(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
         parts = _text_then_image(encoder_hidden_states, hidden_states, image_rotary_emb, chunks)
-        rng = _dropout_active(block)  # one walk over the block's modules per call
-        run = partial(_run_chunk, rng=rng)
+        scan = _scan(block)
+        run = partial(_run_chunk, rng=scan.rng)
         keys_values = [run(key_value[p.stream], p.rows, temb, p.cos, p.sin) for p in parts]
         key, value = _join(keys_values, sequence_dim=1)
         cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
@@ -457,7 +463,7 @@ def _flux_chunked(
             _RowJob(rows["image"], 0, start, end, (2, 3, 4, (5, text), (6, text)))
             for start, end in _spans(hidden_states.shape[1], chunks)
         ]
-        return _run_rows(block, jobs, (1, 0), tensors, rng)
+        return _run_rows(scan, jobs, (1, 0), tensors)
 
     return forward
 
@@ -622,8 +628,8 @@ def _sd3_joint(block: JointTransformerBlock, chunks: int, whole: Callable[..., A
         if joint_attention_kwargs or not _sd3_supported(block):
             return whole(hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
         image = [hidden_states[:, a:b] for a, b in _spans(hidden_states.shape[1], chunks)]
-        rng = _dropout_active(block)  # one walk over the block's modules per call
-        run = partial(_run_chunk, rng=rng)
+        scan = _scan(block)
+        run = partial(_run_chunk, rng=scan.rng)
         image_kv = [run(image_key_value, rows, temb) for rows in image]
         text_kv = run(text_key_value, encoder_hidden_states, temb)
         key, value = _join([kv[:2] for kv in image_kv] + [text_kv], sequence_dim=2)
@@ -632,9 +638,9 @@ def _sd3_joint(block: JointTransformerBlock, chunks: int, whole: Callable[..., A
         extras = (2, 3, 4) + tuple(range(5, len(tensors)))
         jobs = [_RowJob(image_rows, 0, start, end, extras) for start, end in _spans(hidden_states.shape[1], chunks)]
         if block.context_pre_only:
-            return None, _run_rows(block, jobs, (0,), tensors, rng)[0]
+            return None, _run_rows(scan, jobs, (0,), tensors)[0]
         jobs.append(_RowJob(text_rows, 1, 0, encoder_hidden_states.shape[1], (2, 3, 4)))
-        image_output, context = _run_rows(block, jobs, (0, 1), tensors, rng)
+        image_output, context = _run_rows(scan, jobs, (0, 1), tensors)
         return context, image_output
 
     return forward

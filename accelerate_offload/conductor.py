@@ -114,7 +114,7 @@ class LayerOffloadConductor:
             self._wait_for(index, backward)
         for target in targets:
             late_follows = backward and index in self._late_after
-            self._load(target, self._early_pieces(target) if late_follows else None)
+            self._load(target, self.weights[target].early_pieces if late_follows else None)
         self.peak_streamed_on_device = max(self.peak_streamed_on_device, len(self._loaded))
         if self.activations is not None and backward:
             self.activations.prefetch(self._neighbours(index, backward))
@@ -126,11 +126,12 @@ class LayerOffloadConductor:
         """Called as block `index`'s attention backward starts: its feed-forward backward is over. Its late piece
         leaves the device and the prefetched blocks' late pieces are copied in its place."""
         self._late_after.add(index)
-        if index in self._loaded and len(self._loaded[index]) > 1:
-            self._evict(index, [len(self.weights[index].pieces) - 1])
+        late = self.weights[index].late_piece if index in self._loaded else None
+        if late is not None and late in self._loaded[index]:
+            self._evict(index, (late,))
             self._record("evict late", index)
         for target in self._upcoming(index, backward=True):
-            if target in self._loaded and len(self._loaded[target]) < len(self.weights[target].pieces):
+            if self._missing_late_piece(target):
                 self._record("load late", target)
             self._load(target)
 
@@ -168,12 +169,12 @@ class LayerOffloadConductor:
             position += step
         return upcoming
 
-    def _early_pieces(self, index: int) -> list[int]:
-        """All pieces but the late one (a block in one piece has no late one)."""
-        count = len(self.weights[index].pieces)
-        return list(range(count - 1 if count > 1 else count))
+    def _missing_late_piece(self, index: int) -> bool:
+        """Whether `index` is on the device with its late piece still to come."""
+        late = self.weights[index].late_piece
+        return late is not None and index in self._loaded and late not in self._loaded[index]
 
-    def _load(self, index: int, pieces: list[int] | None = None) -> None:
+    def _load(self, index: int, pieces: tuple[int, ...] | None = None) -> None:
         weights = self.weights[index]
         if index not in self._loaded:
             self._loaded[index] = {}
@@ -188,15 +189,16 @@ class LayerOffloadConductor:
             self.bytes_loaded += weights.pieces[piece].nbytes
 
     def _wait_for(self, index: int, backward: bool) -> None:
-        if backward and index in self._loaded and len(self._loaded[index]) < len(self.weights[index].pieces):
-            self._late_after.discard(index + 1)  # its late piece was not fetched early: prefetch it whole next time
+        if backward and self._missing_late_piece(index):
+            # the block after it (which prefetched it) gave no signal this time: prefetch it whole next time
+            self._late_after.discard(index + 1)
         self._load(index)
         for loaded in self._loaded[index].values():
             if not loaded.waited:
                 self.streams.wait(loaded.ready)
                 loaded.waited = True
 
-    def _evict(self, index: int, pieces: list[int] | None = None) -> None:
+    def _evict(self, index: int, pieces: tuple[int, ...] | None = None) -> None:
         loaded = self._loaded[index]
         for piece in list(loaded) if pieces is None else pieces:
             copy = loaded.pop(piece)
