@@ -4,11 +4,17 @@ Non-reentrant checkpointing saves each block's positional tensor inputs as saved
 `saved_tensors_hooks` pair placed around the `checkpoint` call sees exactly those and nothing inside the block.
 Packing copies a tensor to pinned memory on a side stream; the backward pass prefetches the inputs of the
 next blocks to recompute, so GPU memory for activations stays flat however many blocks there are.
+
+A packed tensor's device memory is freed only once its copy has run. In a forward pass the GPU cannot keep up
+with (copy-bound at 1024², say), the CPU would queue block after block, and their inputs would wait on the
+device together; the CPU therefore waits, as a block starts, until the inputs of the block `blocks_in_flight`
+back are on the host, as FSDP's rate limiter does for its all-gathers.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections import deque
 from contextlib import AbstractContextManager
 
 import torch
@@ -49,12 +55,21 @@ class SavedActivation:
 class ActivationShuttle:
     """Packs block inputs to host memory during forward and brings them back ahead of recomputation."""
 
-    def __init__(self, device: torch.device, streams: CopyStreams, pin_memory: bool, min_bytes: int) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        streams: CopyStreams,
+        pin_memory: bool,
+        min_bytes: int,
+        blocks_in_flight: int | None = 2,
+    ) -> None:
         self.device = device
         self.streams = streams
         self.pin_memory = pin_memory
         self.min_bytes = min_bytes
+        self.blocks_in_flight = blocks_in_flight  # None: the CPU never waits for a copy to the host
         self.packed_bytes = 0
+        self._in_flight: deque[torch.cuda.Event | None] = deque()  # the last host copy of each recent block
         self._by_block: dict[int, list[weakref.ref[SavedActivation]]] = {}
         self._seen: dict[int, tuple[weakref.ref[torch.Tensor], SavedActivation]] = {}
 
@@ -63,6 +78,8 @@ class ActivationShuttle:
         if block_index == 0:
             self._seen.clear()  # identity dedupes tensors within one forward pass only
         self._by_block[block_index] = []
+        self._wait_for_earlier_copies()
+        self._in_flight.append(None)
 
         def pack(tensor: torch.Tensor) -> torch.Tensor | SavedActivation:
             return self._pack(block_index, tensor)
@@ -76,6 +93,16 @@ class ActivationShuttle:
                 if saved is not None:
                     saved.prefetch(self.device, self.streams)
 
+    def _wait_for_earlier_copies(self) -> None:
+        """Blocks the CPU until no more than `blocks_in_flight` earlier blocks have inputs still to copy."""
+        if self.blocks_in_flight is None:
+            self._in_flight.clear()
+            return
+        while len(self._in_flight) >= self.blocks_in_flight:
+            copied = self._in_flight.popleft()
+            if copied is not None:
+                copied.synchronize()
+
     def _pack(self, block_index: int, tensor: torch.Tensor) -> torch.Tensor | SavedActivation:
         if tensor.device != self.device or tensor.numel() * tensor.element_size() < self.min_bytes:
             return tensor
@@ -84,6 +111,7 @@ class ActivationShuttle:
             seen[1].keep(tensor)
             return seen[1]
         saved = SavedActivation(tensor, self.pin_memory, self.streams)
+        self._in_flight[-1] = saved.offloaded
         self.packed_bytes += saved.host.numel() * saved.host.element_size()
         self._seen[id(tensor)] = (weakref.ref(tensor), saved)
         self._by_block[block_index].append(weakref.ref(saved))

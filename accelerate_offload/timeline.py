@@ -1,12 +1,15 @@
 """A VRAM timeline of one training step: memory over time, block boundaries, and copies, drawn as a PNG.
 
 Timestamps are CUDA events on the stream that did the work, so the picture shows what the GPU did, not when
-the CPU queued it. Memory is the caching allocator's count as each block starts.
+the CPU queued it. Memory is the caching allocator's count as each block starts, and its peak from there to the
+next block start; the allocator counts when the CPU allocates and frees, so each block also records how far
+ahead of the GPU the CPU queued it (`cpu_lead_ms`), the lead that decides how much memory waits on copies.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,16 +23,23 @@ class StepTrace:
 
     device: torch.device
     start: torch.cuda.Event = field(default_factory=lambda: torch.cuda.Event(enable_timing=True))
-    marks: list[tuple[str, int, torch.cuda.Event, int]] = field(default_factory=list)
+    marks: list[tuple[str, int, torch.cuda.Event, int, float]] = field(default_factory=list)
+    peaks: list[int] = field(default_factory=list)  # peak allocated from each mark to the next
     copies: list[tuple[str, torch.cuda.Event, torch.cuda.Event, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        torch.cuda.synchronize(self.device)  # the GPU is idle: its clock and the CPU's start together
+        self.start_seconds = time.perf_counter()
         self.start.record(torch.cuda.current_stream(self.device))
 
     def mark(self, phase: str, block: int) -> None:
         event = torch.cuda.Event(enable_timing=True)
         event.record(torch.cuda.current_stream(self.device))
-        self.marks.append((phase, block, event, torch.cuda.memory_allocated(self.device)))
+        if self.marks:
+            self.peaks.append(torch.cuda.max_memory_allocated(self.device))
+        torch.cuda.reset_peak_memory_stats(self.device)
+        cpu_ms = (time.perf_counter() - self.start_seconds) * 1e3
+        self.marks.append((phase, block, event, torch.cuda.memory_allocated(self.device), cpu_ms))
 
     def copy(self, direction: str, started: torch.cuda.Event, finished: torch.cuda.Event, nbytes: int) -> None:
         self.copies.append((direction, started, finished, nbytes))
@@ -37,10 +47,12 @@ class StepTrace:
     def resolve(self) -> dict:
         torch.cuda.synchronize(self.device)
         elapsed = self.start.elapsed_time
+        peaks = [*self.peaks, self.marks[-1][3]] if self.marks else []
         return {
             "blocks": [
-                {"phase": phase, "block": block, "ms": elapsed(event), "allocated_gb": allocated / 1e9}
-                for phase, block, event, allocated in self.marks
+                {"phase": phase, "block": block, "ms": elapsed(event), "cpu_lead_ms": elapsed(event) - cpu_ms,
+                 "allocated_gb": allocated / 1e9, "peak_until_next_gb": peak / 1e9}
+                for (phase, block, event, allocated, cpu_ms), peak in zip(self.marks, peaks)
             ],
             "copies": [
                 {"direction": direction, "start_ms": elapsed(a), "end_ms": elapsed(b), "gb": nbytes / 1e9}
@@ -58,14 +70,13 @@ def trace_step(model: nn.Module, step: Callable[[], None]) -> dict:
         raise RuntimeError("a VRAM timeline needs a model offloaded to a CUDA device")
     trace = StepTrace(conductor.device)
     conductor.trace = conductor.streams.trace = trace
-    torch.cuda.reset_peak_memory_stats(conductor.device)
     try:
         step()
         trace.mark("end", -1)
     finally:
         conductor.trace = conductor.streams.trace = None
     timeline = trace.resolve()
-    timeline["peak_allocated_gb"] = torch.cuda.max_memory_allocated(conductor.device) / 1e9
+    timeline["peak_allocated_gb"] = max(b["peak_until_next_gb"] for b in timeline["blocks"])
     return timeline
 
 
@@ -81,7 +92,10 @@ def plot_timeline(timeline: dict, path: str | Path, title: str = "") -> Path:
         2, 1, figsize=(14, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )
     times = [b["ms"] for b in blocks]
-    memory_axis.step(times, [b["allocated_gb"] for b in blocks], where="post", color="tab:blue", label="allocated")
+    memory_axis.step(times, [b["allocated_gb"] for b in blocks], where="post", color="tab:blue",
+                     label="allocated as each block starts")
+    memory_axis.step(times, [b["peak_until_next_gb"] for b in blocks], where="post", color="tab:blue",
+                     alpha=0.35, label="peak until the next block")
     memory_axis.axhline(timeline["peak_allocated_gb"], color="tab:red", linestyle="--",
                         label=f"peak {timeline['peak_allocated_gb']:.2f} GB")
     for phase, color in (("forward", "tab:green"), ("backward", "tab:orange")):

@@ -38,6 +38,9 @@ SETTINGS = {
     "fraction0.5": {"layer_offload_fraction": 0.5, "activation_offloading": True},
     "fraction0.9": {"layer_offload_fraction": 0.9, "activation_offloading": True},
     "fraction1.0": {"layer_offload_fraction": 1.0, "activation_offloading": True},
+    # the runtime without its forward rate limit (A/B): the CPU queues blocks as fast as it can
+    "fraction1.0-unthrottled": {"layer_offload_fraction": 1.0, "activation_offloading": True,
+                                "blocks_in_flight": None},
     "fraction1.0-prefetch2": {"layer_offload_fraction": 1.0, "activation_offloading": True, "prefetch_blocks": 2},
     "fraction1.0-no-activations": {"layer_offload_fraction": 1.0},
     "fraction1.0-chunks2": {"layer_offload_fraction": 1.0, "activation_offloading": True, "sequence_chunks": 2},
@@ -198,7 +201,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--output_dir", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--timeline", type=Path, default=None,
-                        help="write a VRAM timeline (PNG + JSON) of one step of the first streamed setting")
+                        help="write a VRAM timeline (PNG + JSON) of one step of each streamed setting, named from "
+                             "this path")
     parser.add_argument("--peak_breakdown", action="store_true",
                         help="after timing each streamed setting, record one more step and write what is live at "
                              "its peak, by origin, to --output_dir")
@@ -222,7 +226,10 @@ def main() -> None:
             model.to("cpu")
             torch.cuda.empty_cache()
         setup_start = time.perf_counter()
-        offload_model(model, device, **options)
+        offload_options = {k: v for k, v in options.items() if k != "blocks_in_flight"}
+        offload_model(model, device, **offload_options)
+        if "blocks_in_flight" in options:
+            get_conductor(model).activations.blocks_in_flight = options["blocks_in_flight"]
         setup_seconds = time.perf_counter() - setup_start
         for resolution in args.resolutions:
             inputs, target = batches[resolution]
@@ -231,8 +238,8 @@ def main() -> None:
             )
             conductor = get_conductor(model)
             if args.timeline is not None and setting != "resident":
-                write_timeline(model, optimizer, inputs, target, args.timeline, f"{args.model} {resolution}² {setting}")
-                args.timeline = None
+                path = args.timeline.with_name(f"{args.timeline.stem}_{args.model}_{resolution}_{setting}.png")
+                write_timeline(model, optimizer, inputs, target, path, f"{args.model} {resolution}² {setting}")
             if args.peak_breakdown and setting != "resident":
                 write_peak_breakdown(model, optimizer, inputs, target, args.output_dir,
                                      f"{args.model} {resolution}² {setting}")

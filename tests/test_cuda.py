@@ -278,8 +278,43 @@ def test_vram_timeline_records_every_block_and_copy(tmp_path) -> None:
     timeline = trace_step(model, one_step)
     phases = [b["phase"] for b in timeline["blocks"]]
     assert phases.count("forward") == 6 and phases.count("backward") == 6
+    assert all(b["peak_until_next_gb"] >= b["allocated_gb"] for b in timeline["blocks"])
+    assert timeline["peak_allocated_gb"] == max(b["peak_until_next_gb"] for b in timeline["blocks"])
     uploads = [c for c in timeline["copies"] if c["direction"] == "host_to_device"]
     assert len(uploads) >= 2 * 6 and all(c["end_ms"] >= c["start_ms"] >= 0 for c in uploads)
     assert abs(sum(c["gb"] for c in uploads[:6]) - 6 * conductor.weights[0].nbytes / 1e9) < 1e-6
     picture = plot_timeline(timeline, tmp_path / "timeline.png")
     assert picture.stat().st_size > 10_000
+
+
+def test_forward_waits_for_host_copies_so_block_inputs_do_not_pile_up() -> None:
+    """A slow GPU and a fast CPU: without the rate limit every block's input waits on the device for its copy."""
+    width, depth, tokens = 1024, 16, 8192
+    input_bytes = tokens * width * 2
+    forward_peaks = {}
+    for blocks_in_flight in ("synchronous copies", None, 2):
+        model = toy_on_cpu(depth, width)
+        synchronous = blocks_in_flight == "synchronous copies"  # nothing waits on a copy: the reference
+        conductor = offload_model(model, DEVICE, block_names=["blocks"], layer_offload_fraction=1.0,
+                                  activation_offloading=True, async_offloading=not synchronous)
+        if not synchronous:
+            conductor.activations.blocks_in_flight = blocks_in_flight
+        for block in model.blocks:  # about 10 ms of GPU time per block; the CPU queues a block in well under 1 ms
+            block.register_forward_pre_hook(lambda module, args: torch.cuda._sleep(20_000_000))
+        generator = torch.Generator(DEVICE).manual_seed(0)
+        inputs = (torch.randn(1, tokens, width, device=DEVICE, generator=generator),
+                  torch.randn(1, 64, width, device=DEVICE, generator=generator),
+                  torch.randn(1, width, device=DEVICE, generator=generator))
+        for _ in range(2):  # the second step reuses pinned host memory, as training does
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(*inputs).float().square().mean()
+            forward_peaks[blocks_in_flight] = torch.cuda.max_memory_allocated() - before
+            loss.backward()
+        del model, conductor, loss
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert forward_peaks[2] <= forward_peaks["synchronous copies"] + 3 * input_bytes, forward_peaks
+    assert forward_peaks[None] > forward_peaks[2] + 6 * input_bytes, forward_peaks
