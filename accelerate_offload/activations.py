@@ -5,10 +5,11 @@ Non-reentrant checkpointing saves each block's positional tensor inputs as saved
 Packing copies a tensor to pinned memory on a side stream; the backward pass prefetches the inputs of the
 next blocks to recompute, so GPU memory for activations stays flat however many blocks there are.
 
-A packed tensor's device memory is freed only once its copy has run. In a forward pass the GPU cannot keep up
-with (copy-bound at 1024², say), the CPU would queue block after block, and their inputs would wait on the
-device together; the CPU therefore waits, as a block starts, until the inputs of the block `blocks_in_flight`
-back are on the host, as FSDP's rate limiter does for its all-gathers.
+A packed tensor's device memory can be reused only once its copy has run: until then the caching allocator
+holds it back (reserved, no longer allocated). In a forward pass the GPU cannot keep up with (copy-bound at
+1024², say), the CPU would queue block after block, and their inputs would wait on the device together; the CPU
+therefore waits, as a block starts, until the inputs of the block `blocks_in_flight` back are on the host, as
+FSDP's rate limiter does for its all-gathers.
 """
 
 from __future__ import annotations

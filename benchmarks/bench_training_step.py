@@ -12,6 +12,7 @@ failure, not a fast result). One JSON per run goes to `--output_dir`; a table is
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -63,6 +64,7 @@ class Result:
     seconds_per_step: float
     peak_allocated_gb: float
     peak_reserved_gb: float
+    allocated_between_steps_gb: float  # non-block layers, LoRA, its Adam state and the batch: the step's floor
     ratio_to_resident: float | None
     losses: list[float]
     loss_falls: bool
@@ -140,15 +142,17 @@ def training_step(model: torch.nn.Module, optimizer, inputs: dict, target: torch
 def measure(model: torch.nn.Module, inputs: dict, target: torch.Tensor, warmup: int, steps: int) -> tuple:
     """Median step time and the steady-state peak (after warm-up, which includes max_vram's planning step)."""
     lora = [p for p in model.parameters() if p.requires_grad]
-    initial = [p.detach().clone() for p in lora]
+    initial = [p.detach().to("cpu", copy=True) for p in lora]  # on the host: not part of the step's memory
     optimizer = torch.optim.AdamW(lora, lr=1e-3)
     conductor = get_conductor(model)
     losses, times = [], []
     streamed_bytes = 0
+    between_steps = 0
     for index in range(warmup + steps):
         if index == warmup:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            between_steps = torch.cuda.memory_allocated()
         loaded_before = conductor.bytes_loaded if conductor is not None else 0
         start = time.perf_counter()
         losses.append(training_step(model, optimizer, inputs, target).item())  # .item() synchronises
@@ -158,7 +162,7 @@ def measure(model: torch.nn.Module, inputs: dict, target: torch.Tensor, warmup: 
     with torch.no_grad():
         for param, value in zip(lora, initial):
             param.copy_(value)  # the next setting starts from the same LoRA
-    peak = torch.cuda.max_memory_allocated() / 1e9, torch.cuda.max_memory_reserved() / 1e9
+    peak = torch.cuda.max_memory_allocated() / 1e9, torch.cuda.max_memory_reserved() / 1e9, between_steps / 1e9
     return statistics.median(times[warmup:]), peak, losses, streamed_bytes / 1e9, optimizer
 
 
@@ -233,7 +237,7 @@ def main() -> None:
         setup_seconds = time.perf_counter() - setup_start
         for resolution in args.resolutions:
             inputs, target = batches[resolution]
-            seconds, (allocated, reserved), losses, streamed, optimizer = measure(
+            seconds, (allocated, reserved, between_steps), losses, streamed, optimizer = measure(
                 model, inputs, target, args.warmup, args.steps
             )
             conductor = get_conductor(model)
@@ -250,6 +254,7 @@ def main() -> None:
                 model=args.model, setting=setting, resolution=resolution, device=torch.cuda.get_device_name(),
                 torch=torch.__version__, diffusers=diffusers.__version__, seconds_per_step=round(seconds, 4),
                 peak_allocated_gb=round(allocated, 3), peak_reserved_gb=round(reserved, 3),
+                allocated_between_steps_gb=round(between_steps, 3),
                 ratio_to_resident=round(seconds / base, 3) if base else None, losses=[round(l, 5) for l in losses],
                 loss_falls=losses[-1] < losses[0], streamed_gb_per_step=round(streamed, 2),
                 resident_blocks=conductor.resident_count,
@@ -261,6 +266,8 @@ def main() -> None:
             print(json.dumps(asdict(result)), flush=True)
             name = f"{args.model}_{resolution}_{setting}{'-expandable' if args.expandable_segments else ''}.json"
             (args.output_dir / name).write_text(json.dumps(asdict(result), indent=2) + "\n")
+            del optimizer  # its Adam state would otherwise sit on the GPU through the next setting's steps
+            gc.collect()
         remove_offload(model, device if setting == "resident" else "cpu")
     print(f"\n{'model':5} {'res':>5} {'setting':28} {'s/step':>7} {'ratio':>6} {'alloc GB':>9} {'resv GB':>8} "
           f"{'H2D GB':>7} {'resident':>8} loss falls  in budget")

@@ -288,10 +288,11 @@ def test_vram_timeline_records_every_block_and_copy(tmp_path) -> None:
 
 
 def test_forward_waits_for_host_copies_so_block_inputs_do_not_pile_up() -> None:
-    """A slow GPU and a fast CPU: without the rate limit every block's input waits on the device for its copy."""
+    """A slow GPU and a fast CPU: without the rate limit every block's input holds device memory (reserved, not
+    reusable) until its copy to the host has run."""
     width, depth, tokens = 1024, 16, 8192
     input_bytes = tokens * width * 2
-    forward_peaks = {}
+    growth = {}
     for blocks_in_flight in ("synchronous copies", None, 2):
         model = toy_on_cpu(depth, width)
         synchronous = blocks_in_flight == "synchronous copies"  # nothing waits on a copy: the reference
@@ -307,14 +308,15 @@ def test_forward_waits_for_host_copies_so_block_inputs_do_not_pile_up() -> None:
                   torch.randn(1, width, device=DEVICE, generator=generator))
         for _ in range(2):  # the second step reuses pinned host memory, as training does
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
+            before = torch.cuda.memory_reserved()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(*inputs).float().square().mean()
-            forward_peaks[blocks_in_flight] = torch.cuda.max_memory_allocated() - before
+            growth[blocks_in_flight] = torch.cuda.max_memory_reserved() - before
             loss.backward()
         del model, conductor, loss
         gc.collect()
         torch.cuda.empty_cache()
-    assert forward_peaks[2] <= forward_peaks["synchronous copies"] + 3 * input_bytes, forward_peaks
-    assert forward_peaks[None] > forward_peaks[2] + 6 * input_bytes, forward_peaks
+    assert growth[2] <= growth["synchronous copies"] + 4 * input_bytes, growth
+    assert growth[None] > growth[2] + 6 * input_bytes, growth
