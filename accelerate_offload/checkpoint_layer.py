@@ -82,6 +82,7 @@ class OffloadCheckpointLayer:
 
         for tensor in tensors:
             tensor.register_hook(arrived)
+        self.conductor.signal_armed(self.index)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled() and self.gradient_checkpointing:

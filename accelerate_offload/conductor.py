@@ -10,7 +10,8 @@ Blocks whose feed-forward follows attention (Flux double blocks, SD3 joint block
 backward, once a block's attention backward starts (`late_piece_done`), its feed-forward is done with its
 weights: they leave, and only then do the prefetched block's feed-forward weights arrive. At a block's
 backward, the peak of a streamed step, the prefetched block is then on the device without its feed-forward.
-Blocks whose hook did not fire in the last backward (run in token chunks, say) are prefetched whole.
+The forward pass arms that signal (`signal_armed`); a block whose forward did not (run in token chunks, say)
+has its neighbour prefetched whole, so the first step peaks no higher than the ones after it.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class LayerOffloadConductor:
         self.peak_streamed_on_device = 0
         self.bytes_loaded = 0  # host->device weight traffic since the model was offloaded
         self._loaded: dict[int, dict[int, _Loaded]] = {}  # block -> piece -> its device copy
-        self._late_after: set[int] = set()  # blocks whose attention-backward hook fired in the last backward
+        self._armed: set[int] = set()  # blocks whose forward armed the attention-backward signal
         self._end_of_backward_queued = False
 
     def is_streamed(self, index: int) -> bool:
@@ -107,13 +108,15 @@ class LayerOffloadConductor:
             self.trace.mark("backward" if backward else "forward", index)
         if index == 0 and not backward and self.planner is not None and torch.is_grad_enabled():
             self.planner.start_measuring()
+        if not backward:
+            self._armed.discard(index)  # armed again if its attention runs in this forward
         targets = self._upcoming(index, backward)
         for stale in [i for i in self._loaded if i != index and i not in targets]:
             self._evict(stale)
         if self.is_streamed(index):
             self._wait_for(index, backward)
         for target in targets:
-            late_follows = backward and index in self._late_after
+            late_follows = backward and index in self._armed
             self._load(target, self.weights[target].early_pieces if late_follows else None)
         self.peak_streamed_on_device = max(self.peak_streamed_on_device, len(self._loaded))
         if self.activations is not None and backward:
@@ -122,10 +125,13 @@ class LayerOffloadConductor:
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             self._end_of_backward_queued = True
 
+    def signal_armed(self, index: int) -> None:
+        """Called in block `index`'s forward: `late_piece_done(index)` will come in backward."""
+        self._armed.add(index)
+
     def late_piece_done(self, index: int) -> None:
         """Called as block `index`'s attention backward starts: its feed-forward backward is over. Its late piece
         leaves the device and the prefetched blocks' late pieces are copied in its place."""
-        self._late_after.add(index)
         late = self.weights[index].late_piece if index in self._loaded else None
         if late is not None and late in self._loaded[index]:
             self._evict(index, (late,))
@@ -189,10 +195,7 @@ class LayerOffloadConductor:
             self.bytes_loaded += weights.pieces[piece].nbytes
 
     def _wait_for(self, index: int, backward: bool) -> None:
-        if backward and self._missing_late_piece(index):
-            # the block after it (which prefetched it) gave no signal this time: prefetch it whole next time
-            self._late_after.discard(index + 1)
-        self._load(index)
+        self._load(index)  # also the late piece of a block prefetched without it whose signal never came
         for loaded in self._loaded[index].values():
             if not loaded.waited:
                 self.streams.wait(loaded.ready)

@@ -64,6 +64,7 @@ class Result:
     seconds_per_step: float
     peak_allocated_gb: float
     peak_reserved_gb: float
+    first_step_peak_allocated_gb: float  # the step that warms up (and, for max_vram, measures and plans)
     allocated_between_steps_gb: float  # non-block layers, LoRA, its Adam state and the batch: the step's floor
     ratio_to_resident: float | None
     losses: list[float]
@@ -147,8 +148,11 @@ def measure(model: torch.nn.Module, inputs: dict, target: torch.Tensor, warmup: 
     conductor = get_conductor(model)
     losses, times = [], []
     streamed_bytes = 0
-    between_steps = 0
+    between_steps = first_peak = 0
+    torch.cuda.reset_peak_memory_stats()
     for index in range(warmup + steps):
+        if index == 1:
+            first_peak = torch.cuda.max_memory_allocated()
         if index == warmup:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -162,7 +166,8 @@ def measure(model: torch.nn.Module, inputs: dict, target: torch.Tensor, warmup: 
     with torch.no_grad():
         for param, value in zip(lora, initial):
             param.copy_(value)  # the next setting starts from the same LoRA
-    peak = torch.cuda.max_memory_allocated() / 1e9, torch.cuda.max_memory_reserved() / 1e9, between_steps / 1e9
+    peak = (torch.cuda.max_memory_allocated() / 1e9, torch.cuda.max_memory_reserved() / 1e9, between_steps / 1e9,
+            first_peak / 1e9)
     return statistics.median(times[warmup:]), peak, losses, streamed_bytes / 1e9, optimizer
 
 
@@ -237,7 +242,7 @@ def main() -> None:
         setup_seconds = time.perf_counter() - setup_start
         for resolution in args.resolutions:
             inputs, target = batches[resolution]
-            seconds, (allocated, reserved, between_steps), losses, streamed, optimizer = measure(
+            seconds, (allocated, reserved, between_steps, first_peak), losses, streamed, optimizer = measure(
                 model, inputs, target, args.warmup, args.steps
             )
             conductor = get_conductor(model)
@@ -254,7 +259,7 @@ def main() -> None:
                 model=args.model, setting=setting, resolution=resolution, device=torch.cuda.get_device_name(),
                 torch=torch.__version__, diffusers=diffusers.__version__, seconds_per_step=round(seconds, 4),
                 peak_allocated_gb=round(allocated, 3), peak_reserved_gb=round(reserved, 3),
-                allocated_between_steps_gb=round(between_steps, 3),
+                allocated_between_steps_gb=round(between_steps, 3), first_step_peak_allocated_gb=round(first_peak, 3),
                 ratio_to_resident=round(seconds / base, 3) if base else None, losses=[round(l, 5) for l in losses],
                 loss_falls=losses[-1] < losses[0], streamed_gb_per_step=round(streamed, 2),
                 resident_blocks=conductor.resident_count,

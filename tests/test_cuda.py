@@ -73,7 +73,7 @@ def test_flux_lora_gradients_match_resident_in_bf16(settings: dict) -> None:
     conductor = offload_model(offloaded, DEVICE, **settings)
     conductor.poison_evicted = True  # weights read after they left the device (stream order) would show as NaN
     batch = flux_batch()
-    for _ in range(3):  # from the second step, double blocks' feed-forward weights arrive late in backward
+    for _ in range(3):  # double blocks' feed-forward weights arrive late in every backward; pinned memory reused
         expected_loss, expected = bf16_step(reference, batch)
         loss, actual = bf16_step(offloaded, batch)
     assert relative_error(loss, expected_loss) < 1e-3
