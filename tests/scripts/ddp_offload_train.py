@@ -1,4 +1,5 @@
-"""Two-process training under accelerate (DDP on CPU): the offloaded model and a plain one end equal."""
+"""Two-process training under accelerate (DDP: gloo on CPU, or NCCL with one GPU a process when the second
+argument is `cuda`): the offloaded model and a plain one end equal."""
 
 import copy
 import json
@@ -33,6 +34,8 @@ def train(model: torch.nn.Module, accelerator: Accelerator, batch: Callable) -> 
     generator = torch.Generator().manual_seed(100 + accelerator.process_index)  # each rank its own data
     for _ in range(3):
         args, kwargs = batch(generator)
+        args = tuple(a.to(accelerator.device) for a in args)
+        kwargs = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         output = model(*args, **kwargs)
         loss = (output[0] if isinstance(output, tuple) else output).square().mean()
         accelerator.backward(loss)
@@ -45,7 +48,8 @@ def largest_relative_error(actual: dict[str, torch.Tensor], expected: dict[str, 
     return max(((actual[n] - expected[n]).norm() / expected[n].norm()).item() for n in expected)
 
 
-accelerator = Accelerator(cpu=True)
+on_gpus = sys.argv[2:] == ["cuda"]
+accelerator = Accelerator(cpu=not on_gpus)
 torch.manual_seed(0)
 plain = add_lora(ToyTransformer(16, 4), ["to_q", "to_out"])
 offloaded = copy.deepcopy(plain)
@@ -53,7 +57,6 @@ initial = {n: p.detach().clone() for n, p in plain.named_parameters() if p.requi
 offload_model(offloaded, accelerator.device, block_names=["blocks"], layer_offload_fraction=0.5,
               activation_offloading=True, activation_min_bytes=0)
 expected, actual = train(plain, accelerator, toy_batch), train(offloaded, accelerator, toy_batch)
-equal = all(torch.equal(expected[name], actual[name]) for name in expected)
 gathered = accelerator.gather(torch.cat([p.flatten() for p in actual.values()])[None])
 # token-chunked Flux blocks hand their LoRA gradients to autograd once per step, as DDP's hooks require
 flux = with_lora(tiny_flux())
@@ -63,10 +66,11 @@ offload_model(chunked, accelerator.device, layer_offload_fraction=1.0, activatio
 flux_error = largest_relative_error(train(chunked, accelerator, flux_batch), train(flux, accelerator, flux_batch))
 result = {
     "processes": accelerator.num_processes,
-    "equal_to_plain": equal,
+    "device": accelerator.device.type,
+    "offloaded_error": largest_relative_error(actual, expected),  # 0.0: bit for bit
     "ranks_agree": bool(torch.equal(gathered[0], gathered[-1])),
-    "trained": any(not torch.equal(actual[name], initial[name]) for name in initial),
-    "chunked_flux_close_to_plain": flux_error < 1e-5,
+    "trained": any(not torch.equal(actual[name].cpu(), initial[name]) for name in initial),
+    "chunked_flux_error": flux_error,
 }
 if accelerator.is_main_process:
     with open(sys.argv[1], "w") as handle:
