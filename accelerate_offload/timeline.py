@@ -8,8 +8,8 @@ ahead of the GPU the CPU queued it (`cpu_lead_ms`), the lead that decides how mu
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,19 +24,19 @@ class StepTrace:
     device: torch.device
     start: torch.cuda.Event = field(default_factory=lambda: torch.cuda.Event(enable_timing=True))
     marks: list[tuple[str, int, torch.cuda.Event, int, float]] = field(default_factory=list)
-    peaks: list[int] = field(default_factory=list)  # peak allocated from each mark to the next
+    peaks: list[int] = field(default_factory=list)  # peak allocated up to each mark, from the one before (or start)
     copies: list[tuple[str, torch.cuda.Event, torch.cuda.Event, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         torch.cuda.synchronize(self.device)  # the GPU is idle: its clock and the CPU's start together
+        torch.cuda.reset_peak_memory_stats(self.device)
         self.start_seconds = time.perf_counter()
         self.start.record(torch.cuda.current_stream(self.device))
 
     def mark(self, phase: str, block: int) -> None:
         event = torch.cuda.Event(enable_timing=True)
         event.record(torch.cuda.current_stream(self.device))
-        if self.marks:
-            self.peaks.append(torch.cuda.max_memory_allocated(self.device))
+        self.peaks.append(torch.cuda.max_memory_allocated(self.device))
         torch.cuda.reset_peak_memory_stats(self.device)
         cpu_ms = (time.perf_counter() - self.start_seconds) * 1e3
         self.marks.append((phase, block, event, torch.cuda.memory_allocated(self.device), cpu_ms))
@@ -47,12 +47,13 @@ class StepTrace:
     def resolve(self) -> dict:
         torch.cuda.synchronize(self.device)
         elapsed = self.start.elapsed_time
-        peaks = [*self.peaks, self.marks[-1][3]] if self.marks else []
+        until_next = [*self.peaks[1:], self.marks[-1][3]] if self.marks else []
         return {
+            "peak_allocated_gb": max(self.peaks, default=0) / 1e9,
             "blocks": [
                 {"phase": phase, "block": block, "ms": elapsed(event), "cpu_lead_ms": elapsed(event) - cpu_ms,
                  "allocated_gb": allocated / 1e9, "peak_until_next_gb": peak / 1e9}
-                for (phase, block, event, allocated, cpu_ms), peak in zip(self.marks, peaks)
+                for (phase, block, event, allocated, cpu_ms), peak in zip(self.marks, until_next)
             ],
             "copies": [
                 {"direction": direction, "start_ms": elapsed(a), "end_ms": elapsed(b), "gb": nbytes / 1e9}
@@ -75,9 +76,7 @@ def trace_step(model: nn.Module, step: Callable[[], None]) -> dict:
         trace.mark("end", -1)
     finally:
         conductor.trace = conductor.streams.trace = None
-    timeline = trace.resolve()
-    timeline["peak_allocated_gb"] = max(b["peak_until_next_gb"] for b in timeline["blocks"])
-    return timeline
+    return trace.resolve()
 
 
 def plot_timeline(timeline: dict, path: str | Path, title: str = "") -> Path:

