@@ -1,7 +1,7 @@
 """`LayerOffloadConductor`: which blocks sit on the device, and when streamed ones are loaded and dropped.
 
-ceil((1 - fraction) * N) blocks stay resident, spread evenly over the model (`spread_indices`); the rest live in
-host memory and are copied in just before they run, `prefetch_blocks` ahead, in forward order during the forward pass and in reverse order during
+The first ceil((1 - fraction) * N) blocks stay resident; the rest live in host memory and are copied in just
+before they run, `prefetch_blocks` ahead, in forward order during the forward pass and in reverse order during
 the backward pass. Frozen weights are never copied back: dropping a block is re-pointing its parameters at the
 host buffer. A block loaded for a recomputation that non-reentrant checkpointing stopped early is left behind
 (nothing after the early stop runs), so every `before_block` first evicts whatever it does not need.
@@ -24,7 +24,7 @@ from torch import nn
 
 from .activations import ActivationShuttle
 from .block_weights import BlockWeights, guard_device_moves
-from .planner import VramPlanner, spread_indices
+from .planner import VramPlanner
 from .streams import CopyStreams
 from .timeline import StepTrace
 
@@ -65,12 +65,11 @@ class LayerOffloadConductor:
         self.prefetch_blocks = prefetch_blocks
         self.activations = activations
         resident_count = resident_block_count(len(blocks), layer_offload_fraction)
-        resident = set(spread_indices(resident_count, list(range(len(blocks)))))
         late_modules = late_modules or {}
         self.weights: dict[int, BlockWeights] = {
             index: BlockWeights(block, pin_memory, late_modules.get(index, ()))
             for index, block in enumerate(blocks)
-            if index not in resident
+            if index >= resident_count
         }
         for index, weights in self.weights.items():
             guard_device_moves(blocks[index], weights)

@@ -2,8 +2,7 @@
 
 The first step runs with every block streamed. Its peak (the non-block layers, the LoRA and its gradients,
 the blocks in flight and one block's working set) is what streaming cannot avoid; the budget left after it
-and the optimizer state is filled with resident blocks, as many as fit spread evenly over the model, so later
-steps copy less and each resident block's compute hides the next streamed block's copy.
+and the optimizer state is filled with resident blocks, first ones first, so later steps copy less.
 """
 
 from __future__ import annotations
@@ -21,12 +20,6 @@ logger = logging.getLogger(__name__)
 
 _UNITS = {"": 10**9, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 SAFETY_MARGIN = 0.05  # of the budget: allocator rounding and fragmentation
-
-
-def spread_indices(count: int, among: list[int]) -> list[int]:
-    """`count` of the blocks `among`, evenly spaced. While a resident block computes, the copy of the next
-    streamed block runs; a run of resident blocks would leave the copy engine idle for all but the last."""
-    return [among[int((k + 0.5) * len(among) / count)] for k in range(count)]
 
 
 class VramBudgetError(ValueError):
@@ -81,12 +74,12 @@ class VramPlanner:
                 f"max_vram {self.budget / 1e9:.2f} GB is below one step with every block streamed "
                 f"({(peak + self.optimizer_state_bytes) / 1e9:.2f} GB measured): {remedies}"
             )
-        room, candidates, resident = usable - peak, sorted(conductor.weights), []
-        for count in range(len(candidates), 0, -1):  # the most blocks that fit, spread out
-            chosen = spread_indices(count, candidates)
-            if sum(conductor.weights[index].nbytes for index in chosen) <= room:
-                resident = chosen
+        room, resident = usable - peak, []
+        for index in sorted(conductor.weights):
+            if conductor.weights[index].nbytes > room:
                 break
+            room -= conductor.weights[index].nbytes
+            resident.append(index)
         logger.info(
             "accelerate-offload: max_vram %.2f GB, first step peaked at %.2f GB streaming everything: "
             "%d more blocks resident, prefetch %d",

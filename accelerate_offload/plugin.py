@@ -53,8 +53,8 @@ class LayerOffloadPlugin:
 
     Args:
         layer_offload_fraction (`float`, defaults to `0.0`):
-            Share of the blocks that live on the CPU and are streamed in; ceil((1 - fraction) * number of
-            blocks) stay resident on the GPU, spread evenly so that their compute hides the streamed blocks' copies.
+            Share of the blocks that live on the CPU and are streamed in; the first
+            ceil((1 - fraction) * number of blocks) stay resident on the GPU.
         activation_offloading (`bool`, defaults to `False`):
             Move the tensors that checkpointing keeps between blocks to CPU memory and bring them back before the
             backward pass recomputes the block.

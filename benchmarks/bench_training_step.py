@@ -25,7 +25,6 @@ import torch
 from peft import LoraConfig
 
 from accelerate_offload import get_conductor, offload_model, remove_offload
-from accelerate_offload.conductor import resident_block_count
 from accelerate_offload.planner import parse_memory
 from accelerate_offload.timeline import plot_timeline, trace_step
 from peak_breakdown import peak_breakdown, print_breakdown
@@ -39,9 +38,6 @@ SETTINGS = {
     "resident": {"layer_offload_fraction": 0.0},
     "fraction0.5": {"layer_offload_fraction": 0.5, "activation_offloading": True},
     "fraction0.9": {"layer_offload_fraction": 0.9, "activation_offloading": True},
-    # resident blocks where they were before being spread out (A/B): the first ones
-    "fraction0.5-first": {"layer_offload_fraction": 0.5, "activation_offloading": True, "resident_placement": "first"},
-    "fraction0.9-first": {"layer_offload_fraction": 0.9, "activation_offloading": True, "resident_placement": "first"},
     "fraction1.0": {"layer_offload_fraction": 1.0, "activation_offloading": True},
     # the runtime without its forward rate limit (A/B): the CPU queues blocks as fast as it can
     "fraction1.0-unthrottled": {"layer_offload_fraction": 1.0, "activation_offloading": True,
@@ -239,16 +235,10 @@ def main() -> None:
             model.to("cpu")
             torch.cuda.empty_cache()
         setup_start = time.perf_counter()
-        offload_options = {k: v for k, v in options.items() if k not in ("blocks_in_flight", "resident_placement")}
-        first_resident = options.get("resident_placement") == "first"
-        if first_resident:
-            offload_options["layer_offload_fraction"] = 1.0
-        conductor = offload_model(model, device, **offload_options)
-        if first_resident:
-            kept = resident_block_count(conductor.block_count, options["layer_offload_fraction"])
-            conductor.make_resident(list(range(kept)))
+        offload_options = {k: v for k, v in options.items() if k != "blocks_in_flight"}
+        offload_model(model, device, **offload_options)
         if "blocks_in_flight" in options:
-            conductor.activations.blocks_in_flight = options["blocks_in_flight"]
+            get_conductor(model).activations.blocks_in_flight = options["blocks_in_flight"]
         setup_seconds = time.perf_counter() - setup_start
         for resolution in args.resolutions:
             inputs, target = batches[resolution]
@@ -284,6 +274,7 @@ def main() -> None:
             del optimizer  # its Adam state would otherwise sit on the GPU through the next setting's steps
             gc.collect()
         remove_offload(model, device if setting == "resident" else "cpu")
+        torch.cuda.empty_cache()  # the next setting's reserved peak counts its own memory only
     print(f"\n{'model':5} {'res':>5} {'setting':28} {'s/step':>7} {'ratio':>6} {'alloc GB':>9} {'resv GB':>8} "
           f"{'H2D GB':>7} {'resident':>8} loss falls  in budget")
     for r in results:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from accelerate_offload import offload_model
-from accelerate_offload.planner import SAFETY_MARGIN, VramBudgetError, VramPlanner, spread_indices
+from accelerate_offload.planner import SAFETY_MARGIN, VramBudgetError, VramPlanner
 from toy_models import ToyTransformer, add_lora
 
 GB = 10**9
@@ -26,20 +26,12 @@ def planner_for(usable_bytes: float, remedies: tuple[str, ...] = ()) -> VramPlan
     return VramPlanner(int(usable_bytes / (1 - SAFETY_MARGIN)) + 1, torch.device("cpu"), 0, remedies)
 
 
-def test_room_left_by_the_streamed_peak_fills_with_blocks_spread_over_the_model() -> None:
+def test_room_left_by_the_streamed_peak_fills_with_the_first_blocks() -> None:
     conductor = streamed_toy()
     block = conductor.weights[0].nbytes
     peak = 10 * block
     resident, prefetch = planner_for(peak + 3.5 * block).plan(conductor, peak)
-    assert resident == [1, 4, 6] and prefetch == 1
-
-
-def test_resident_blocks_are_spread_evenly() -> None:
-    assert spread_indices(2, list(range(5))) == [1, 3]
-    assert spread_indices(7, list(range(57))) == [4, 12, 20, 28, 36, 44, 52]
-    assert spread_indices(29, list(range(57))) == list(range(0, 57, 2))  # every other block of Flux-dev
-    assert spread_indices(5, list(range(5))) == [0, 1, 2, 3, 4] and spread_indices(0, [3, 4]) == []
-    assert spread_indices(2, [3, 5, 8, 9]) == [5, 9]  # only among the candidates
+    assert resident == [0, 1, 2] and prefetch == 1
 
 
 def test_a_peak_just_over_the_budget_drops_prefetch_rather_than_failing() -> None:
