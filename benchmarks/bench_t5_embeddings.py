@@ -85,8 +85,9 @@ def main() -> None:
     results.append({"mode": "bf16 streamed", "peak_allocated_gb": peak - base, "seconds": seconds,
                     "relative_error": error})
     if not args.skip_8bit:
-        from accelerate_offload import remove_offload
         from transformers import BitsAndBytesConfig
+
+        from accelerate_offload import remove_offload
 
         remove_offload(model, "cpu")
         with tempfile.TemporaryDirectory() as folder:
