@@ -63,7 +63,8 @@ class StepTrace:
 
 
 def trace_step(model: nn.Module, step: Callable[[], None]) -> dict:
-    """Runs `step` once with tracing on and returns its timeline (see `StepTrace.resolve`)."""
+    """Runs `step` once with tracing on and returns its timeline (see `StepTrace.resolve`). Each block start
+    resets the allocator's peak statistics, so a peak read after the step covers its last block only."""
     from .offload import get_conductor
 
     conductor = get_conductor(model)
