@@ -15,7 +15,6 @@ FSDP's rate limiter does for its all-gathers.
 from __future__ import annotations
 
 import weakref
-from collections import deque
 from contextlib import AbstractContextManager
 
 import torch
@@ -70,7 +69,6 @@ class ActivationShuttle:
         self.min_bytes = min_bytes
         self.blocks_in_flight = blocks_in_flight  # None: the CPU never waits for a copy to the host
         self.packed_bytes = 0
-        self._in_flight: deque[torch.cuda.Event | None] = deque()  # the last host copy of each recent block
         self._by_block: dict[int, list[weakref.ref[SavedActivation]]] = {}
         self._seen: dict[int, tuple[weakref.ref[torch.Tensor], SavedActivation]] = {}
 
@@ -79,8 +77,8 @@ class ActivationShuttle:
         if block_index == 0:
             self._seen.clear()  # identity dedupes tensors within one forward pass only
         self._by_block[block_index] = []
-        self._wait_for_earlier_copies()
-        self._in_flight.append(None)
+        if self.blocks_in_flight is not None:
+            self._wait_for_copies_of(block_index - self.blocks_in_flight)
 
         def pack(tensor: torch.Tensor) -> torch.Tensor | SavedActivation:
             return self._pack(block_index, tensor)
@@ -94,15 +92,13 @@ class ActivationShuttle:
                 if saved is not None:
                     saved.prefetch(self.device, self.streams)
 
-    def _wait_for_earlier_copies(self) -> None:
-        """Blocks the CPU until no more than `blocks_in_flight` earlier blocks have inputs still to copy."""
-        if self.blocks_in_flight is None:
-            self._in_flight.clear()
-            return
-        while len(self._in_flight) >= self.blocks_in_flight:
-            copied = self._in_flight.popleft()
-            if copied is not None:
-                copied.synchronize()
+    def _wait_for_copies_of(self, block_index: int) -> None:
+        """Blocks the CPU until the inputs of `block_index` (and, copied in order, all before) are on the host."""
+        for ref in reversed(self._by_block.get(block_index, ())):
+            saved = ref()
+            if saved is not None and saved.offloaded is not None:
+                saved.offloaded.synchronize()
+                return
 
     def _pack(self, block_index: int, tensor: torch.Tensor) -> torch.Tensor | SavedActivation:
         if tensor.device != self.device or tensor.numel() * tensor.element_size() < self.min_bytes:
@@ -112,7 +108,6 @@ class ActivationShuttle:
             seen[1].keep(tensor)
             return seen[1]
         saved = SavedActivation(tensor, self.pin_memory, self.streams)
-        self._in_flight[-1] = saved.offloaded
         self.packed_bytes += saved.host.numel() * saved.host.element_size()
         self._seen[id(tensor)] = (weakref.ref(tensor), saved)
         self._by_block[block_index].append(weakref.ref(saved))
