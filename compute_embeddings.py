@@ -26,6 +26,11 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from accelerate_offload.quiet import quiet_third_party_noise  # isort: skip
+
+# Before the libraries below load: some log notes as they import that say nothing about this run.
+quiet_third_party_noise()
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -356,7 +361,7 @@ def write_embeddings(path: Path, rows: list[dict], metadata: dict) -> None:
 
 def load_text_encoders(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> StableDiffusion3Pipeline:
     """A transformer-less, VAE-less SD3 pipeline whose text encoders are placed as --t5_mode asks."""
-    load_args = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir, "torch_dtype": dtype}
+    load_args = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir, "dtype": dtype}
     text_encoder_3 = None
     if args.t5_mode != "plain":
         from transformers import T5EncoderModel

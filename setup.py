@@ -13,8 +13,10 @@ setup(
     install_requires=[
         "torch>=2.4",
         "accelerate>=1.10",
-        "diffusers>=0.35",
-        "transformers>=4.45",
+        # Token chunking mirrors diffusers 0.42's Flux and SD3 block internals; the Flux script uses its bucket helpers.
+        "diffusers>=0.42",
+        # `dtype=` in from_pretrained.
+        "transformers>=4.56",
         "peft>=0.15",
         "safetensors",
         "huggingface_hub",

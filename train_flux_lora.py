@@ -627,7 +627,7 @@ def encode_prompts(
     from accelerate_offload import offload_model
 
     text_pipeline = FluxPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, transformer=None, vae=None, torch_dtype=dtype, **pretrained_kwargs(args)
+        args.pretrained_model_name_or_path, transformer=None, vae=None, dtype=dtype, **pretrained_kwargs(args)
     )
     text_pipeline.text_encoder_2.requires_grad_(False)
     if device.type == "cuda" and (offload_plugin.layer_offload_fraction > 0 or offload_plugin.max_vram):
@@ -669,7 +669,7 @@ def load_vae(args: argparse.Namespace, device: torch.device, dtype: torch.dtype)
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="vae", torch_dtype=dtype, **pretrained_kwargs(args)
+        args.pretrained_model_name_or_path, subfolder="vae", dtype=dtype, **pretrained_kwargs(args)
     )
     vae.requires_grad_(False)
     vae.enable_tiling()  # only images larger than the VAE's tile size are split: large buckets fit in memory
@@ -683,7 +683,7 @@ def load_transformer_with_lora(args: argparse.Namespace, dtype: torch.dtype):
     from peft import LoraConfig
 
     transformer = FluxTransformer2DModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="transformer", torch_dtype=dtype, **pretrained_kwargs(args)
+        args.pretrained_model_name_or_path, subfolder="transformer", dtype=dtype, **pretrained_kwargs(args)
     )
     transformer.requires_grad_(False)
     targets = [name.strip() for name in args.lora_layers.split(",") if name.strip()]
@@ -719,7 +719,7 @@ def inference_pipeline(args: argparse.Namespace, dtype: torch.dtype, **component
         text_encoder_2=None,
         tokenizer=None,
         tokenizer_2=None,
-        torch_dtype=dtype,
+        dtype=dtype,
         **components,
         **pretrained_kwargs(args),
     )
@@ -926,11 +926,14 @@ def write_lora(model, folder: Path) -> None:
     from diffusers import FluxPipeline
     from peft.utils import get_peft_model_state_dict
 
+    from accelerate_offload.training_utils import give_default_modes
+
     FluxPipeline.save_lora_weights(
         folder,
         transformer_lora_layers=get_peft_model_state_dict(model),
         transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
     )
+    give_default_modes(folder / LORA_WEIGHT_NAME)
 
 
 def save_final_lora(model, output_dir: Path) -> None:
@@ -1182,8 +1185,10 @@ def final_inference(
     args: argparse.Namespace, accelerator, offload_plugin, embeddings: PromptEmbeddings, prompt: str, dtype, step: int
 ) -> list[Path]:
     """Loads the saved LoRA into a fresh FluxPipeline, as a user would, and writes images with it."""
+    from accelerate_offload.training_utils import load_transformer_lora
+
     pipeline = inference_pipeline(args, dtype)
-    pipeline.load_lora_weights(args.output_dir, weight_name=LORA_WEIGHT_NAME)
+    load_transformer_lora(pipeline, args.output_dir, LORA_WEIGHT_NAME)
     place_for_inference(pipeline.transformer, offload_plugin, accelerator.device)
     pipeline.vae.to(accelerator.device)
     count = max(1, args.num_validation_images)
@@ -1280,7 +1285,7 @@ trained with `train_flux_lora.py` from accelerate-offload (flow matching, diffus
 import torch
 from diffusers import FluxPipeline
 
-pipeline = FluxPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")
+pipeline = FluxPipeline.from_pretrained("{base}", dtype=torch.bfloat16).to("cuda")
 pipeline.load_lora_weights("{repo_id}", weight_name="{LORA_WEIGHT_NAME}")
 image = pipeline('{usage_prompt}').images[0]
 ```
@@ -1621,6 +1626,9 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    from accelerate_offload.quiet import quiet_third_party_noise
+
+    quiet_third_party_noise()  # before any library loads: some log notes as they import that say nothing of a run
     try:
         main(parse_args())
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: no checkpoint was written now

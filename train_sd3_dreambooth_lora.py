@@ -31,6 +31,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+from accelerate_offload.quiet import quiet_third_party_noise  # isort: skip
+
+# Before the libraries below load: some log notes as they import that say nothing about this run.
+quiet_third_party_noise()
+
 import diffusers
 import numpy as np
 import pyarrow as pa
@@ -69,6 +74,7 @@ from tqdm.auto import tqdm
 
 from accelerate_offload import LayerOffloadPlugin, OffloadConfigError, offload_model
 from accelerate_offload.oom import explain_out_of_memory
+from accelerate_offload.training_utils import give_default_modes, load_transformer_lora
 
 logger = get_logger(__name__)
 
@@ -720,7 +726,7 @@ def pipeline_from_pretrained(args: argparse.Namespace, dtype: torch.dtype) -> St
         tokenizer_3=None,
         revision=args.revision,
         variant=args.variant,
-        torch_dtype=dtype,
+        dtype=dtype,
     )
 
 
@@ -872,7 +878,7 @@ You should use `{args.instance_prompt}` to trigger the image generation.
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-pipeline = StableDiffusion3Pipeline.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.bfloat16)
+pipeline = StableDiffusion3Pipeline.from_pretrained("{args.pretrained_model_name_or_path}", dtype=torch.bfloat16)
 pipeline.load_lora_weights("{repo_id}", weight_name="pytorch_lora_weights.safetensors")
 image = pipeline("{args.instance_prompt}").images[0]
 ```
@@ -974,6 +980,7 @@ def save_lora(output_dir: Path, lora_layers: dict[str, torch.Tensor], lora_confi
             transformer_lora_layers=lora_layers,
             transformer_lora_adapter_metadata=lora_config.to_dict(),
         )
+        give_default_modes(partial / "pytorch_lora_weights.safetensors")
         os.replace(partial / "pytorch_lora_weights.safetensors", output_dir / "pytorch_lora_weights.safetensors")
     except OSError as error:
         raise TrainingStopped(
@@ -1167,6 +1174,7 @@ def main(args: argparse.Namespace) -> None:
                 transformer_lora_layers=transformer_lora_layers_to_save,
                 transformer_lora_adapter_metadata=transformer_lora_config.to_dict(),
             )
+            give_default_modes(Path(output_dir) / "pytorch_lora_weights.safetensors")
 
     def load_model_hook(models: list, input_dir: str) -> None:
         transformer_ = None
@@ -1440,7 +1448,7 @@ def main(args: argparse.Namespace) -> None:
         images = []
         if args.validation_prompt and args.num_validation_images > 0:
             pipeline = pipeline_from_pretrained(args, weight_dtype)
-            pipeline.load_lora_weights(args.output_dir)
+            load_transformer_lora(pipeline, args.output_dir, "pytorch_lora_weights.safetensors")
             place_pipeline(pipeline, accelerator.device, offload_plugin)
             images = log_validation(
                 pipeline,

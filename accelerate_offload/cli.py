@@ -30,6 +30,7 @@ from accelerate.commands.launch import launch_command, launch_command_parser
 from accelerate.utils import ComputeEnvironment, DistributedType, patch_environment
 
 from .plugin import ENV_PREFIX, LayerOffloadPlugin, OffloadConfigError, env_name, setting_names
+from .quiet import quiet_third_party_noise
 
 SECTION = "offload_config"
 USAGE_ERROR = 2
@@ -44,6 +45,7 @@ class ConfigFileError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one subcommand and returns the exit code; errors in the user's input are one line, not a traceback."""
+    quiet_third_party_noise()
     _setup_logging()
     args = _build_parser().parse_args(argv)
     try:
@@ -126,6 +128,7 @@ def _launch(args: argparse.Namespace) -> int:
     if exported:
         logger.info("exporting %s", " ".join(f"{name}={value}" for name, value in exported.items()))
 
+    _pick_cpu_threads(args, config)
     with _accelerate_config_file(config, config_path) as accelerate_config:
         args.config_file = accelerate_config
         with patch_environment(**exported), _workers_get_the_signals():
@@ -136,6 +139,24 @@ def _launch(args: argparse.Namespace) -> int:
                 logger.error("the training script exited with code %d", error.returncode)
                 return error.returncode
     return 0
+
+
+def _pick_cpu_threads(args: argparse.Namespace, config: dict[str, Any]) -> None:
+    """Passes accelerate the CPU thread count it would pick itself, so it does not print a notice about choosing it.
+
+    For CPU training without OMP_NUM_THREADS, accelerate gives each process the machine's physical cores shared
+    among the processes of one machine, and says so in a warning; any other run gets one thread from it, silently.
+    """
+    if args.num_cpu_threads_per_process is not None or "OMP_NUM_THREADS" in os.environ:
+        return
+    if not (args.cpu or config.get("use_cpu", False)):
+        return
+    import psutil
+
+    processes = args.num_processes or config.get("num_processes") or 1
+    machines = args.num_machines or config.get("num_machines") or 1
+    local_processes = max(int(processes / machines), 1)
+    args.num_cpu_threads_per_process = max(int((psutil.cpu_count(logical=False) or 1) / local_processes), 1)
 
 
 @contextmanager

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from .quiet import quiet_third_party_noise
+
 SEED = 0
 # Latent channels of the SD3 and Flux VAEs; the transformers below are shaped around it.
 LATENT_CHANNELS = 16
@@ -308,6 +310,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--captions", action="store_true", help="images: also write metadata.jsonl captions (imagefolder)"
     )
     args = parser.parse_args(argv)
+    quiet_third_party_noise()
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a bar per few-kB shard of the tiny text encoders says nothing
     builders = {
         "flux": build_tiny_flux,
         "sd3": build_tiny_sd3,

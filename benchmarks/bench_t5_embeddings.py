@@ -96,7 +96,7 @@ def main() -> None:
             torch.cuda.empty_cache()
             quantized = T5EncoderModel.from_pretrained(
                 folder, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": 0},
-                torch_dtype=torch.bfloat16,
+                dtype=torch.bfloat16,
             )
         output, peak, seconds = embed(quantized, tokens, device)
         error = ((output - reference).norm() / reference.norm()).item()

@@ -1,0 +1,45 @@
+"""What the training scripts must get right and users never edit: file modes and reloading the saved LoRA."""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+
+
+@cache
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows; else set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_default_modes(path: str | os.PathLike) -> None:
+    """Gives `path` (a file, or a folder and everything in it) the mode the user's umask gives a new one.
+
+    safetensors creates its files readable by their owner only, so a LoRA would be unreadable to a serving
+    process under another user or a teammate's sync; every other output already gets the umask's mode.
+    """
+    path = Path(path)
+    file_mode, folder_mode = 0o666 & ~_umask(), 0o777 & ~_umask()
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not item.is_symlink():
+            item.chmod(folder_mode if item.is_dir() else file_mode)
+
+
+def load_transformer_lora(pipeline, folder: str | os.PathLike, weight_name: str) -> None:
+    """Loads a transformer-only LoRA file into `pipeline.transformer`: the pipeline reads it, the transformer loads it.
+
+    `load_lora_weights` also offers the file to every text encoder and warns for each one it has no keys for;
+    a LoRA trained on the transformer alone has none, so only the transformer's loader is called.
+    """
+    state_dict, metadata = pipeline.lora_state_dict(folder, weight_name=weight_name, return_lora_metadata=True)
+    pipeline.transformer.load_lora_adapter(state_dict, prefix=pipeline.transformer_name, metadata=metadata, _pipeline=pipeline)
