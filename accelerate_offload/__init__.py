@@ -1,18 +1,47 @@
-"""accelerate-offload: stream a diffusion transformer's blocks from pinned CPU memory while a LoRA trains."""
+"""accelerate-offload: stream a diffusion transformer's blocks from pinned CPU memory while a LoRA trains.
 
-from .blocks import BlocksNotFoundError, find_blocks
-from .conductor import LayerOffloadConductor
-from .offload import get_conductor, offload_model, remove_offload
+Modules, each importing only those above it (`tests/test_imports.py` checks it):
+
+- `recompute`: whether the code running is a checkpoint's recomputation.
+- `settings`: `OffloadSettings`, the one object the settings travel in.
+- `timeline`: a traced step's events and its VRAM picture.
+- `streams`: host<->device copies on side CUDA streams.
+- `block_weights`: one host buffer per streamed block, parameters re-pointed at it.
+- `planner`: `max_vram`, the resident blocks chosen from the first step's peak.
+- `activations`: checkpointed block inputs shuttled to host memory.
+- `conductor`: which blocks are on the device, when they load and leave.
+- `chunk_rows`: the model-independent half of token-chunked blocks.
+- `registry`: the model registry (block lists, late feed-forwards, chunk mirrors), and the fallback to a class's
+  declared blocks.
+- `models.flux`, `models.sd3`: the chunk mirrors, imported (with diffusers) only when such a block is chunked.
+- `chunking`: a block's chunked forward, through the registry.
+- `block_hook`: the per-block hook: checkpointing, and the conductor's calls around the block.
+- `offload`: `offload_model`, `remove_offload`, `get_conductor`, `trace_step`.
+- `oom`: the out-of-memory explanation.
+- `plugin`: `LayerOffloadPlugin`, the settings read from the launch config; `cli`: `accelerate-offload`.
+- `testing.tiny_pipelines`: tiny random pipelines and drawn images for tests and the demo.
+"""
+
+from .offload import get_conductor, offload_model, remove_offload, trace_step
+from .oom import explain_out_of_memory
+from .planner import VramBudgetError
 from .plugin import LayerOffloadPlugin, OffloadConfigError
+from .registry import BlocksNotFoundError, find_blocks
+from .settings import OffloadSettings
+from .timeline import plot_timeline
 
 __all__ = [
     "BlocksNotFoundError",
-    "LayerOffloadConductor",
     "LayerOffloadPlugin",
     "OffloadConfigError",
+    "OffloadSettings",
+    "VramBudgetError",
+    "explain_out_of_memory",
     "find_blocks",
     "get_conductor",
     "offload_model",
+    "plot_timeline",
     "remove_offload",
+    "trace_step",
 ]
 __version__ = "0.1.0"

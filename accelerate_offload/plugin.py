@@ -14,6 +14,10 @@ from typing import Any
 
 import torch
 
+from .offload import avoid_cudnn_attention, offload_model
+from .planner import parse_memory
+from .settings import OffloadSettings
+
 ENV_PREFIX = "ACCELERATE_OFFLOAD_"
 
 logger = logging.getLogger(__name__)
@@ -193,26 +197,16 @@ class LayerOffloadPlugin:
             env[env_name(spec.name)] = str(value)
         return env
 
-    def prepare_model(self, model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
-        """Sets the model up for offloaded training on `device` and returns it; call before `accelerator.prepare`.
+    def offload_settings(self, device: torch.device | str) -> OffloadSettings:
+        """The settings `prepare_model` streams with on `device`: without CUDA nothing streams (layer and activation
+        offloading and `max_vram` are CUDA-only), and the rest holds.
 
-        On a machine without CUDA, layer and activation offloading say once that they are inactive and the
-        model trains as usual (with gradient checkpointing if asked for).
+        Args:
+            device (`torch.device` or `str`):
+                The device the model trains on.
         """
-        from .attention import avoid_cudnn_attention
-        from .offload import offload_model
-
-        device = torch.device(device)
-        streaming = device.type == "cuda"
-        if streaming:
-            avoid_cudnn_attention()
-        if not streaming and (self.layer_offload_fraction > 0 or self.activation_offloading or self.max_vram):
-            _warn_inactive_once(device)
-        if not self.enabled:
-            return model
-        offload_model(
-            model,
-            device,
+        streaming = torch.device(device).type == "cuda"
+        return OffloadSettings(
             layer_offload_fraction=self.layer_offload_fraction if streaming else 0.0,
             activation_offloading=self.activation_offloading and streaming,
             async_offloading=self.async_offloading,
@@ -223,6 +217,28 @@ class LayerOffloadPlugin:
             max_vram=self.max_vram if streaming else None,
             sequence_chunks=self.sequence_chunks,
         )
+
+    def prepare_model(self, model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+        """Sets the model up for offloaded training on `device` and returns it; call before `accelerator.prepare`.
+
+        On a machine without CUDA, layer and activation offloading say once that they are inactive and the
+        model trains as usual (with gradient checkpointing if asked for).
+
+        Args:
+            model (`torch.nn.Module`):
+                The model (or its PEFT wrapper) on the CPU, cast, with its base weights frozen and the LoRA added.
+            device (`torch.device` or `str`):
+                The device the model trains on, usually `accelerator.device`.
+        """
+        device = torch.device(device)
+        streaming = device.type == "cuda"
+        if streaming:
+            avoid_cudnn_attention()
+        if not streaming and (self.layer_offload_fraction > 0 or self.activation_offloading or self.max_vram):
+            _warn_inactive_once(device)
+        if not self.enabled:
+            return model
+        offload_model(model, device, self.offload_settings(device))
         return model
 
 
@@ -266,8 +282,6 @@ def _parse_chunks(value: Any) -> int | str:
 
 
 def _parse_budget(value: str) -> int:
-    from .planner import parse_memory
-
     try:
         return parse_memory(value)
     except ValueError as error:

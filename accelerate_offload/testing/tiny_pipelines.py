@@ -5,9 +5,9 @@ code paths (VAE shift/scale, 2x2 latent packing, guidance embedding, dual CLIP +
 12B models. The folders load with `FluxPipeline.from_pretrained(path)` / `StableDiffusion3Pipeline.from_pretrained`
 offline. Weights come from fixed seeds, so two builds give identical files.
 
-    python -m accelerate_offload.tiny_pipelines flux OUT
-    python -m accelerate_offload.tiny_pipelines sd3 OUT
-    python -m accelerate_offload.tiny_pipelines images OUT [--captions]
+    python -m accelerate_offload.testing.tiny_pipelines flux OUT
+    python -m accelerate_offload.testing.tiny_pipelines sd3 OUT
+    python -m accelerate_offload.testing.tiny_pipelines images OUT [--captions]
 """
 
 from __future__ import annotations
@@ -299,7 +299,7 @@ def write_sample_images(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m accelerate_offload.tiny_pipelines",
+        prog="python -m accelerate_offload.testing.tiny_pipelines",
         description="Write a tiny random pipeline or sample training images to a folder (no download).",
     )
     parser.add_argument("what", choices=("flux", "sd3", "images"))
