@@ -116,7 +116,14 @@ def offload_model(
 
 
 def remove_offload(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
-    """Gives the blocks back their own forward and their weights plain storage on `device`."""
+    """Gives the blocks back their own forward and their weights plain storage on `device`; returns the model.
+
+    Args:
+        model (`torch.nn.Module`):
+            A model set up by `offload_model`.
+        device (`torch.device` or `str`, defaults to `"cpu"`):
+            Where every weight lives afterwards.
+    """
     conductor: LayerOffloadConductor = model.__dict__.pop("_offload_conductor")
     for hook, block in zip(model.__dict__.pop("_offload_hooks"), conductor.blocks):
         hook.remove(block)
@@ -126,7 +133,12 @@ def remove_offload(model: nn.Module, device: torch.device | str = "cpu") -> nn.M
 
 
 def get_conductor(model: nn.Module) -> LayerOffloadConductor | None:
-    """The conductor of an offloaded model, also through DDP, torch.compile and PEFT wrappers; else None."""
+    """The conductor of an offloaded model, also through DDP, torch.compile and PEFT wrappers; else None.
+
+    Args:
+        model (`torch.nn.Module`):
+            The model, or a wrapper of it.
+    """
     for _ in range(8):
         conductor = model.__dict__.get("_offload_conductor")
         if conductor is not None:

@@ -63,7 +63,17 @@ class StepTrace:
 
 
 def plot_timeline(timeline: dict, path: str | Path, title: str = "") -> Path:
-    """Memory over the step, forward and backward shaded, each block start ticked, copies as bars below."""
+    """Memory over the step, forward and backward shaded, each block start ticked, copies as bars below; returns the
+    path of the PNG written (needs matplotlib).
+
+    Args:
+        timeline (`dict`):
+            What `trace_step` returned.
+        path (`str` or `pathlib.Path`):
+            Where to write the PNG.
+        title (`str`, *optional*):
+            The figure's title.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
