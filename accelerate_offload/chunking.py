@@ -9,9 +9,9 @@ inputs and outputs outlive it:
 2. per query chunk: modulation and norm, query, attention against all keys and values, out-projection, gated
    residual, second norm and modulation, MLP, gated residual.
 
-Phase 2 is one autograd node (`_ChunkedRows`): its forward runs the row chunks without building a graph and keeps
-only their inputs (block input, keys, values); its backward recomputes and differentiates one chunk at a time,
-summing the key, value and LoRA gradients over the chunks. Inside the offload runtime's per-block checkpoint, the
+Phase 2 is one autograd node (`chunk_rows.ChunkedRows`): its forward runs the row chunks without building a graph
+and keeps only their inputs (block input, keys, values); its backward recomputes and differentiates one chunk at a
+time, summing the key, value and LoRA gradients over the chunks. Inside the offload runtime's per-block checkpoint, the
 block's recomputation for backward stops right after phase 1 (see `recompute`): phase 2's outputs would be thrown
 away, so the rows cost one forward more than an unchunked block, not two.
 The text stream (512 tokens for Flux) is one chunk; `chunks` splits the image tokens. Each family's mirror

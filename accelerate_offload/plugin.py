@@ -78,9 +78,9 @@ class LayerOffloadPlugin:
         sequence_chunks (`int` or `"auto"`, defaults to `1`):
             Run Flux and SD3 blocks in this many checkpointed chunks along the image tokens (the same function in
             less memory; "auto" keeps chunks at most 4096 tokens, i.e. 4 at 2048², whole at 1024²).
-        block_names (`list[str]`, defaults to the model's known block lists):
-            Dotted paths of the `nn.ModuleList`s that hold the model's sequential blocks, for models that
-            accelerate-offload does not know.
+        block_names (`list[str]`, defaults to the model registry's lists, else the model's declared blocks):
+            Dotted paths of the `nn.ModuleList`s that hold the model's sequential blocks, for models that neither the
+            registry knows nor declare their repeated blocks (`_repeated_blocks`, `_no_split_modules`).
     """
 
     layer_offload_fraction: float | None = field(
@@ -115,7 +115,7 @@ class LayerOffloadPlugin:
     )
     block_names: list[str] | None = field(
         default=None,
-        metadata={"help": "Comma-separated paths of the block lists, for models not known.", "default": None},
+        metadata={"help": "Comma-separated paths of the block lists, for models not found.", "default": None},
     )
 
     def __post_init__(self) -> None:

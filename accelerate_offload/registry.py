@@ -115,9 +115,10 @@ def late_feed_forward(block: nn.Module) -> tuple[nn.Module | None, tuple[nn.Modu
     family = BLOCK_FAMILIES.get(type(block).__name__)
     if family is None or family.attention is None:
         return None, ()
-    modules = tuple(m for m in (getattr(block, name, None) for name in family.feed_forwards) if isinstance(m, nn.Module))
-    found = getattr(block, family.attention, None)
-    return (found, modules) if isinstance(found, nn.Module) and modules else (None, ())
+    found = (getattr(block, name, None) for name in family.feed_forwards)
+    modules = tuple(module for module in found if isinstance(module, nn.Module))
+    attention = getattr(block, family.attention, None)
+    return (attention, modules) if isinstance(attention, nn.Module) and modules else (None, ())
 
 
 def chunk_mirror(block: nn.Module) -> ChunkMirror | None:

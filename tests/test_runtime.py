@@ -193,7 +193,8 @@ def test_models_with_accelerate_or_diffusers_offload_hooks_are_refused() -> None
 
     _, model = toy_pair(depth=3)
     add_hook_to_module(model.blocks[1], AlignDevicesHook(execution_device="cpu"))
-    with pytest.raises(RuntimeError, match=r"^ToyTransformer\.blocks\.1 carries an accelerate hook \(AlignDevicesHook") as error:
+    refusal = r"^ToyTransformer\.blocks\.1 carries an accelerate hook \(AlignDevicesHook"
+    with pytest.raises(RuntimeError, match=refusal) as error:
         offload_model(model, "cpu", block_names=["blocks"])
     assert "\n" not in str(error.value) and get_conductor(model) is None
     remove_hook_from_module(model, recurse=True)

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..chunk_rows import ChunkFunction, ChunkMirror, RowJob, join_chunks, run_chunk, run_rows, scan_block, spans
 
+
 @dataclass(frozen=True)
 class _Chunk:
     """One run of rows in attention order: which stream they belong to, the rows, and their RoPE rows."""

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..chunk_rows import ChunkFunction, ChunkMirror, RowJob, join_chunks, run_chunk, run_rows, scan_block, spans
 
+
 def _sd3_supported(block: nn.Module) -> bool:
     """The default processor and no feed-forward chunking of its own: what this file mirrors."""
     attentions = [block.attn] + ([block.attn2] if block.use_dual_attention else [])
