@@ -89,8 +89,9 @@ def find_blocks(model: nn.Module, block_names: list[str] | None = None) -> list[
     names = block_names or _known_lists(model) or _declared_lists(model)
     if not names:
         raise BlocksNotFoundError(
-            f"accelerate-offload does not know the blocks of {type(model).__name__}; pass block_names "
-            f"(e.g. ACCELERATE_OFFLOAD_BLOCK_NAMES) from the block lists it has: {_describe_lists(model)}"
+            f"accelerate-offload does not know the blocks of {type(model).__name__} and its class declares none "
+            f"({' or '.join(_DECLARED_BLOCKS)}); pass block_names (e.g. ACCELERATE_OFFLOAD_BLOCK_NAMES) from the "
+            f"block lists it has: {_describe_lists(model)}"
         )
     blocks = []
     for list_name in names:
