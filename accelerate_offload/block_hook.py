@@ -62,10 +62,9 @@ class OffloadBlockHook:
         in: those are then done with their weights.
 
         Those are attention's first `feed_forwards` outputs (the registry's `BlockFamily` says which feed-forward
-        each feeds). A countdown over those outputs, holding no graph node:
-        a hook that refers to the graph it sits in keeps it, and the step's saved activations, in a reference
-        cycle that only the garbage collector would free (`register_multi_grad_hook` does). Not set in a
-        recomputation, whose graph never runs backward.
+        each feeds). A countdown over those outputs, holding no graph node: a hook that refers to the graph it sits
+        in keeps it, and the step's saved activations, in a reference cycle that only the garbage collector would
+        free (`register_multi_grad_hook` does). Not set in a recomputation, whose graph never runs backward.
         """
         if not torch.is_grad_enabled() or outputs_discarded():
             return
