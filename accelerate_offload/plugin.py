@@ -22,6 +22,7 @@ ENV_PREFIX = "ACCELERATE_OFFLOAD_"
 
 logger = logging.getLogger(__name__)
 
+_DEFAULTS = OffloadSettings()  # the plugin's defaults are the runtime's
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -84,23 +85,30 @@ class LayerOffloadPlugin:
     """
 
     layer_offload_fraction: float | None = field(
-        default=None, metadata={"help": "Share of blocks streamed from CPU memory, 0..1.", "default": 0.0}
+        default=None,
+        metadata={
+            "help": "Share of blocks streamed from CPU memory, 0..1.",
+            "default": _DEFAULTS.layer_offload_fraction,
+        },
     )
     activation_offloading: bool | None = field(
-        default=None, metadata={"help": "Move checkpointed block inputs to CPU memory.", "default": False}
+        default=None,
+        metadata={"help": "Move checkpointed block inputs to CPU memory.", "default": _DEFAULTS.activation_offloading},
     )
     async_offloading: bool | None = field(
-        default=None, metadata={"help": "Copy on side CUDA streams, overlapping compute.", "default": True}
+        default=None,
+        metadata={"help": "Copy on side CUDA streams, overlapping compute.", "default": _DEFAULTS.async_offloading},
     )
     gradient_checkpointing: bool | None = field(
         default=None,
         metadata={"help": "Non-reentrant checkpointing around every block.", "default": None},
     )
     prefetch_blocks: int | None = field(
-        default=None, metadata={"help": "Offloaded blocks copied ahead of use.", "default": 1}
+        default=None, metadata={"help": "Offloaded blocks copied ahead of use.", "default": _DEFAULTS.prefetch_blocks}
     )
     pin_memory: bool | None = field(
-        default=None, metadata={"help": "Page-locked host memory for offloaded tensors.", "default": True}
+        default=None,
+        metadata={"help": "Page-locked host memory for offloaded tensors.", "default": _DEFAULTS.pin_memory},
     )
     offload_device: str | None = field(
         default=None, metadata={"help": "Where offloaded weights live.", "default": "cpu"}
@@ -111,7 +119,10 @@ class LayerOffloadPlugin:
     )
     sequence_chunks: int | str | None = field(
         default=None,
-        metadata={"help": "Token chunks per Flux/SD3 block (a number, or 'auto').", "default": 1},
+        metadata={
+            "help": "Token chunks per Flux/SD3 block (a number, or 'auto').",
+            "default": _DEFAULTS.sequence_chunks,
+        },
     )
     block_names: list[str] | None = field(
         default=None,
