@@ -1,42 +1,49 @@
 """accelerate-offload: stream a diffusion transformer's blocks from pinned CPU memory while a LoRA trains.
 
-The names below load on first use, so `accelerate-offload launch` can check a config (and the training scripts
-can quiet their dependencies) before diffusers, transformers or peft are imported.
+Modules, each importing only those above it (`tests/test_imports.py` checks it):
+
+- `quiet`: dependencies' import-time notes silenced at their loggers (entry points call it first).
+- `recompute`: whether the code running is a checkpoint's recomputation.
+- `settings`: `OffloadSettings`, the one object the settings travel in.
+- `timeline`: a traced step's events and its VRAM picture.
+- `streams`: host<->device copies on side CUDA streams.
+- `block_weights`: one host buffer per streamed block, parameters re-pointed at it.
+- `planner`: `max_vram`, the resident blocks chosen from the first step's peak.
+- `activations`: checkpointed block inputs shuttled to host memory.
+- `conductor`: which blocks are on the device, when they load and leave.
+- `chunk_rows`: the model-independent half of token-chunked blocks.
+- `registry`: the model registry (block lists, late feed-forwards, chunk mirrors), and the fallback to a class's
+  declared blocks.
+- `models.flux`, `models.sd3`: the chunk mirrors, imported (with diffusers) only when such a block is chunked.
+- `chunking`: a block's chunked forward, through the registry.
+- `block_hook`: the per-block hook: checkpointing, and the conductor's calls around the block.
+- `offload`: `offload_model`, `remove_offload`, `get_conductor`, `trace_step`.
+- `oom`: the out-of-memory explanation.
+- `training_utils`: what the scripts share: LoRA file modes, reloading a saved LoRA.
+- `plugin`: `LayerOffloadPlugin`, the settings read from the launch config; `cli`: `accelerate-offload`.
+- `testing.tiny_pipelines`: tiny random pipelines and drawn images for tests and the demo.
 """
 
-from __future__ import annotations
+from .offload import get_conductor, offload_model, remove_offload, trace_step
+from .oom import explain_out_of_memory
+from .planner import VramBudgetError
+from .plugin import LayerOffloadPlugin, OffloadConfigError
+from .registry import BlocksNotFoundError, find_blocks
+from .settings import OffloadSettings
+from .timeline import plot_timeline
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .blocks import BlocksNotFoundError, find_blocks
-    from .conductor import LayerOffloadConductor
-    from .offload import get_conductor, offload_model, remove_offload
-    from .plugin import LayerOffloadPlugin, OffloadConfigError
-
-_EXPORTS = {
-    "BlocksNotFoundError": ".blocks",
-    "find_blocks": ".blocks",
-    "LayerOffloadConductor": ".conductor",
-    "get_conductor": ".offload",
-    "offload_model": ".offload",
-    "remove_offload": ".offload",
-    "LayerOffloadPlugin": ".plugin",
-    "OffloadConfigError": ".plugin",
-}
-
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "BlocksNotFoundError",
+    "LayerOffloadPlugin",
+    "OffloadConfigError",
+    "OffloadSettings",
+    "VramBudgetError",
+    "explain_out_of_memory",
+    "find_blocks",
+    "get_conductor",
+    "offload_model",
+    "plot_timeline",
+    "remove_offload",
+    "trace_step",
+]
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])

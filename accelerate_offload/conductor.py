@@ -60,7 +60,6 @@ class LayerOffloadConductor:
         self.device = device
         self.streams = streams
         self.blocks = blocks
-        self.layers: list = []  # the OffloadCheckpointLayer of each block, set by offload_model
         self.block_count = len(blocks)
         self.prefetch_blocks = prefetch_blocks
         self.activations = activations
@@ -155,7 +154,9 @@ class LayerOffloadConductor:
         self._end_of_backward_queued = False
         self.evict_all()
         if self.planner is not None and self.planner.measuring:
-            resident, self.prefetch_blocks = self.planner.plan(self, self.planner.measured_peak())
+            resident, self.prefetch_blocks = self.planner.plan(
+                self.weights, self.prefetch_blocks, self.planner.measured_peak()
+            )
             self.make_resident(resident)
             self.planner = None
 

@@ -3,90 +3,98 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
 
 from .activations import ActivationShuttle
-from .attention import avoid_cudnn_attention
-from .blocks import base_model, find_blocks, late_feed_forward
-from .checkpoint_layer import OffloadCheckpointLayer
+from .block_hook import OffloadBlockHook
 from .chunking import chunkable, chunked_block_forward
 from .conductor import LayerOffloadConductor
 from .planner import VramPlanner, parse_memory
+from .registry import base_model, find_blocks, late_feed_forward
+from .settings import OffloadSettings
 from .streams import CopyStreams
+from .timeline import StepTrace
 
 logger = logging.getLogger(__name__)
 
-ACTIVATION_MIN_BYTES = 64 * 1024  # smaller tensors cost more in copy latency than they save
+# diffusers' hook names for its own offloading (`enable_group_offload`)
+_DIFFUSERS_OFFLOAD_HOOKS = ("group_offloading", "lazy_prefetch_group_offloading")
 
 
 def offload_model(
-    model: nn.Module,
-    device: torch.device | str,
-    *,
-    layer_offload_fraction: float = 0.0,
-    activation_offloading: bool = False,
-    async_offloading: bool = True,
-    gradient_checkpointing: bool = True,
-    prefetch_blocks: int = 1,
-    pin_memory: bool = True,
-    block_names: list[str] | None = None,
-    max_vram: str | int | None = None,
-    sequence_chunks: int | str = 1,
-    activation_min_bytes: int = ACTIVATION_MIN_BYTES,
+    model: nn.Module, device: torch.device | str, settings: OffloadSettings | None = None, **options: Any
 ) -> LayerOffloadConductor:
     """Streams `model`'s blocks through `device` and places everything else there; returns the conductor.
 
     Trainable parameters (LoRA) are moved to `device` and stay there, so an optimizer built before or after
     this call keeps training them. Later `model.to(device)` calls (e.g. from `accelerator.prepare`) leave the
     streamed weights alone. A CPU `device` runs the same logic with plain copies, which is how it is tested.
-    With `max_vram` (bytes, or text like "6GB") every block starts streamed and the first training step
-    decides which become resident. `sequence_chunks` (a count, or "auto") runs Flux and SD3 blocks in token
-    chunks, cutting each block's working memory at high resolution.
+
+    Args:
+        model (`torch.nn.Module`):
+            The model (or its PEFT wrapper), on the CPU, cast, with its base weights frozen.
+        device (`torch.device` or `str`):
+            The compute device.
+        settings (`OffloadSettings`, *optional*):
+            How to stream; defaults to `OffloadSettings()` (nothing streamed, every block checkpointed).
+        **options:
+            `OffloadSettings` fields that override `settings`, e.g. `layer_offload_fraction=1.0`.
     """
+    settings = replace(settings or OffloadSettings(), **options)
     if getattr(model, "_offload_conductor", None) is not None:
         raise RuntimeError("this model is already offloaded; call remove_offload(model) first")
+    _refuse_other_offloading(model)
     device = _with_index(torch.device(device))
-    if max_vram is not None:
+    fraction = settings.layer_offload_fraction
+    if settings.max_vram is not None:
         if device.type != "cuda":
             raise ValueError("max_vram measures CUDA memory: it needs a CUDA device; use layer_offload_fraction")
-        layer_offload_fraction = 1.0
-    blocks = find_blocks(model, block_names)
+        fraction = 1.0
+    blocks = find_blocks(model, settings.block_names)
     _disable_native_checkpointing(model)
     if device.type == "cuda":
         avoid_cudnn_attention()
-    pinned = pin_memory and device.type == "cuda"
-    streams = CopyStreams(device, async_offloading)
-    activations = ActivationShuttle(device, streams, pinned, activation_min_bytes) if activation_offloading else None
+    pinned = settings.pin_memory and device.type == "cuda"
+    streams = CopyStreams(device, settings.async_offloading)
+    activations = (
+        ActivationShuttle(device, streams, pinned, settings.activation_min_bytes)
+        if settings.activation_offloading
+        else None
+    )
     feed_forwards = [late_feed_forward(block) for _, block in blocks]
     conductor = LayerOffloadConductor(
         [block for _, block in blocks],
         device,
         streams,
-        layer_offload_fraction,
-        prefetch_blocks,
+        fraction,
+        settings.prefetch_blocks,
         pinned,
         activations,
         late_modules={index: late for index, (_, late) in enumerate(feed_forwards) if late},
     )
-    conductor.layers = [
-        OffloadCheckpointLayer(block, index, conductor, gradient_checkpointing, activations, attention, len(late))
+    hooks = [
+        OffloadBlockHook(block, index, conductor, settings.gradient_checkpointing, activations, attention, len(late))
         for index, ((_, block), (attention, late)) in enumerate(zip(blocks, feed_forwards))
     ]
     chunked_any = False
-    for layer, (_, block) in zip(conductor.layers, blocks):
-        chunked = chunked_block_forward(block, sequence_chunks)
+    for hook, (_, block) in zip(hooks, blocks):
+        chunked = chunked_block_forward(block, settings.sequence_chunks)
         if chunked is not None:
-            layer.block_forward, chunked_any = chunked, True
-    if max_vram is not None:
+            hook.block_forward, chunked_any = chunked, True
+    if settings.max_vram is not None:
         trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        remedies = (() if activation_offloading else ("turn on activation_offloading",)) + (
+        remedies = (() if settings.activation_offloading else ("turn on activation_offloading",)) + (
             ("set sequence_chunks: auto",) if not chunked_any and chunkable(blocks[0][1]) else ()
         )
-        conductor.planner = VramPlanner(parse_memory(max_vram), device, 2 * trainable, remedies)
+        conductor.planner = VramPlanner(parse_memory(settings.max_vram), device, 2 * trainable, remedies)
     model.to(device)
     model._offload_conductor = conductor
+    model._offload_hooks = hooks
     model._ddp_params_and_buffers_to_ignore = _streamed_names(model, blocks, conductor)
     streamed_gb = sum(weights.nbytes for weights in conductor.weights.values()) / 1e9
     _warn_if_mostly_trainable(blocks, conductor, streamed_gb)
@@ -99,26 +107,38 @@ def offload_model(
         len(conductor.weights),
         "pinned" if pinned else "pageable",
         streamed_gb,
-        "on" if gradient_checkpointing else "off",
-        "on" if activation_offloading else "off",
-        prefetch_blocks,
-        sequence_chunks,
+        "on" if settings.gradient_checkpointing else "off",
+        "on" if settings.activation_offloading else "off",
+        settings.prefetch_blocks,
+        settings.sequence_chunks,
     )
     return conductor
 
 
 def remove_offload(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
-    """Gives the blocks back their own forward and their weights plain storage on `device`."""
+    """Gives the blocks back their own forward and their weights plain storage on `device`; returns the model.
+
+    Args:
+        model (`torch.nn.Module`):
+            A model set up by `offload_model`.
+        device (`torch.device` or `str`, defaults to `"cpu"`):
+            Where every weight lives afterwards.
+    """
     conductor: LayerOffloadConductor = model.__dict__.pop("_offload_conductor")
-    for layer, block in zip(conductor.layers, conductor.blocks):
-        layer.remove(block)
+    for hook, block in zip(model.__dict__.pop("_offload_hooks"), conductor.blocks):
+        hook.remove(block)
     conductor.make_resident(list(conductor.weights), device)
     model.__dict__.pop("_ddp_params_and_buffers_to_ignore", None)
     return model.to(device)
 
 
 def get_conductor(model: nn.Module) -> LayerOffloadConductor | None:
-    """The conductor of an offloaded model, also through DDP, torch.compile and PEFT wrappers; else None."""
+    """The conductor of an offloaded model, also through DDP, torch.compile and PEFT wrappers; else None.
+
+    Args:
+        model (`torch.nn.Module`):
+            The model, or a wrapper of it.
+    """
     for _ in range(8):
         conductor = model.__dict__.get("_offload_conductor")
         if conductor is not None:
@@ -128,6 +148,59 @@ def get_conductor(model: nn.Module) -> LayerOffloadConductor | None:
             return None
         model = inner
     return None
+
+
+def trace_step(model: nn.Module, step: Callable[[], None]) -> dict:
+    """Runs `step` once with tracing on and returns its VRAM timeline (see `StepTrace.resolve`; draw it with
+    `plot_timeline`). Each block start resets the allocator's peak statistics, so a peak read after the step covers
+    its last block only.
+
+    Args:
+        model (`torch.nn.Module`):
+            A model offloaded to a CUDA device (also through DDP, torch.compile and PEFT wrappers).
+        step (`Callable[[], None]`):
+            One training step: forward, backward, optimizer.
+    """
+    conductor = get_conductor(model)
+    if conductor is None or conductor.device.type != "cuda":
+        raise RuntimeError("a VRAM timeline needs a model offloaded to a CUDA device")
+    trace = StepTrace(conductor.device)
+    conductor.trace = conductor.streams.trace = trace
+    try:
+        step()
+        trace.mark("end", -1)
+    finally:
+        conductor.trace = conductor.streams.trace = None
+    return trace.resolve()
+
+
+def avoid_cudnn_attention() -> None:
+    """Turns the cuDNN SDPA backend off so flash / memory-efficient attention serve training.
+
+    With torch 2.11 on H100, scaled_dot_product_attention's cuDNN backend failed in backward (NaN gradients or a
+    `mha_graph.execute` error). Flash and memory-efficient attention are correct and as fast for these shapes.
+    """
+    if torch.cuda.is_available() and torch.backends.cuda.cudnn_sdp_enabled():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        logger.info("accelerate-offload: cuDNN attention disabled (its backward is unreliable); using flash/efficient SDPA")
+
+
+def _refuse_other_offloading(model: nn.Module) -> None:
+    """Accelerate's and diffusers' offload hooks move weights on their own schedule; two runtimes would fight."""
+    for name, module in model.named_modules():
+        where = f"{type(model).__name__}.{name}" if name else type(model).__name__
+        if getattr(module, "_hf_hook", None) is not None:
+            raise RuntimeError(
+                f"{where} carries an accelerate hook ({type(module._hf_hook).__name__}, from device_map or "
+                "enable_*_cpu_offload): load the model without them, or call "
+                "accelerate.hooks.remove_hook_from_module(model, recurse=True), before offload_model"
+            )
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and any(hook in registry.hooks for hook in _DIFFUSERS_OFFLOAD_HOOKS):
+            raise RuntimeError(
+                f"{where} carries diffusers' group offloading (enable_group_offload): load the model without it "
+                "before offload_model"
+            )
 
 
 def _with_index(device: torch.device) -> torch.device:

@@ -9,7 +9,18 @@ from .offload import get_conductor
 
 
 def explain_out_of_memory(model: nn.Module, device: torch.device, batch_size: int, resolution: int | str) -> str:
-    """One paragraph for the user: memory at the failure, the offload state, and the settings that lower it."""
+    """One paragraph for the user: memory at the failure, the offload state, and the settings that lower it.
+
+    Args:
+        model (`torch.nn.Module`):
+            The model that ran out of memory (offloaded or not, wrapped or not).
+        device (`torch.device`):
+            Its device; the figures are read for CUDA devices.
+        batch_size (`int`):
+            The batch size, named in the advice.
+        resolution (`int` or `str`):
+            The resolution, named in the advice.
+    """
     device = torch.device(device)
     figures = ""
     if device.type == "cuda":

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .conductor import LayerOffloadConductor
+    from .block_weights import BlockWeights
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +60,12 @@ class VramPlanner:
     def measured_peak(self) -> int:
         return torch.cuda.max_memory_allocated(self.device)
 
-    def plan(self, conductor: LayerOffloadConductor, peak: int) -> tuple[list[int], int]:
-        """Resident blocks and prefetch depth from `peak`, the allocated peak of the step just finished."""
+    def plan(self, streamed: dict[int, BlockWeights], prefetch: int, peak: int) -> tuple[list[int], int]:
+        """Resident blocks and prefetch depth from `peak`, the allocated peak of the step just finished with the
+        `streamed` blocks (index -> weights) and `prefetch` blocks copied ahead."""
         usable = self.budget * (1 - SAFETY_MARGIN) - self.optimizer_state_bytes
-        prefetch = conductor.prefetch_blocks
         # what a prefetch surely holds at a backward peak: the smallest block, or its part before the late piece
-        prefetched = min(weights.early_nbytes for weights in conductor.weights.values())
+        prefetched = min(weights.early_nbytes for weights in streamed.values())
         if peak > usable and prefetch > 0:
             peak, prefetch = peak - prefetch * prefetched, 0  # one block in flight only: slower, but it may fit
         if peak > usable:
@@ -75,10 +75,10 @@ class VramPlanner:
                 f"({(peak + self.optimizer_state_bytes) / 1e9:.2f} GB measured): {remedies}"
             )
         room, resident = usable - peak, []
-        for index in sorted(conductor.weights):
-            if conductor.weights[index].nbytes > room:
+        for index in sorted(streamed):
+            if streamed[index].nbytes > room:
                 break
-            room -= conductor.weights[index].nbytes
+            room -= streamed[index].nbytes
             resident.append(index)
         logger.info(
             "accelerate-offload: max_vram %.2f GB, first step peaked at %.2f GB streaming everything: "

@@ -14,10 +14,15 @@ from typing import Any
 
 import torch
 
+from .offload import avoid_cudnn_attention, offload_model
+from .planner import parse_memory
+from .settings import OffloadSettings
+
 ENV_PREFIX = "ACCELERATE_OFFLOAD_"
 
 logger = logging.getLogger(__name__)
 
+_DEFAULTS = OffloadSettings()  # the plugin's defaults are the runtime's
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -74,29 +79,36 @@ class LayerOffloadPlugin:
         sequence_chunks (`int` or `"auto"`, defaults to `1`):
             Run Flux and SD3 blocks in this many checkpointed chunks along the image tokens (the same function in
             less memory; "auto" keeps chunks at most 4096 tokens, i.e. 4 at 2048², whole at 1024²).
-        block_names (`list[str]`, defaults to the model's known block lists):
-            Dotted paths of the `nn.ModuleList`s that hold the model's sequential blocks, for models that
-            accelerate-offload does not know.
+        block_names (`list[str]`, defaults to the model registry's lists, else the model's declared blocks):
+            Dotted paths of the `nn.ModuleList`s that hold the model's sequential blocks, for models that neither the
+            registry knows nor declare their repeated blocks (`_repeated_blocks`, `_no_split_modules`).
     """
 
     layer_offload_fraction: float | None = field(
-        default=None, metadata={"help": "Share of blocks streamed from CPU memory, 0..1.", "default": 0.0}
+        default=None,
+        metadata={
+            "help": "Share of blocks streamed from CPU memory, 0..1.",
+            "default": _DEFAULTS.layer_offload_fraction,
+        },
     )
     activation_offloading: bool | None = field(
-        default=None, metadata={"help": "Move checkpointed block inputs to CPU memory.", "default": False}
+        default=None,
+        metadata={"help": "Move checkpointed block inputs to CPU memory.", "default": _DEFAULTS.activation_offloading},
     )
     async_offloading: bool | None = field(
-        default=None, metadata={"help": "Copy on side CUDA streams, overlapping compute.", "default": True}
+        default=None,
+        metadata={"help": "Copy on side CUDA streams, overlapping compute.", "default": _DEFAULTS.async_offloading},
     )
     gradient_checkpointing: bool | None = field(
         default=None,
         metadata={"help": "Non-reentrant checkpointing around every block.", "default": None},
     )
     prefetch_blocks: int | None = field(
-        default=None, metadata={"help": "Offloaded blocks copied ahead of use.", "default": 1}
+        default=None, metadata={"help": "Offloaded blocks copied ahead of use.", "default": _DEFAULTS.prefetch_blocks}
     )
     pin_memory: bool | None = field(
-        default=None, metadata={"help": "Page-locked host memory for offloaded tensors.", "default": True}
+        default=None,
+        metadata={"help": "Page-locked host memory for offloaded tensors.", "default": _DEFAULTS.pin_memory},
     )
     offload_device: str | None = field(
         default=None, metadata={"help": "Where offloaded weights live.", "default": "cpu"}
@@ -107,11 +119,14 @@ class LayerOffloadPlugin:
     )
     sequence_chunks: int | str | None = field(
         default=None,
-        metadata={"help": "Token chunks per Flux/SD3 block (a number, or 'auto').", "default": 1},
+        metadata={
+            "help": "Token chunks per Flux/SD3 block (a number, or 'auto').",
+            "default": _DEFAULTS.sequence_chunks,
+        },
     )
     block_names: list[str] | None = field(
         default=None,
-        metadata={"help": "Comma-separated paths of the block lists, for models not known.", "default": None},
+        metadata={"help": "Comma-separated paths of the block lists, for models not found.", "default": None},
     )
 
     def __post_init__(self) -> None:
@@ -193,26 +208,16 @@ class LayerOffloadPlugin:
             env[env_name(spec.name)] = str(value)
         return env
 
-    def prepare_model(self, model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
-        """Sets the model up for offloaded training on `device` and returns it; call before `accelerator.prepare`.
+    def offload_settings(self, device: torch.device | str) -> OffloadSettings:
+        """The settings `prepare_model` streams with on `device`: without CUDA nothing streams (layer and activation
+        offloading and `max_vram` are CUDA-only), and the rest holds.
 
-        On a machine without CUDA, layer and activation offloading say once that they are inactive and the
-        model trains as usual (with gradient checkpointing if asked for).
+        Args:
+            device (`torch.device` or `str`):
+                The device the model trains on.
         """
-        from .attention import avoid_cudnn_attention
-        from .offload import offload_model
-
-        device = torch.device(device)
-        streaming = device.type == "cuda"
-        if streaming:
-            avoid_cudnn_attention()
-        if not streaming and (self.layer_offload_fraction > 0 or self.activation_offloading or self.max_vram):
-            _warn_inactive_once(device)
-        if not self.enabled:
-            return model
-        offload_model(
-            model,
-            device,
+        streaming = torch.device(device).type == "cuda"
+        return OffloadSettings(
             layer_offload_fraction=self.layer_offload_fraction if streaming else 0.0,
             activation_offloading=self.activation_offloading and streaming,
             async_offloading=self.async_offloading,
@@ -223,6 +228,28 @@ class LayerOffloadPlugin:
             max_vram=self.max_vram if streaming else None,
             sequence_chunks=self.sequence_chunks,
         )
+
+    def prepare_model(self, model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+        """Sets the model up for offloaded training on `device` and returns it; call before `accelerator.prepare`.
+
+        On a machine without CUDA, layer and activation offloading say once that they are inactive and the
+        model trains as usual (with gradient checkpointing if asked for).
+
+        Args:
+            model (`torch.nn.Module`):
+                The model (or its PEFT wrapper) on the CPU, cast, with its base weights frozen and the LoRA added.
+            device (`torch.device` or `str`):
+                The device the model trains on, usually `accelerator.device`.
+        """
+        device = torch.device(device)
+        streaming = device.type == "cuda"
+        if streaming:
+            avoid_cudnn_attention()
+        if not streaming and (self.layer_offload_fraction > 0 or self.activation_offloading or self.max_vram):
+            _warn_inactive_once(device)
+        if not self.enabled:
+            return model
+        offload_model(model, device, self.offload_settings(device))
         return model
 
 
@@ -266,8 +293,6 @@ def _parse_chunks(value: Any) -> int | str:
 
 
 def _parse_budget(value: str) -> int:
-    from .planner import parse_memory
-
     try:
         return parse_memory(value)
     except ValueError as error:

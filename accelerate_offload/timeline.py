@@ -1,5 +1,7 @@
 """A VRAM timeline of one training step: memory over time, block boundaries, and copies, drawn as a PNG.
 
+`offload.trace_step` records one; `plot_timeline` draws it.
+
 Timestamps are CUDA events on the stream that did the work, so the picture shows what the GPU did, not when
 the CPU queued it. Memory is the caching allocator's count as each block starts, and its peak from there to the
 next block start; the allocator counts when the CPU allocates and frees, so each block also records how far
@@ -9,12 +11,10 @@ ahead of the GPU the CPU queued it (`cpu_lead_ms`), the lead that decides how mu
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 
 @dataclass
@@ -62,26 +62,18 @@ class StepTrace:
         }
 
 
-def trace_step(model: nn.Module, step: Callable[[], None]) -> dict:
-    """Runs `step` once with tracing on and returns its timeline (see `StepTrace.resolve`). Each block start
-    resets the allocator's peak statistics, so a peak read after the step covers its last block only."""
-    from .offload import get_conductor
-
-    conductor = get_conductor(model)
-    if conductor is None or conductor.device.type != "cuda":
-        raise RuntimeError("a VRAM timeline needs a model offloaded to a CUDA device")
-    trace = StepTrace(conductor.device)
-    conductor.trace = conductor.streams.trace = trace
-    try:
-        step()
-        trace.mark("end", -1)
-    finally:
-        conductor.trace = conductor.streams.trace = None
-    return trace.resolve()
-
-
 def plot_timeline(timeline: dict, path: str | Path, title: str = "") -> Path:
-    """Memory over the step, forward and backward shaded, each block start ticked, copies as bars below."""
+    """Memory over the step, forward and backward shaded, each block start ticked, copies as bars below; returns the
+    path of the PNG written (needs matplotlib).
+
+    Args:
+        timeline (`dict`):
+            What `trace_step` returned.
+        path (`str` or `pathlib.Path`):
+            Where to write the PNG.
+        title (`str`, *optional*):
+            The figure's title.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from accelerate_offload.tiny_pipelines import write_sample_images
+from accelerate_offload.testing.tiny_pipelines import write_sample_images
 
 ROOT = Path(__file__).resolve().parent.parent
 RESIDENT = "resident"  # plain `accelerate launch`, every block on the GPU, checkpointing on (the reference)

@@ -24,9 +24,8 @@ import diffusers
 import torch
 from peft import LoraConfig
 
-from accelerate_offload import get_conductor, offload_model, remove_offload
+from accelerate_offload import get_conductor, offload_model, plot_timeline, remove_offload, trace_step
 from accelerate_offload.planner import parse_memory
-from accelerate_offload.timeline import plot_timeline, trace_step
 from peak_breakdown import peak_breakdown, print_breakdown
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"

@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from accelerate_offload.tiny_pipelines import FLUX_SCHEDULER_CONFIG, build_clip_tokenizer, build_t5_tokenizer
+from accelerate_offload.testing.tiny_pipelines import FLUX_SCHEDULER_CONFIG, build_clip_tokenizer, build_t5_tokenizer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
 FLUX_VAE = dict(

@@ -23,20 +23,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_flux_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from accelerate_offload.tiny_pipelines import build_tiny_flux
+    from accelerate_offload.testing.tiny_pipelines import build_tiny_flux
 
     return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
 
 
 @pytest.fixture(scope="session")
 def tiny_sd3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from accelerate_offload.tiny_pipelines import build_tiny_sd3
+    from accelerate_offload.testing.tiny_pipelines import build_tiny_sd3
 
     return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
 
 
 @pytest.fixture(scope="session")
 def sample_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from accelerate_offload.tiny_pipelines import write_sample_images
+    from accelerate_offload.testing.tiny_pipelines import write_sample_images
 
     return write_sample_images(tmp_path_factory.mktemp("sample-images"))

@@ -34,7 +34,7 @@ from test_models import (
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from accelerate_offload import chunking, offload_model
+from accelerate_offload import chunk_rows, offload_model
 from accelerate_offload.chunking import auto_chunks, chunked_forward
 from accelerate_offload.recompute import recomputation
 from live_memory import LiveTensorBytes
@@ -152,7 +152,7 @@ def test_no_grad_runs_chunks_without_checkpoints(kind: str, monkeypatch: pytest.
     inputs = block_inputs(kind, batch=1)
     with torch.no_grad():
         expected = block(**inputs)
-        monkeypatch.setattr(chunking, "checkpoint", _refuse)
+        monkeypatch.setattr(chunk_rows, "checkpoint", _refuse)
         actual = chunked_forward(block, 3)(**inputs)
     for out, reference in zip(actual, expected, strict=True):
         assert (out is None and reference is None) or (not out.requires_grad and torch.allclose(out, reference))
@@ -206,8 +206,8 @@ def test_composes_with_offload_runtime(model_name: str) -> None:
     conductor = offload_model(offloaded, "cpu", layer_offload_fraction=1.0, activation_offloading=True,
                               activation_min_bytes=0)
     conductor.poison_evicted = True
-    for layer, block in zip(conductor.layers, conductor.blocks, strict=True):
-        layer.block_forward = chunked_forward(block, 2)
+    for hook, block in zip(offloaded._offload_hooks, conductor.blocks, strict=True):
+        hook.block_forward = chunked_forward(block, 2)
     expected_loss, expected = train_step(reference, inputs())
     loss, actual = train_step(offloaded, inputs())
     assert_close(loss, expected_loss, "loss")

@@ -229,7 +229,7 @@ def test_tiny_flux_inference_streams_without_grad() -> None:
 
 
 def test_max_vram_fills_the_budget_with_resident_blocks_and_stays_within_it() -> None:
-    from accelerate_offload.planner import VramBudgetError
+    from accelerate_offload import VramBudgetError
 
     width, depth = 2048, 24
     probe = toy_on_cpu(depth, width)
@@ -261,7 +261,7 @@ def test_max_vram_fills_the_budget_with_resident_blocks_and_stays_within_it() ->
 
 
 def test_vram_timeline_records_every_block_and_copy(tmp_path) -> None:
-    from accelerate_offload.timeline import plot_timeline, trace_step
+    from accelerate_offload import plot_timeline, trace_step
 
     width = 1024
     model = toy_on_cpu(6, width)

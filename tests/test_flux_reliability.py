@@ -224,7 +224,7 @@ def bad_input_args(change: list, folders: dict[str, str], output_dir: Path, mode
 @pytest.fixture(scope="module")
 def bad_input_runs(tiny_flux_path: Path, mixed_images: Path, home: Path) -> dict[str, Run]:
     """Every case, two at a time: each fails before any model is loaded, in a few seconds."""
-    from accelerate_offload.tiny_pipelines import write_sample_images
+    from accelerate_offload.testing.tiny_pipelines import write_sample_images
 
     (home / "empty").mkdir()
     (home / "broken").mkdir()

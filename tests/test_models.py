@@ -32,9 +32,9 @@ def tiny_sd3() -> SD3Transformer2DModel:
     )
 
 
-def with_lora(model: torch.nn.Module) -> torch.nn.Module:
+def with_lora(model: torch.nn.Module, targets: list[str] = LORA_TARGETS) -> torch.nn.Module:
     model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights="gaussian"))
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights="gaussian"))
     generator = torch.Generator().manual_seed(3)
     for name, param in model.named_parameters():
         if "lora_B" in name:

@@ -30,7 +30,7 @@ def test_room_left_by_the_streamed_peak_fills_with_the_first_blocks() -> None:
     conductor = streamed_toy()
     block = conductor.weights[0].nbytes
     peak = 10 * block
-    resident, prefetch = planner_for(peak + 3.5 * block).plan(conductor, peak)
+    resident, prefetch = planner_for(peak + 3.5 * block).plan(conductor.weights, conductor.prefetch_blocks, peak)
     assert resident == [0, 1, 2] and prefetch == 1
 
 
@@ -38,7 +38,7 @@ def test_a_peak_just_over_the_budget_drops_prefetch_rather_than_failing() -> Non
     conductor = streamed_toy(prefetch_blocks=1)
     block = conductor.weights[0].nbytes
     peak = 10 * block
-    resident, prefetch = planner_for(peak - 0.5 * block).plan(conductor, peak)
+    resident, prefetch = planner_for(peak - 0.5 * block).plan(conductor.weights, conductor.prefetch_blocks, peak)
     assert prefetch == 0 and resident == []  # 0.5 block of room once the prefetched block is gone
 
 
@@ -46,7 +46,7 @@ def test_budget_below_the_streamed_step_names_every_remedy_left() -> None:
     conductor = streamed_toy(prefetch_blocks=0)
     planner = planner_for(GB, ("turn on activation_offloading", "set sequence_chunks: auto"))
     with pytest.raises(VramBudgetError) as error:
-        planner.plan(conductor, 2 * GB)
+        planner.plan(conductor.weights, conductor.prefetch_blocks, 2 * GB)
     message = str(error.value)
     assert "\n" not in message
     for remedy in ("raise max_vram", "activation_offloading", "sequence_chunks: auto", "resolution or batch size"):
@@ -64,6 +64,6 @@ def test_dropping_prefetch_counts_only_what_a_backward_prefetch_holds() -> None:
     assert held < largest
     peak = 100 * largest
     with pytest.raises(VramBudgetError):  # room only if a whole double block were freed
-        planner_for(peak - (held + largest) / 2).plan(conductor, peak)
-    resident, prefetch = planner_for(peak - held).plan(conductor, peak)
+        planner_for(peak - (held + largest) / 2).plan(conductor.weights, conductor.prefetch_blocks, peak)
+    resident, prefetch = planner_for(peak - held).plan(conductor.weights, conductor.prefetch_blocks, peak)
     assert prefetch == 0 and resident == []

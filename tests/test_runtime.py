@@ -184,3 +184,37 @@ def test_unknown_blocks_name_the_lists_seen() -> None:
         offload_model(model, "cpu")
     with pytest.raises(BlocksNotFoundError, match="no block list 'layers'"):
         offload_model(model, "cpu", block_names=["layers"])
+
+
+def test_models_with_accelerate_or_diffusers_offload_hooks_are_refused() -> None:
+    """Two runtimes moving the same weights would fight: the model is refused in one line and left as it was."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+    from diffusers.hooks import apply_group_offloading
+
+    _, model = toy_pair(depth=3)
+    add_hook_to_module(model.blocks[1], AlignDevicesHook(execution_device="cpu"))
+    refusal = r"^ToyTransformer\.blocks\.1 carries an accelerate hook \(AlignDevicesHook"
+    with pytest.raises(RuntimeError, match=refusal) as error:
+        offload_model(model, "cpu", block_names=["blocks"])
+    assert "\n" not in str(error.value) and get_conductor(model) is None
+    remove_hook_from_module(model, recurse=True)
+    apply_group_offloading(model, onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1)
+    with pytest.raises(RuntimeError, match="carries diffusers' group offloading"):
+        offload_model(model, "cpu", block_names=["blocks"])
+    assert get_conductor(model) is None
+
+
+def test_settings_object_and_keyword_overrides_stream_alike() -> None:
+    from accelerate_offload import OffloadSettings
+
+    reference, by_keywords = toy_pair()
+    by_object = copy.deepcopy(reference)
+    offload(by_keywords, layer_offload_fraction=0.5, activation_offloading=True)
+    settings = OffloadSettings(layer_offload_fraction=0.5, activation_offloading=True, block_names=["blocks"])
+    conductor = offload_model(by_object, "cpu", settings, activation_min_bytes=0)
+    assert conductor.resident_count == get_conductor(by_keywords).resident_count == 3
+    assert conductor.activations.min_bytes == 0
+    expected = step(reference, toy_inputs())
+    assert torch.equal(step(by_object, toy_inputs()), expected)
+    assert torch.equal(step(by_keywords, toy_inputs()), expected)
+    assert all(torch.equal(a, b) for a, b in zip(lora_grads(by_object).values(), lora_grads(reference).values()))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from accelerate_offload import tiny_pipelines
+from accelerate_offload.testing import tiny_pipelines
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -160,7 +160,7 @@ def dreambooth_run(tiny_flux_path: Path, sample_images: Path, home: Path) -> Run
 
 @pytest.fixture(scope="module")
 def captioned_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from accelerate_offload.tiny_pipelines import write_sample_images
+    from accelerate_offload.testing.tiny_pipelines import write_sample_images
 
     return write_sample_images(tmp_path_factory.mktemp("captioned"), captions=True)
 

@@ -1,4 +1,4 @@
-"""`OffloadCheckpointLayer`: runs one block under the conductor, inside non-reentrant checkpointing.
+"""`OffloadBlockHook`: the per-block hook that runs one block under the conductor, inside non-reentrant checkpointing.
 
 The block keeps its place and name in the model (LoRA keys and state dicts stay those of diffusers); only its
 `forward` is replaced, as diffusers' hooks do.
@@ -19,7 +19,7 @@ from .conductor import LayerOffloadConductor
 from .recompute import outputs_discarded, recomputation
 
 
-class OffloadCheckpointLayer:
+class OffloadBlockHook:
     """Loads the block before it runs, drops it after, and checkpoints it when gradients are on; tells the
     conductor when the feed-forward of a block that has one after its attention (`attention`) is done in backward.
 
@@ -61,11 +61,10 @@ class OffloadCheckpointLayer:
         """Tells the conductor when the gradients of the attention outputs that feed the feed-forwards are all
         in: those are then done with their weights.
 
-        Attention returns (image, text) outputs, which feed `ff` and `ff_context` in that order; SD3's last block
-        has no `ff_context` and discards its text output. A countdown over those outputs, holding no graph node:
-        a hook that refers to the graph it sits in keeps it, and the step's saved activations, in a reference
-        cycle that only the garbage collector would free (`register_multi_grad_hook` does). Not set in a
-        recomputation, whose graph never runs backward.
+        Those are attention's first `feed_forwards` outputs (the registry's `BlockFamily` says which feed-forward
+        each feeds). A countdown over those outputs, holding no graph node: a hook that refers to the graph it sits
+        in keeps it, and the step's saved activations, in a reference cycle that only the garbage collector would
+        free (`register_multi_grad_hook` does). Not set in a recomputation, whose graph never runs backward.
         """
         if not torch.is_grad_enabled() or outputs_discarded():
             return

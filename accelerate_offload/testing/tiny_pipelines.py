@@ -5,9 +5,9 @@ code paths (VAE shift/scale, 2x2 latent packing, guidance embedding, dual CLIP +
 12B models. The folders load with `FluxPipeline.from_pretrained(path)` / `StableDiffusion3Pipeline.from_pretrained`
 offline. Weights come from fixed seeds, so two builds give identical files.
 
-    python -m accelerate_offload.tiny_pipelines flux OUT
-    python -m accelerate_offload.tiny_pipelines sd3 OUT
-    python -m accelerate_offload.tiny_pipelines images OUT [--captions]
+    python -m accelerate_offload.testing.tiny_pipelines flux OUT
+    python -m accelerate_offload.testing.tiny_pipelines sd3 OUT
+    python -m accelerate_offload.testing.tiny_pipelines images OUT [--captions]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .quiet import quiet_third_party_noise
+from ..quiet import quiet_third_party_noise
 
 SEED = 0
 # Latent channels of the SD3 and Flux VAEs; the transformers below are shaped around it.
@@ -301,7 +301,7 @@ def write_sample_images(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m accelerate_offload.tiny_pipelines",
+        prog="python -m accelerate_offload.testing.tiny_pipelines",
         description="Write a tiny random pipeline or sample training images to a folder (no download).",
     )
     parser.add_argument("what", choices=("flux", "sd3", "images"))
