@@ -491,6 +491,11 @@ def fit_to_bucket(image: Image.Image, bucket: tuple[int, int], center_crop: bool
     return resized.crop((left, top, left + width, top + height))
 
 
+def derived_seed(*keys: int) -> int:
+    """A seed for one use (an image's crop and flip in one epoch) from the run's seed: the same on resume."""
+    return int(np.random.SeedSequence(keys).generate_state(1)[0])
+
+
 def to_pixels(image: Image.Image) -> torch.Tensor:
     """uint8 HWC image -> float CHW tensor in [-1, 1], the VAE's input range."""
     array = np.asarray(image, dtype=np.float32)
@@ -508,6 +513,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         class_prompt: str | None = None,
         center_crop: bool = False,
         random_flip: bool = False,
+        seed: int = 0,
     ) -> None:
         self.examples = examples
         self.buckets = [nearest_bucket(example.image.size, buckets) for example in examples]
@@ -515,26 +521,34 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.class_prompt = class_prompt
         self.center_crop = center_crop
         self.random_flip = random_flip
+        self.seed = seed
+        self.epoch = 0
 
     def __len__(self) -> int:
         return max(len(self.examples), len(self.class_images))
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def bucket_of(self, index: int) -> tuple[int, int]:
         return self.buckets[index % len(self.examples)]
 
-    def _pixels(self, image: Image.Image, bucket: tuple[int, int]) -> torch.Tensor:
-        image = fit_to_bucket(image, bucket, self.center_crop, random)
-        if self.random_flip and random.random() < 0.5:
+    def _pixels(self, image: Image.Image, bucket: tuple[int, int], rng: random.Random) -> torch.Tensor:
+        image = fit_to_bucket(image, bucket, self.center_crop, rng)
+        if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_pixels(image)
 
     def __getitem__(self, index: int) -> dict:
+        # Crops and flips come from (seed, epoch, index), never a global stream: the data loader fetches ahead, so
+        # the random state a checkpoint saves would already hold the next batch's draws.
+        rng = random.Random(derived_seed(self.seed, self.epoch, index))
         example = self.examples[index % len(self.examples)]
         bucket = self.bucket_of(index)
-        item = {"index": index, "pixels": self._pixels(example.image, bucket), "prompt": example.prompt}
+        item = {"index": index, "pixels": self._pixels(example.image, bucket, rng), "prompt": example.prompt}
         if self.class_images:
             class_image = read_image(self.class_images[index % len(self.class_images)])
-            item["class_pixels"] = self._pixels(class_image, bucket)
+            item["class_pixels"] = self._pixels(class_image, bucket, rng)
             item["class_prompt"] = self.class_prompt
         return item
 
@@ -1414,7 +1428,9 @@ def main(args: argparse.Namespace) -> None:
         generate_class_images(args, embeddings[args.class_prompt], offload_plugin, accelerator, dtype)
         accelerator.wait_for_everyone()
         class_images = [path for path, _ in readable_images(class_image_paths(args), args.strict, "class images")]
-    dataset = DreamBoothDataset(examples, buckets, class_images, args.class_prompt, args.center_crop, args.random_flip)
+    dataset = DreamBoothDataset(
+        examples, buckets, class_images, args.class_prompt, args.center_crop, args.random_flip, args.seed or 0
+    )
     warn_about_small_images(dataset.examples, dataset.buckets)
     batch_sampler = BucketBatchSampler(dataset, args.train_batch_size, args.seed or 0)
     dataloader = torch.utils.data.DataLoader(
@@ -1510,6 +1526,7 @@ def main(args: argparse.Namespace) -> None:
                 break
             transformer.train()
             batch_sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
             dataloader.set_epoch(epoch)
             batches = dataloader
             if epoch == first_epoch and steps_into_epoch:

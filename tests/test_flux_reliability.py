@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -336,3 +337,53 @@ def test_a_huge_learning_rate_stops_at_the_first_nan_and_saves_nothing_broken(
     assert sorted(path.name for path in run.output_dir.glob("checkpoint-*")) == ["checkpoint-1"]
     assert finite_lora(run.output_dir / "checkpoint-1" / "pytorch_lora_weights.safetensors")
     assert not (run.output_dir / "pytorch_lora_weights.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exact resume with random crops and flips
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def random_crop_args(model: Path, images: Path, output_dir: Path, *extra: str) -> list[str]:
+    """Square training at 32 px: the 96x64, 64x96, 80x48 and 48x80 sample images are cropped at random, and flipped."""
+    args = ["--pretrained_model_name_or_path", str(model), "--output_dir", str(output_dir)]
+    args += ["--instance_data_dir", str(images), "--instance_prompt", INSTANCE_PROMPT, "--random_flip"]
+    args += ["--resolution", "32", "--max_sequence_length", "16", "--seed", "0", "--train_batch_size", "2"]
+    args += ["--max_train_steps", "5", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--report_to", "none"]
+    return args + list(extra)
+
+
+def test_crops_and_flips_depend_on_seed_epoch_and_index_only(script, sample_images: Path) -> None:
+    import random
+
+    examples = [script.Example(script.read_image(path), "p") for path in sorted(sample_images.glob("*.png"))]
+    dataset = script.DreamBoothDataset(examples, [(32, 32)], random_flip=True, seed=0)
+
+    random.seed(1)
+    first = [dataset[index]["pixels"] for index in range(len(dataset))]
+    random.seed(2)
+    again = [dataset[index]["pixels"] for index in reversed(range(len(dataset)))][::-1]
+    dataset.set_epoch(1)
+    next_epoch = [dataset[index]["pixels"] for index in range(len(dataset))]
+
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert any(not torch.equal(a, b) for a, b in zip(first, next_epoch)), "a new epoch draws new crops and flips"
+
+
+def test_resume_with_random_crops_and_flips_is_bit_exact(tiny_flux_path: Path, sample_images: Path, home: Path) -> None:
+    """5 steps straight == the same run resumed from its checkpoint-2 (mid-epoch 0, then across into epoch 1)."""
+    straight = launch(random_crop_args(tiny_flux_path, sample_images, home / "crops-straight"), home)
+    resumed_dir = home / "crops-resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(straight.output_dir / "checkpoint-2", resumed_dir / "checkpoint-2")
+
+    extra = ["--resume_from_checkpoint", "latest"]
+    resumed = launch(random_crop_args(tiny_flux_path, sample_images, resumed_dir, *extra), home)
+
+    after = [record for record in straight.metrics() if record["step"] > 2]
+    assert [record["step"] for record in resumed.metrics()] == [3, 4, 5]
+    for key in ("epoch", "indices", "loss"):
+        assert [record[key] for record in resumed.metrics()] == [record[key] for record in after], key
+    original, again = straight.lora(), resumed.lora()
+    assert original.keys() == again.keys() and all(torch.equal(again[key], original[key]) for key in original)
+
