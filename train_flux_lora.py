@@ -1214,16 +1214,32 @@ class MetricsLog:
         self.enabled = enabled
 
     def write(self, record: dict) -> None:
+        """Appends one line and syncs it: a crash or a full disk can tear only the line being written."""
         if self.enabled:
             with self.path.open("a", encoding="utf-8") as file:
                 file.write(json.dumps(record) + "\n")
+                file.flush()
+                os.fsync(file.fileno())
 
     def drop_after(self, step: int) -> None:
-        """Keeps the records up to `step` (all of them when resuming there; none for a new run)."""
+        """Keeps the records up to `step` (all of them when resuming there; none for a new run).
+
+        A torn last line (the process died while writing it) is dropped; a torn line before it is an error.
+        """
         if not self.enabled or not self.path.exists():
             return
-        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise UsageError(
+                        f"{self.path} line {number} is not JSON; fix or delete that line, then run again"
+                    ) from None
+                logger.warning("Dropping the half-written last line of %s", self.path)
         partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         partial.write_text("".join(kept), encoding="utf-8")
         os.replace(partial, self.path)
