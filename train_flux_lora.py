@@ -305,18 +305,29 @@ def check_reporting(args: argparse.Namespace) -> str | None:
     return None
 
 
+def earlier_run_files(output_dir: Path) -> list[str]:
+    """What an earlier run left in `output_dir` (any entry at all): a new run never writes over or beside it."""
+    return sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
+
+
 def check_output(args: argparse.Namespace) -> str | None:
-    """Refuses runs that would delete or mix with an earlier run's checkpoints."""
+    """One rule for an --output_dir that holds another run: continue it from a checkpoint, or use a new folder."""
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         return f"--output_dir {output_dir} is a file; give a folder"
-    if args.resume_from_checkpoint is None:
-        if checkpoint_dirs(output_dir):
-            return (
-                f"{output_dir} holds checkpoints of an earlier run: add --resume_from_checkpoint latest to continue "
-                "it, or choose another --output_dir"
-            )
-    elif args.resume_from_checkpoint != "latest" and resolve_checkpoint(args) is None:
+    found = earlier_run_files(output_dir)
+    shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    if args.resume_from_checkpoint is None and found:
+        return (
+            f"--output_dir {output_dir} holds an earlier run ({shown}): add --resume_from_checkpoint latest to "
+            "continue it, or choose a new --output_dir"
+        )
+    if args.resume_from_checkpoint == "latest" and found and not checkpoint_dirs(output_dir):
+        return (
+            f"--output_dir {output_dir} holds an earlier run ({shown}) but no checkpoint to continue from: choose a "
+            "new --output_dir"
+        )
+    if args.resume_from_checkpoint not in (None, "latest") and resolve_checkpoint(args) is None:
         return (
             f"--resume_from_checkpoint {args.resume_from_checkpoint} not found; give a checkpoint-N folder or 'latest'"
         )

@@ -365,9 +365,32 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_train_steps", "checkpoints_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    message = check_output_dir(args)
+    if message:
+        parser.error(message)
     if args.report_to == "none":
         args.report_to = None
     return args
+
+
+def check_output_dir(args: argparse.Namespace) -> str | None:
+    """One rule for an --output_dir that holds another run: continue it from a checkpoint, or use a new folder."""
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        return f"--output_dir {output_dir} is a file, not a folder: pass a folder (created if missing)"
+    found = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
+    shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    if args.resume_from_checkpoint is None and found:
+        return (
+            f"--output_dir {output_dir} holds an earlier run ({shown}): add --resume_from_checkpoint latest to "
+            "continue it, or choose a new --output_dir"
+        )
+    if args.resume_from_checkpoint == "latest" and found and not complete_checkpoints(output_dir):
+        return (
+            f"--output_dir {output_dir} holds an earlier run ({shown}) but no checkpoint to continue from: choose a "
+            "new --output_dir"
+        )
+    return None
 
 
 def list_images(root: Path) -> list[Path]:
@@ -1020,8 +1043,6 @@ def main(args: argparse.Namespace) -> None:
         raise SetupError(
             "--report_to wandb with --hub_token would expose the token; log in with `hf auth login` instead"
         )
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise SetupError(f"--output_dir {args.output_dir} is a file, not a folder: pass a folder (created if missing)")
     logging_dir = Path(args.output_dir, args.logging_dir)
     accelerator_project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
     kwargs = DistributedDataParallelKwargs(find_unused_parameters=True)

@@ -405,3 +405,32 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(script, tmp_path: Path, m
     log.path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
     with pytest.raises(SystemExit, match=r"error: .*metrics.jsonl line 2 is not JSON"):
         log.drop_after(3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# An --output_dir that holds another run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_finished_run_is_never_overwritten(tiny_flux_path: Path, sample_images: Path, home: Path) -> None:
+    finished = home / "finished"
+    finished.mkdir()
+    for name, text in (("pytorch_lora_weights.safetensors", "earlier LoRA"), ("metrics.jsonl", '{"step": 1}\n')):
+        (finished / name).write_text(text)
+    args = base_args(tiny_flux_path, finished, "--instance_data_dir", str(sample_images))
+    args += ["--instance_prompt", INSTANCE_PROMPT, "--max_train_steps", "1", "--report_to", "none"]
+
+    new_run = launch(args, home, expect_success=False)
+    latest = launch([*args, "--resume_from_checkpoint", "latest"], home, expect_success=False)
+
+    assert new_run.stderr.strip().splitlines()[-1].endswith(
+        f"--output_dir {finished} holds an earlier run (metrics.jsonl, pytorch_lora_weights.safetensors): add "
+        "--resume_from_checkpoint latest to continue it, or choose a new --output_dir"
+    ), new_run.stderr[-2000:]
+    assert latest.stderr.strip().splitlines()[-1].endswith(
+        "but no checkpoint to continue from: choose a new --output_dir"
+    ), latest.stderr[-2000:]
+    assert new_run.returncode != 0 and latest.returncode != 0
+    assert sorted(path.name for path in finished.iterdir()) == ["metrics.jsonl", "pytorch_lora_weights.safetensors"]
+    assert (finished / "pytorch_lora_weights.safetensors").read_text() == "earlier LoRA"
+    assert (finished / "metrics.jsonl").read_text() == '{"step": 1}\n'

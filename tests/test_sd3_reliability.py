@@ -32,6 +32,7 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from test_sd3 import INSTANCE_PROMPT, MAX_SEQUENCE_LENGTH, REPO, compute_embeddings, embedding_args, train_script  # noqa: E402
 
+CHECKPOINT_MARKER = train_script.CHECKPOINT_MARKER
 # the module fixtures of test_sd3.py (fixtures are found by name among a module's attributes)
 instance_dir = test_sd3.instance_dir
 embeddings_path = test_sd3.embeddings_path
@@ -165,8 +166,6 @@ def runs(tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, odd_ima
         return train_args(tiny_sd3_path, embeddings, images, work / name, *extra)
 
     checkpointed = ["--max_train_steps", str(STEPS), "--checkpointing_steps", "2", "--checkpoints_total_limit", "1"]
-    (work / "nan").mkdir()
-    (work / "nan" / "pytorch_lora_weights.safetensors").write_bytes(b"an earlier LoRA")
     long_run = ["--max_train_steps", "100000", "--checkpointing_steps", "2"]
     results = in_pairs(
         {
@@ -278,7 +277,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(runs: dict):
     assert_one_line_error(result, "step 2:", "not finite", f"Last good checkpoint: {output_dir / 'checkpoint-1'}")
     assert "--learning_rate (now 1e+30)" in last_line(result)
     assert sorted(path.name for path in output_dir.glob("*checkpoint-*")) == ["checkpoint-1"]
-    assert (output_dir / "pytorch_lora_weights.safetensors").read_bytes() == b"an earlier LoRA"
+    assert not (output_dir / "pytorch_lora_weights.safetensors").exists()
 
 
 def test_out_of_memory_is_explained(runs: dict):
@@ -373,6 +372,23 @@ BAD_INPUT = {
         ["offload config", "0..1"],
     ),
     "train-8bit-adam-without-cuda": (train_case("--use_8bit_adam"), ["--use_8bit_adam needs a CUDA GPU"]),
+    "train-output-holds-another-run": (
+        train_case(
+            lambda c: ["--output_dir", str(write(c / "out" / "checkpoint-6" / CHECKPOINT_MARKER, b"{}").parents[1])]
+        ),
+        ["holds an earlier run (checkpoint-6)", "add --resume_from_checkpoint latest", "or choose a new --output_dir"],
+    ),
+    "train-latest-without-checkpoint": (
+        train_case(
+            lambda c: [
+                "--output_dir",
+                str(write(c / "out" / "pytorch_lora_weights.safetensors", b"earlier LoRA").parent),
+                "--resume_from_checkpoint",
+                "latest",
+            ]
+        ),
+        ["holds an earlier run (pytorch_lora_weights.safetensors) but no checkpoint to continue from"],
+    ),
     "train-model-missing": (
         train_case(lambda c: ["--pretrained_model_name_or_path", str(c / "no-model")]),
         ["no-model", "SD3 diffusers pipeline"],
