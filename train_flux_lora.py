@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -331,6 +332,54 @@ def check_output(args: argparse.Namespace) -> str | None:
         return (
             f"--resume_from_checkpoint {args.resume_from_checkpoint} not found; give a checkpoint-N folder or 'latest'"
         )
+    checkpoint = resolve_checkpoint(args) if args.resume_from_checkpoint else None
+    problem = checkpoint_problem(checkpoint, args) if checkpoint else None
+    if problem:
+        step = checkpoint_step(checkpoint)
+        earlier = [path for path in checkpoint_dirs(checkpoint.parent) if checkpoint_step(path) < step]
+        usable = next((path for path in reversed(earlier) if checkpoint_problem(path, args) is None), None)
+        fallback = (
+            f"the next usable earlier checkpoint is {usable}: resume with --resume_from_checkpoint {usable}"
+            if usable
+            else "no earlier checkpoint is usable"
+        )
+        return f"cannot resume from {checkpoint}: {problem}; {fallback}"
+    return None
+
+
+def lora_targets(args: argparse.Namespace) -> list[str]:
+    return [name.strip() for name in args.lora_layers.split(",") if name.strip()]
+
+
+def checkpoint_problem(checkpoint: Path, args: argparse.Namespace) -> str | None:
+    """What stops `checkpoint` from resuming this run (a file cut short, another --rank or --lora_layers), if any.
+
+    Read before anything is loaded, so a bad checkpoint costs seconds and one line, not a traceback after loading.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(checkpoint / LORA_WEIGHT_NAME, "pt") as lora:
+            shapes = {key: lora.get_slice(key).get_shape() for key in lora.keys()}
+    except (OSError, SafetensorError) as error:
+        return f"its {LORA_WEIGHT_NAME} cannot be read ({str(error).splitlines()[0]})"
+    ranks = sorted({shape[0] for key, shape in shapes.items() if ".lora_A." in key})
+    if ranks and ranks != [args.rank]:
+        found = ", ".join(map(str, ranks)) or "none"
+        return f"its LoRA has rank {found}, --rank is {args.rank} (pass --rank {found} to continue it)"
+    modules = {key.removeprefix("transformer.").partition(".lora_")[0] for key in shapes}
+    targets = lora_targets(args)
+    covered = {target for target in targets for module in modules if module == target or module.endswith(f".{target}")}
+    stray = sorted(module for module in modules if not any(module == t or module.endswith(f".{t}") for t in targets))
+    if stray or covered != set(targets):
+        missing = sorted(set(targets) - covered)
+        detail = f"LoRA layers not in --lora_layers ({stray[0]}, ...)" if stray else f"no LoRA on {', '.join(missing)}"
+        return f"it has {detail}; pass the --lora_layers it was trained with"
+    for state in sorted([*checkpoint.glob("*.bin"), *checkpoint.glob("*.pkl")]):
+        try:
+            torch.load(state, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+            return f"its {state.name} cannot be read ({str(error).splitlines()[0][:120]}); it was cut short or damaged"
     return None
 
 
@@ -711,7 +760,7 @@ def load_transformer_with_lora(args: argparse.Namespace, dtype: torch.dtype):
         args.pretrained_model_name_or_path, subfolder="transformer", torch_dtype=dtype, **pretrained_kwargs(args)
     )
     transformer.requires_grad_(False)
-    targets = [name.strip() for name in args.lora_layers.split(",") if name.strip()]
+    targets = lora_targets(args)
     lora_config = LoraConfig(
         r=args.rank,
         lora_alpha=args.lora_alpha,
@@ -1526,7 +1575,14 @@ def main(args: argparse.Namespace) -> None:
             logger.info("No checkpoint in %s: starting a new run", output_dir)
         else:
             logger.info("Resuming from %s", checkpoint)
-            accelerator.load_state(str(checkpoint))
+            try:
+                accelerator.load_state(str(checkpoint))
+            except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as error:
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise UsageError(
+                    f"cannot resume from {checkpoint} ({type(error).__name__}: {reason}); pass an earlier checkpoint-N "
+                    "to --resume_from_checkpoint"
+                ) from None
             global_step = checkpoint_step(checkpoint)
     if accelerator.is_main_process:
         remove_partial_checkpoints(output_dir)

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -920,7 +921,7 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
         for path in output_dir.glob("checkpoint-*")
         if path.name.removeprefix("checkpoint-").isdigit() and (path / CHECKPOINT_MARKER).is_file()
     ]
-    return sorted(found, key=lambda path: int(path.name.removeprefix("checkpoint-")))
+    return sorted(found, key=checkpoint_step)
 
 
 def resume_checkpoint(args: argparse.Namespace) -> Path | None:
@@ -948,6 +949,59 @@ def resume_checkpoint(args: argparse.Namespace) -> Path | None:
             " pass --resume_from_checkpoint latest to use the last complete one"
         )
     return path
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix("checkpoint-"))
+
+
+def checkpoint_problem(checkpoint: Path, args: argparse.Namespace) -> str | None:
+    """What stops `checkpoint` from resuming this run (a file cut short, another --rank or --lora_layers), if any.
+
+    Read before any model is loaded, so a bad checkpoint costs seconds and one line, not a traceback after loading.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    lora_file = checkpoint / "pytorch_lora_weights.safetensors"
+    try:
+        with safe_open(lora_file, "pt") as lora:
+            shapes = {key: lora.get_slice(key).get_shape() for key in lora.keys()}
+    except (OSError, SafetensorError) as error:
+        return f"its {lora_file.name} cannot be read ({str(error).splitlines()[0]})"
+    ranks = sorted({shape[0] for key, shape in shapes.items() if ".lora_A." in key})
+    if ranks and ranks != [args.rank]:
+        found = ", ".join(map(str, ranks))
+        return f"its LoRA has rank {found}, --rank is {args.rank} (pass --rank {found} to continue it)"
+    modules = {key.removeprefix("transformer.").partition(".lora_")[0] for key in shapes}
+    targets = [layer.strip() for layer in args.lora_layers.split(",") if layer.strip()]
+    covered = {target for target in targets for module in modules if module == target or module.endswith(f".{target}")}
+    stray = sorted(module for module in modules if not any(module == t or module.endswith(f".{t}") for t in targets))
+    if stray or covered != set(targets):
+        missing = sorted(set(targets) - covered)
+        detail = f"LoRA layers not in --lora_layers ({stray[0]}, ...)" if stray else f"no LoRA on {', '.join(missing)}"
+        return f"it has {detail}; pass the --lora_layers it was trained with"
+    for state in sorted([*checkpoint.glob("*.bin"), *checkpoint.glob("*.pkl")]):
+        try:
+            torch.load(state, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+            return f"its {state.name} cannot be read ({str(error).splitlines()[0][:120]}); it was cut short or damaged"
+    return None
+
+
+def check_checkpoint(checkpoint: Path, args: argparse.Namespace) -> None:
+    """One line naming the checkpoint, what does not fit, and the newest earlier one that does."""
+    problem = checkpoint_problem(checkpoint, args)
+    if problem is None:
+        return
+    step = checkpoint_step(checkpoint)
+    earlier = [path for path in complete_checkpoints(checkpoint.parent) if checkpoint_step(path) < step]
+    usable = next((path for path in reversed(earlier) if checkpoint_problem(path, args) is None), None)
+    fallback = (
+        f"the next usable earlier checkpoint is {usable}: resume with --resume_from_checkpoint {usable}"
+        if usable
+        else "no earlier checkpoint is usable"
+    )
+    raise SetupError(f"cannot resume from {checkpoint}: {problem}; {fallback}")
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, args: argparse.Namespace) -> Path:
@@ -1078,6 +1132,8 @@ def main(args: argparse.Namespace) -> None:
 
     # Every input is checked before anything is loaded or written, so a mistake costs seconds and no files.
     resume_from = resume_checkpoint(args)
+    if resume_from is not None:
+        check_checkpoint(resume_from, args)
     if args.seed is None:  # drawn once and stored in every checkpoint, so a resumed run draws the same numbers
         state = json.loads((resume_from / CHECKPOINT_MARKER).read_text()) if resume_from else {}
         seed = [state.get("seed", random.SystemRandom().randrange(2**32))]
@@ -1279,7 +1335,14 @@ def main(args: argparse.Namespace) -> None:
     global_step = 0
     if resume_from is not None:
         accelerator.print(f"Resuming from checkpoint {resume_from.name}")
-        accelerator.load_state(str(resume_from))
+        try:
+            accelerator.load_state(str(resume_from))
+        except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise SetupError(
+                f"cannot resume from {resume_from} ({type(error).__name__}: {reason}); pass an earlier checkpoint-N "
+                "to --resume_from_checkpoint"
+            ) from None
         global_step = json.loads((resume_from / CHECKPOINT_MARKER).read_text())["global_step"]
     # Where the checkpoint's step falls: its epoch, and the batches of that epoch already trained on.
     first_epoch = global_step // num_update_steps_per_epoch

@@ -370,9 +370,17 @@ def test_crops_and_flips_depend_on_seed_epoch_and_index_only(script, sample_imag
     assert any(not torch.equal(a, b) for a, b in zip(first, next_epoch)), "a new epoch draws new crops and flips"
 
 
-def test_resume_with_random_crops_and_flips_is_bit_exact(tiny_flux_path: Path, sample_images: Path, home: Path) -> None:
+@pytest.fixture(scope="module")
+def crops_run(tiny_flux_path: Path, sample_images: Path, home: Path) -> Run:
+    """5 steps with random crops and flips, checkpoint-2 and checkpoint-4."""
+    return launch(random_crop_args(tiny_flux_path, sample_images, home / "crops-straight"), home)
+
+
+def test_resume_with_random_crops_and_flips_is_bit_exact(
+    crops_run: Run, tiny_flux_path: Path, sample_images: Path, home: Path
+) -> None:
     """5 steps straight == the same run resumed from its checkpoint-2 (mid-epoch 0, then across into epoch 1)."""
-    straight = launch(random_crop_args(tiny_flux_path, sample_images, home / "crops-straight"), home)
+    straight = crops_run
     resumed_dir = home / "crops-resumed"
     resumed_dir.mkdir()
     shutil.copytree(straight.output_dir / "checkpoint-2", resumed_dir / "checkpoint-2")
@@ -423,14 +431,72 @@ def test_a_finished_run_is_never_overwritten(tiny_flux_path: Path, sample_images
     new_run = launch(args, home, expect_success=False)
     latest = launch([*args, "--resume_from_checkpoint", "latest"], home, expect_success=False)
 
-    assert new_run.stderr.strip().splitlines()[-1].endswith(
-        f"--output_dir {finished} holds an earlier run (metrics.jsonl, pytorch_lora_weights.safetensors): add "
-        "--resume_from_checkpoint latest to continue it, or choose a new --output_dir"
+    assert (
+        new_run.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"--output_dir {finished} holds an earlier run (metrics.jsonl, pytorch_lora_weights.safetensors): add "
+            "--resume_from_checkpoint latest to continue it, or choose a new --output_dir"
+        )
     ), new_run.stderr[-2000:]
-    assert latest.stderr.strip().splitlines()[-1].endswith(
-        "but no checkpoint to continue from: choose a new --output_dir"
+    assert (
+        latest.stderr.strip().splitlines()[-1].endswith("but no checkpoint to continue from: choose a new --output_dir")
     ), latest.stderr[-2000:]
     assert new_run.returncode != 0 and latest.returncode != 0
     assert sorted(path.name for path in finished.iterdir()) == ["metrics.jsonl", "pytorch_lora_weights.safetensors"]
     assert (finished / "pytorch_lora_weights.safetensors").read_text() == "earlier LoRA"
     assert (finished / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints that cannot be resumed
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_damaged_checkpoint_is_named_with_the_next_usable_one(
+    crops_run: Run, script, tiny_flux_path: Path, sample_images: Path, home: Path, capsys
+) -> None:
+    damaged = home / "damaged"
+    shutil.copytree(crops_run.output_dir, damaged)
+    optimizer = damaged / "checkpoint-4" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    args = random_crop_args(tiny_flux_path, sample_images, damaged, "--resume_from_checkpoint", "latest")
+
+    run = launch(args, home, expect_success=False)
+
+    last_line = run.stderr.strip().splitlines()[-1]
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert f"error: cannot resume from {damaged / 'checkpoint-4'}: its optimizer.bin cannot be read (" in last_line
+    assert last_line.endswith(
+        f"the next usable earlier checkpoint is {damaged / 'checkpoint-2'}: resume with --resume_from_checkpoint "
+        f"{damaged / 'checkpoint-2'}"
+    )
+
+    lora = damaged / "checkpoint-2" / "pytorch_lora_weights.safetensors"
+    lora.write_bytes(lora.read_bytes()[:-10])
+    with pytest.raises(SystemExit):
+        script.parse_args(args)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "checkpoint-4: its optimizer.bin cannot be read" in line and line.endswith("no earlier checkpoint is usable")
+    with pytest.raises(SystemExit):
+        script.parse_args([*args, "--resume_from_checkpoint", str(damaged / "checkpoint-2")])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "checkpoint-2: its pytorch_lora_weights.safetensors cannot be read (" in line
+
+
+def test_a_checkpoint_of_another_rank_or_other_layers_is_refused(
+    crops_run: Run, script, sample_images: Path, capsys
+) -> None:
+    out = crops_run.output_dir
+    common = ["--pretrained_model_name_or_path", "unused", "--instance_data_dir", str(sample_images)]
+    args = [*common, "--instance_prompt", "p", "--output_dir", str(out), "--resume_from_checkpoint", "latest"]
+
+    for extra, expected in (
+        (["--rank", "8"], "its LoRA has rank 4, --rank is 8 (pass --rank 4 to continue it); no earlier checkpoint"),
+        (["--lora_layers", "attn.to_k"], "it has LoRA layers not in --lora_layers ("),
+        (["--lora_layers", f"{script.DEFAULT_LORA_LAYERS},proj_mlp"], "it has no LoRA on proj_mlp; pass the"),
+    ):
+        with pytest.raises(SystemExit):
+            script.parse_args([*args, *extra])
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"cannot resume from {out / 'checkpoint-4'}: {expected}" in line, line

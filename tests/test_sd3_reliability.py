@@ -474,3 +474,56 @@ def test_more_bad_input_raises_one_line_errors(
     incomplete = write(tmp_path / "out" / "checkpoint-3" / "optimizer.bin", b"").parent
     with pytest.raises(train_script.SetupError, match="not a complete checkpoint"):
         train_script.resume_checkpoint(args("--resume_from_checkpoint", str(incomplete)))
+
+
+def test_a_checkpoint_that_cannot_resume_is_named_with_the_next_usable_one(
+    runs: dict, tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, tmp_path: Path
+):
+    _, straight_dir = runs["straight"]
+    out = tmp_path / "out"
+    for step in (2, 4):
+        shutil.copytree(straight_dir / "checkpoint-4", out / f"checkpoint-{step}")
+    optimizer = out / "checkpoint-4" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    before = snapshot(out)
+
+    damaged = run(
+        launch_command(
+            *train_args(tiny_sd3_path, embeddings_path, instance_dir, out, "--resume_from_checkpoint", "latest")
+        ),
+        tmp_path,
+    )
+    other_rank = run(
+        launch_command(
+            *train_args(
+                tiny_sd3_path,
+                embeddings_path,
+                instance_dir,
+                out,
+                "--rank",
+                "8",
+                "--resume_from_checkpoint",
+                str(out / "checkpoint-2"),
+            )
+        ),
+        tmp_path,
+    )
+
+    assert_one_line_error(
+        damaged,
+        f"cannot resume from {out / 'checkpoint-4'}: its optimizer.bin cannot be read (",
+        f"the next usable earlier checkpoint is {out / 'checkpoint-2'}: resume with --resume_from_checkpoint",
+    )
+    assert_one_line_error(
+        other_rank,
+        f"cannot resume from {out / 'checkpoint-2'}: its LoRA has rank 4, --rank is 8 (pass --rank 4 to continue it)",
+        "no earlier checkpoint is usable",
+    )
+    assert snapshot(out) == before
+    lora = out / "checkpoint-2" / "pytorch_lora_weights.safetensors"
+    lora.write_bytes(lora.read_bytes()[:-10])
+    args = train_script.parse_args(
+        train_args(tiny_sd3_path, embeddings_path, instance_dir, out, "--resume_from_checkpoint", "latest")[1:]
+    )
+    with pytest.raises(train_script.SetupError, match="pytorch_lora_weights.safetensors cannot be read .*no earlier"):
+        train_script.check_checkpoint(out / "checkpoint-2", args)
