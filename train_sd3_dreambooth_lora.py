@@ -31,6 +31,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import diffusers
 import numpy as np
@@ -93,6 +94,16 @@ DEFAULT_LORA_LAYERS = (
 )
 
 
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad argument is one line and a pointer to --help, not the whole usage text before it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class SetupError(Exception):
     """A problem the user fixes by changing the command or the files; reported as one line, without a traceback."""
 
@@ -102,7 +113,7 @@ class TrainingStopped(Exception):
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="SD3 DreamBooth LoRA training from precomputed prompt embeddings.")
+    parser = ArgumentParser(description="SD3 DreamBooth LoRA training from precomputed prompt embeddings.")
     parser.add_argument(
         "--pretrained_model_name_or_path",
         type=str,
@@ -358,20 +369,66 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             parser.error("--with_prior_preservation needs --class_data_dir")
         if args.class_prompt is None:
             parser.error("--with_prior_preservation needs --class_prompt")
-    if args.resolution % 16:
-        parser.error("--resolution must be a multiple of 16 (8x VAE down-sampling, then 2x2 patches)")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
-    for name in ("max_train_steps", "checkpoints_total_limit"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
-    message = check_output_dir(args)
-    if message:
-        parser.error(message)
+    for check in (check_numbers, check_paths, check_output_dir):
+        message = check(args)
+        if message:
+            parser.error(message)
     if args.report_to == "none":
         args.report_to = None
     return args
+
+
+def check_numbers(args: argparse.Namespace) -> str | None:
+    """Every numeric flag, before anything is loaded: the message for the first bad one, or None."""
+    if args.resolution <= 0 or args.resolution % 16:
+        return f"--resolution must be a positive multiple of 16 (the VAE's 8x, then 2x2 patches), got {args.resolution}"
+    positive = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "repeats", "rank")
+    positive += ("sample_batch_size", "validation_epochs", "num_train_epochs", "num_class_images", "lr_num_cycles")
+    for name in positive:
+        if getattr(args, name) < 1:
+            return f"--{name} must be at least 1, got {getattr(args, name)}"
+    for name in ("max_train_steps", "checkpoints_total_limit", "lora_alpha"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            return f"--{name} must be at least 1, got {getattr(args, name)}"
+    for name in ("lr_warmup_steps", "dataloader_num_workers", "num_validation_images"):
+        if getattr(args, name) < 0:
+            return f"--{name} cannot be negative, got {getattr(args, name)}"
+    for name in ("learning_rate", "max_grad_norm", "adam_epsilon", "lr_power", "logit_std"):
+        if not 0.0 < getattr(args, name) < math.inf:
+            return f"--{name} must be a positive number, got {getattr(args, name)}"
+    for name in ("adam_weight_decay", "prior_loss_weight"):
+        if not 0.0 <= getattr(args, name) < math.inf:
+            return f"--{name} cannot be negative, got {getattr(args, name)}"
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            return f"--{name} must be in [0, 1), got {getattr(args, name)}"
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        return f"--lr_scheduler {args.lr_scheduler} is not one of {', '.join(LR_SCHEDULERS)}"
+    return None
+
+
+def is_local_path(name: str) -> bool:
+    """Whether a --dataset_name can only mean a folder (a Hub id is `name` or `owner/name`): then it must exist."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_paths(args: argparse.Namespace) -> str | None:
+    """Every path flag, before anything is loaded: the message for the first bad one, or None."""
+    if args.instance_data_dir is not None and not Path(args.instance_data_dir).is_dir():
+        return f"instance image folder {args.instance_data_dir} does not exist: give --instance_data_dir a folder"
+    if args.dataset_name is not None and is_local_path(args.dataset_name) and not Path(args.dataset_name).is_dir():
+        return f"--dataset_name {args.dataset_name} does not exist: give a local dataset folder or a Hub dataset id"
+    if (
+        args.class_data_dir is not None
+        and Path(args.class_data_dir).exists()
+        and not Path(args.class_data_dir).is_dir()
+    ):
+        return f"--class_data_dir {args.class_data_dir} is a file: give a folder (filled with generated images)"
+    output_dir = Path(args.output_dir)
+    existing = next(folder for folder in [output_dir, *output_dir.parents] if folder.exists())
+    if existing != output_dir and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
+        return f"--output_dir {output_dir} cannot be created: {existing} is not a writable folder"
+    return None
 
 
 def check_output_dir(args: argparse.Namespace) -> str | None:
@@ -497,6 +554,52 @@ class PromptEmbeddings:
             fix = f" with {flag} {prompt!r}" if flag else ""
             raise SetupError(f"no embeddings for the {role} prompt {prompt!r}: rerun compute_embeddings.py{fix}")
         return self.rows[(role, prompt)]
+
+
+def check_pipeline(args: argparse.Namespace, plugin: LayerOffloadPlugin) -> None:
+    """The model fails in one line before anything is loaded: missing, not an SD3 pipeline, without a transformer,
+    or with --lora_layers or offload block_names that name none of its modules.
+
+    Reads model_index.json and the transformer's config, and builds the transformer on the meta device (no memory).
+    """
+    from accelerate import init_empty_weights
+    from diffusers import DiffusionPipeline
+
+    from accelerate_offload import BlocksNotFoundError, find_blocks
+
+    model = args.pretrained_model_name_or_path
+    try:
+        index = DiffusionPipeline.load_config(model, revision=args.revision, cache_dir=args.cache_dir)
+    except (OSError, ValueError) as error:
+        raise SetupError(
+            f"cannot read the model_index.json of {model} ({str(error).splitlines()[0]}): pass "
+            "--pretrained_model_name_or_path a folder or Hub id of an SD3 diffusers pipeline"
+        ) from None
+    family = index.get("_class_name", "")
+    if not family.startswith("StableDiffusion3"):
+        other = " (train FLUX.1 LoRAs with train_flux_lora.py)" if family.startswith("Flux") else ""
+        raise SetupError(f"{model} is a {family or 'pipeline of unknown class'}, not an SD3 diffusers pipeline{other}")
+    try:
+        config = SD3Transformer2DModel.load_config(
+            model, subfolder="transformer", revision=args.revision, cache_dir=args.cache_dir
+        )
+    except (OSError, ValueError):
+        raise SetupError(
+            f"{model} has no transformer/ folder with a config.json: give a complete SD3 pipeline"
+        ) from None
+    with init_empty_weights():
+        transformer = SD3Transformer2DModel.from_config(config)
+    names = [name for name, _ in transformer.named_modules()]
+    for target in (layer.strip() for layer in args.lora_layers.split(",") if layer.strip()):
+        if not any(name == target or name.endswith(f".{target}") for name in names):
+            raise SetupError(
+                f"--lora_layers {target}: the transformer has no such module; use names like attn.to_q, attn.to_out.0"
+            )
+    if plugin.enabled:
+        try:
+            find_blocks(transformer, plugin.block_names)
+        except BlocksNotFoundError as error:
+            raise SetupError(f"offload config: {error}") from None
 
 
 def load_embeddings(path: Path, args: argparse.Namespace) -> PromptEmbeddings:
@@ -1149,6 +1252,7 @@ def main(args: argparse.Namespace) -> None:
             f"offload config: {error} (fix the offload_config section of the accelerate config file, or the "
             "ACCELERATE_OFFLOAD_* variables in the environment)"
         ) from None
+    check_pipeline(args, offload_plugin)
     embeddings = load_embeddings(Path(args.embeddings_path), args)
     instance_files, source = instance_image_files(args)
     instance_files = usable_images(instance_files, source, args)
@@ -1551,11 +1655,22 @@ def main(args: argparse.Namespace) -> None:
     accelerator.end_training()
 
 
+def remove_if_left_empty(folder: Path) -> None:
+    """A run that stopped before writing a file leaves no folder behind (called only for a folder it created)."""
+    if folder.is_dir() and not any(path.is_file() for path in folder.rglob("*")):
+        shutil.rmtree(folder)
+
+
 if __name__ == "__main__":
+    arguments = parse_args()
+    created_output_dir = not Path(arguments.output_dir).exists()
     try:
-        main(parse_args())
+        main(arguments)
     except (SetupError, TrainingStopped) as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print("error: interrupted; checkpoints already complete are kept", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+    finally:
+        if created_output_dir and os.environ.get("RANK", "0") == "0":
+            remove_if_left_empty(Path(arguments.output_dir))

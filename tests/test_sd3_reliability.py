@@ -61,6 +61,13 @@ elif fault == "oom":
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     SD3Transformer2DModel.forward = forward
+elif fault == "sigint_while_embedding":  # Ctrl-C while a prompt is embedded
+    from diffusers import StableDiffusion3Pipeline
+
+    def encode_prompt(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    StableDiffusion3Pipeline.encode_prompt = encode_prompt
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -322,6 +329,12 @@ def write(path: Path, data: bytes) -> Path:
     return path
 
 
+def model_index(case: Path, class_name: str) -> Path:
+    """A pipeline folder with a model_index.json of `class_name` and nothing else."""
+    index = {"_class_name": class_name, "transformer": ["diffusers", "SomeTransformer"]}
+    return write(case / "model" / "model_index.json", json.dumps(index).encode()).parent
+
+
 def one_truncated_image(case: Path) -> Path:
     images = case / "images"
     images.mkdir()
@@ -389,6 +402,42 @@ BAD_INPUT = {
         ),
         ["holds an earlier run (pytorch_lora_weights.safetensors) but no checkpoint to continue from"],
     ),
+    "train-negative-learning-rate": (
+        train_case("--learning_rate", "-1"),
+        ["--learning_rate must be a positive number"],
+    ),
+    "train-rank-zero": (train_case("--rank", "0"), ["--rank must be at least 1, got 0"]),
+    "train-rank-negative": (train_case("--rank", "-4"), ["--rank must be at least 1, got -4"]),
+    "train-resolution-zero": (train_case("--resolution", "0"), ["--resolution must be a positive multiple of 16"]),
+    "train-lora-layers-typo": (
+        train_case("--lora_layers", "nonexistent_module"),
+        ["--lora_layers nonexistent_module: the transformer has no such module"],
+    ),
+    "train-flux-pipeline": (
+        train_case(lambda c: ["--pretrained_model_name_or_path", str(model_index(c, "FluxPipeline"))]),
+        ["is a FluxPipeline, not an SD3 diffusers pipeline (train FLUX.1 LoRAs with train_flux_lora.py)"],
+    ),
+    "train-no-transformer": (
+        train_case(lambda c: ["--pretrained_model_name_or_path", str(model_index(c, "StableDiffusion3Pipeline"))]),
+        ["has no transformer/ folder"],
+    ),
+    "train-block-names-typo": (
+        train_case("--gradient_checkpointing", ACCELERATE_OFFLOAD_BLOCK_NAMES="transformer_blockz"),
+        ["offload config", "has no block list 'transformer_blockz'"],
+    ),
+    "train-output-dir-under-a-file": (
+        train_case(lambda c: ["--output_dir", str(write(c / "a-file", b"keep me") / "out")]),
+        ["cannot be created", "a-file is not a writable folder"],
+    ),
+    "compute-cuda-without-cuda": (compute_case("--device", "cuda"), ["--device cuda needs a CUDA GPU"]),
+    "compute-sequence-too-long": (
+        compute_case("--max_sequence_length", "4096"),
+        ["--max_sequence_length must be in 1..512"],
+    ),
+    "compute-flux-pipeline": (
+        compute_case(lambda c: ["--pretrained_model_name_or_path", str(model_index(c, "FluxPipeline"))]),
+        ["is a FluxPipeline, not an SD3 diffusers pipeline (train FLUX.1 LoRAs with train_flux_lora.py)"],
+    ),
     "train-model-missing": (
         train_case(lambda c: ["--pretrained_model_name_or_path", str(c / "no-model")]),
         ["no-model", "SD3 diffusers pipeline"],
@@ -436,8 +485,11 @@ def bad_input_results(tiny_sd3_path: Path, instance_dir: Path, embeddings_path: 
 
 @pytest.mark.parametrize("name", list(BAD_INPUT))
 def test_bad_input_is_one_line_and_changes_no_file(bad_input_results: dict, name: str):
+    if "without-cuda" in name and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
     result, before, after = bad_input_results[name]
     assert_one_line_error(result, *BAD_INPUT[name][1])
+    assert "usage:" not in result.stderr, "an argument error is one line, with a pointer to --help"
     assert after == before  # nothing written, nothing lost
 
 
@@ -527,3 +579,43 @@ def test_a_checkpoint_that_cannot_resume_is_named_with_the_next_usable_one(
     )
     with pytest.raises(train_script.SetupError, match="pytorch_lora_weights.safetensors cannot be read .*no earlier"):
         train_script.check_checkpoint(out / "checkpoint-2", args)
+
+
+def test_argument_errors_are_one_line_pointing_at_help(capsys):
+    common = ["--pretrained_model_name_or_path", "m", "--instance_prompt", "p"]
+    for script, extra, expected in (
+        (compute_embeddings, ["--dataset_name", "./x"], "error: --dataset_name ./x does not exist"),
+        (train_script, ["--dataset_name", "./x"], "error: --dataset_name ./x does not exist"),
+        (train_script, ["--instance_data_dir", ".", "--rank", "many"], "argument --rank: invalid int value: 'many'"),
+    ):
+        with pytest.raises(SystemExit):
+            script.parse_args([*common, *extra])
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err and err.endswith("--help)"), err
+
+
+def test_a_null_caption_is_no_caption(tmp_path: Path):
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (32, 32), "blue").save(tmp_path / "b.png")
+    records = [{"file_name": "a.png", "text": None}, {"file_name": "b.png", "text": "a blue square"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(record) for record in records))
+
+    assert compute_embeddings.folder_captions(tmp_path, "text") == {"b.png": "a blue square"}
+
+
+def test_ctrl_c_while_embedding_is_one_line_and_keeps_the_file(
+    tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, tmp_path: Path
+):
+    output = tmp_path / "embeddings.parquet"
+    shutil.copy(embeddings_path, output)
+    before = digest(output)
+    command = [sys.executable, str(write_fault_wrapper(tmp_path)), str(REPO / "compute_embeddings.py")]
+    command += ["--pretrained_model_name_or_path", str(tiny_sd3_path), "--instance_data_dir", str(instance_dir)]
+    command += ["--instance_prompt", INSTANCE_PROMPT, "--max_sequence_length", str(MAX_SEQUENCE_LENGTH)]
+    command += ["--device", "cpu", "--output_path", str(output), "--validation_prompt", "a prompt not embedded yet"]
+
+    result = run(command, tmp_path, SD3_TEST_FAULT="sigint_while_embedding")
+
+    assert result.returncode == 128 + signal.SIGINT and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last_line(result) == f"error: interrupted; {output} was not changed"
+    assert digest(output) == before and sorted(path.name for path in tmp_path.glob("*.parquet*")) == [output.name]
