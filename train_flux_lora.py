@@ -39,6 +39,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -64,6 +65,8 @@ PARTIAL_SUFFIX = ".tmp"
 # Test-only: "STEP:kill" SIGKILLs the process, "STEP:disk_full" raises ENOSPC, once checkpoint-STEP's LoRA is written.
 SAVE_FAULT_VARIABLE = "FLUX_LORA_TEST_SAVE_FAULT"
 TRACKER_PROJECT = "flux-lora"
+# FLUX.1 was trained with at most this many T5 tokens a prompt (FluxPipeline refuses more).
+MAX_T5_TOKENS = 512
 # Prompts encoded per text-encoder call; small enough for T5-XXL at 512 tokens on any GPU.
 TEXT_ENCODING_BATCH = 8
 
@@ -87,8 +90,15 @@ class TrainingFault(SystemExit):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad argument is one line and a pointer to --help, not the whole usage text before it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train a FLUX.1 LoRA (DreamBooth or captioned dataset).")
+    parser = ArgumentParser(description="Train a FLUX.1 LoRA (DreamBooth or captioned dataset).")
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", required=True, help="Hub id or local pipeline folder.")
     model.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model.")
@@ -224,6 +234,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def check_data_args(args: argparse.Namespace) -> str | None:
     if (args.instance_data_dir is None) == (args.dataset_name is None):
         return "give exactly one of --instance_data_dir (a folder of images) or --dataset_name"
+    if args.dataset_name is not None and is_local_path(args.dataset_name) and not Path(args.dataset_name).is_dir():
+        return (
+            f"cannot load --dataset_name {args.dataset_name}: no such folder; give a folder of images with "
+            "metadata.jsonl (imagefolder) or a Hub dataset id"
+        )
     if args.instance_data_dir is not None:
         folder = Path(args.instance_data_dir)
         if not folder.is_dir():
@@ -243,6 +258,11 @@ def check_data_args(args: argparse.Namespace) -> str | None:
         except ValueError as error:
             return f"--aspect_ratio_buckets: {error}"
     return None
+
+
+def is_local_path(name: str) -> bool:
+    """Whether a --dataset_name can only mean a folder (a Hub id is `name` or `owner/name`): then it must exist."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def check_prior_args(args: argparse.Namespace) -> str | None:
@@ -269,9 +289,25 @@ def check_numbers(args: argparse.Namespace) -> str | None:
     for name in ("lr_warmup_steps", "dataloader_num_workers"):
         if getattr(args, name) < 0:
             return f"--{name} cannot be negative, got {getattr(args, name)}"
-    for name in ("learning_rate", "max_grad_norm"):
+    if args.lora_alpha is not None and args.lora_alpha < 1:
+        return f"--lora_alpha must be at least 1, got {args.lora_alpha}"
+    if args.lr_num_cycles < 1:
+        return f"--lr_num_cycles must be at least 1, got {args.lr_num_cycles}"
+    for name in ("learning_rate", "max_grad_norm", "adam_epsilon", "lr_power", "logit_std"):
         if not 0.0 < getattr(args, name) < math.inf:
             return f"--{name} must be a positive number, got {getattr(args, name)}"
+    for name in ("adam_weight_decay", "prior_loss_weight"):
+        if not 0.0 <= getattr(args, name) < math.inf:
+            return f"--{name} cannot be negative, got {getattr(args, name)}"
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            return f"--{name} must be in [0, 1), got {getattr(args, name)}"
+    if args.prodigy_beta3 is not None and not 0.0 <= args.prodigy_beta3 < 1.0:
+        return f"--prodigy_beta3 must be in [0, 1), got {args.prodigy_beta3}"
+    if args.max_sequence_length > MAX_T5_TOKENS:
+        return (
+            f"--max_sequence_length must be at most {MAX_T5_TOKENS} (FLUX.1's T5 limit), got {args.max_sequence_length}"
+        )
     if not 0.0 <= args.lora_dropout < 1.0:
         return f"--lora_dropout must be in [0, 1), got {args.lora_dropout}"
     if args.num_validation_images < 0:
@@ -316,6 +352,11 @@ def check_output(args: argparse.Namespace) -> str | None:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         return f"--output_dir {output_dir} is a file; give a folder"
+    existing = next(folder for folder in [output_dir, *output_dir.parents] if folder.exists())
+    if not existing.is_dir():
+        return f"--output_dir {output_dir} cannot be created: {existing} is a file; give a folder path"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--output_dir {output_dir} cannot be created: {existing} is not writable; give a folder you can write"
     found = earlier_run_files(output_dir)
     shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
     if args.resume_from_checkpoint is None and found:
@@ -389,7 +430,14 @@ def checkpoint_problem(checkpoint: Path, args: argparse.Namespace) -> str | None
 
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+    """Image files under `folder` and its subfolders (hidden ones skipped), in a stable order, as the SD3 scripts."""
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
 
 
 def parse_buckets(text: str) -> list[tuple[int, int]]:
@@ -478,8 +526,9 @@ def readable_images(paths: Sequence[Path], strict: bool, what: str) -> list[tupl
 
 
 def load_folder_examples(args: argparse.Namespace) -> list[Example]:
-    images = readable_images(list_images(Path(args.instance_data_dir)), args.strict, "training images")
-    return [Example(image, args.instance_prompt, path.name) for path, image in images]
+    root = Path(args.instance_data_dir)
+    images = readable_images(list_images(root), args.strict, "training images")
+    return [Example(image, args.instance_prompt, path.relative_to(root).as_posix()) for path, image in images]
 
 
 def load_dataset_examples(args: argparse.Namespace) -> list[Example]:
@@ -664,20 +713,51 @@ def pretrained_kwargs(args: argparse.Namespace) -> dict:
     return {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
 
 
-def check_model(args: argparse.Namespace) -> None:
-    """A missing or misspelt model fails in one line before anything is written (its model_index.json is read)."""
-    from diffusers import DiffusionPipeline
+def check_model(args: argparse.Namespace, offload_plugin) -> None:
+    """The model fails in one line before anything is loaded or written: missing, not a Flux pipeline, without a
+    transformer, or with --lora_layers or offload block_names that name none of its modules.
 
+    Reads model_index.json and the transformer's config, and builds the transformer on the meta device (no memory).
+    """
+    from accelerate import init_empty_weights
+    from diffusers import DiffusionPipeline, FluxTransformer2DModel
+
+    from accelerate_offload import BlocksNotFoundError, find_blocks
+
+    model = args.pretrained_model_name_or_path
     try:
-        DiffusionPipeline.load_config(
-            args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir
-        )
+        index = DiffusionPipeline.load_config(model, revision=args.revision, cache_dir=args.cache_dir)
     except (OSError, ValueError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UsageError(
-            f"cannot load --pretrained_model_name_or_path {args.pretrained_model_name_or_path} ({reason}); give a "
+            f"cannot load --pretrained_model_name_or_path {model} ({reason}); give a "
             "local pipeline folder or a Hub id (gated models need `hf auth login`)"
         ) from None
+    family = index.get("_class_name", "")
+    if not family.startswith("Flux"):
+        other = " (train it with train_sd3_dreambooth_lora.py)" if family.startswith("StableDiffusion3") else ""
+        raise UsageError(f"{model} is a {family or 'pipeline of unknown class'}, not a FLUX.1 pipeline{other}")
+    try:
+        config = FluxTransformer2DModel.load_config(
+            model, subfolder="transformer", revision=args.revision, cache_dir=args.cache_dir
+        )
+    except (OSError, ValueError):
+        raise UsageError(
+            f"{model} has no transformer/ folder with a config.json; give a complete FLUX.1 pipeline"
+        ) from None
+    with init_empty_weights():
+        transformer = FluxTransformer2DModel.from_config(config)
+    names = [name for name, _ in transformer.named_modules()]
+    for target in lora_targets(args):
+        if not any(name == target or name.endswith(f".{target}") for name in names):
+            raise UsageError(
+                f"--lora_layers {target}: the transformer has no such module; use names like attn.to_q, ff.net.2"
+            )
+    if offload_plugin.enabled:
+        try:
+            find_blocks(transformer, offload_plugin.block_names)
+        except BlocksNotFoundError as error:
+            raise UsageError(f"offload settings: {error}") from None
 
 
 @dataclass
@@ -1389,18 +1469,41 @@ Follow the license of the base model {base}.
     card.save(Path(args.output_dir) / "README.md")
 
 
+def hub_errors() -> tuple[type[Exception], ...]:
+    """What a failed Hub call raises: HTTP errors (bad token, server error), no connection, offline mode."""
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return HfHubHTTPError, httpx.HTTPError, OSError, ValueError
+
+
+def hub_error_reason(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
+
+UPLOAD_EXCLUDES = (f"{CHECKPOINT_PREFIX}*", f"{CHECKPOINT_PREFIX}*/**", f"*{PARTIAL_SUFFIX}", f"*{PARTIAL_SUFFIX}/**")
+
+
 def push_to_hub(args: argparse.Namespace, repo_id: str) -> None:
-    """Uploads the output folder without the checkpoints."""
+    """Uploads the output folder without the checkpoints; a failed upload keeps every file and says how to retry it."""
     from huggingface_hub import upload_folder
 
-    upload_folder(
-        repo_id=repo_id,
-        folder_path=args.output_dir,
-        commit_message="End of training",
-        ignore_patterns=[f"{CHECKPOINT_PREFIX}*", f"{CHECKPOINT_PREFIX}*/**"],
-        token=args.hub_token,
-    )
-    logger.info("Uploaded %s to https://huggingface.co/%s", args.output_dir, repo_id)
+    try:
+        upload_folder(
+            repo_id=repo_id,
+            folder_path=args.output_dir,
+            commit_message="End of training",
+            ignore_patterns=list(UPLOAD_EXCLUDES),
+            token=args.hub_token,
+        )
+    except hub_errors() as error:
+        excludes = " ".join(f"--exclude '{pattern}'" for pattern in UPLOAD_EXCLUDES[::2])
+        raise TrainingFault(
+            f"the upload to {repo_id} failed ({hub_error_reason(error)}); the LoRA, model card and images are kept in "
+            f"{args.output_dir}. Upload them alone, without training again: hf upload {repo_id} {args.output_dir} "
+            f"{excludes} --commit-message 'End of training'"
+        ) from None
+    logger.info("Uploaded %s to %s", args.output_dir, repo_id)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1433,9 +1536,25 @@ def setup_logging(accelerator) -> None:
         logger.setLevel(logging.ERROR)
 
 
+class ShortTruncationWarnings(logging.Filter):
+    """diffusers' warning for a prompt longer than the text encoders take quotes all that was cut; the first words
+    and a count are enough to find the prompt."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        head, found, dropped = record.getMessage().partition(" tokens: ")
+        if found and "was truncated" in head:
+            words = dropped.strip("[]'\"").split()  # the dropped text arrives as a list's repr, one per prompt
+            shown = " ".join(words[:6]) + (" ..." if len(words) > 6 else "")
+            record.msg, record.args = f"{head} tokens; dropped {len(words)} words: {shown}", ()
+        return True
+
+
 def quiet_libraries(accelerator) -> None:
     import diffusers
     import transformers
+    from diffusers import FluxPipeline
+
+    diffusers.utils.logging.get_logger(FluxPipeline.__module__).addFilter(ShortTruncationWarnings())
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # one progress bar (the steps) keeps the log readable
@@ -1461,7 +1580,14 @@ def create_hub_repo(args: argparse.Namespace) -> str:
         return args.hub_model_id or Path(args.output_dir).name
     from huggingface_hub import create_repo
 
-    return create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token).repo_id
+    name = args.hub_model_id or Path(args.output_dir).name
+    try:
+        return create_repo(name, exist_ok=True, token=args.hub_token).repo_id
+    except hub_errors() as error:
+        raise UsageError(
+            f"--push_to_hub: cannot create the Hub repository {name} ({hub_error_reason(error)}); log in with "
+            "`hf auth login` or pass a valid --hub_token, or drop --push_to_hub"
+        ) from None
 
 
 def main(args: argparse.Namespace) -> None:
@@ -1486,9 +1612,14 @@ def main(args: argparse.Namespace) -> None:
 
     quiet_libraries(accelerator)
     buckets = training_buckets(args)
-    check_model(args)
+    check_model(args, offload_plugin)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(
+                f"cannot create --output_dir {output_dir} ({error.strerror}); give a folder you can write"
+            ) from None
     repo_id = create_hub_repo(args) if accelerator.is_main_process else ""
 
     # 2. Every prompt is encoded once; the text encoders are freed before the transformer loads.
@@ -1720,9 +1851,20 @@ def main(args: argparse.Namespace) -> None:
     accelerator.end_training()
 
 
+def remove_if_left_empty(folder: Path) -> None:
+    """A run that stopped before writing a file leaves no folder behind (called only for a folder it created)."""
+    if folder.is_dir() and not any(path.is_file() for path in folder.rglob("*")):
+        shutil.rmtree(folder)
+
+
 if __name__ == "__main__":
+    arguments = parse_args()
+    created_output_dir = not Path(arguments.output_dir).exists()
     try:
-        main(parse_args())
+        main(arguments)
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: no checkpoint was written now
         print("Interrupted; nothing was saved by this run (earlier checkpoints are kept)", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+    finally:
+        if created_output_dir and os.environ.get("RANK", "0") == "0":
+            remove_if_left_empty(Path(arguments.output_dir))

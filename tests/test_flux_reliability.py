@@ -200,6 +200,38 @@ BAD_INPUTS = [
         "--learning_rate must be a positive number, got 0.0",
     ),
     ("negative-warmup", ["--lr_warmup_steps", "-1"], {}, "--lr_warmup_steps cannot be negative, got -1"),
+    (
+        "sd3-pipeline",
+        ["--pretrained_model_name_or_path", "{sd3}"],
+        {},
+        "is a StableDiffusion3Pipeline, not a FLUX.1 pipeline (train it with train_sd3_dreambooth_lora.py)",
+    ),
+    (
+        "no-transformer",
+        ["--pretrained_model_name_or_path", "{model-without-transformer}"],
+        {},
+        "has no transformer/ folder",
+    ),
+    (
+        "lora-layers-typo",
+        ["--lora_layers", "attn.to_q,attn.to_qq"],
+        {},
+        "--lora_layers attn.to_qq: the transformer has no such module",
+    ),
+    (
+        "block-names-typo",
+        ["--gradient_checkpointing", True],
+        {"ACCELERATE_OFFLOAD_BLOCK_NAMES": "transformer_blockz"},
+        "offload settings: FluxTransformer2DModel has no block list 'transformer_blockz'",
+    ),
+    ("output-dir-under-a-file", ["--output_dir", "{a-file}/out"], {}, "a-file is a file; give a folder path"),
+    (
+        "dataset-folder-missing",
+        ["--instance_data_dir", None, "--dataset_name", "./no-such-folder", "--caption_column", "text"],
+        {},
+        "cannot load --dataset_name ./no-such-folder: no such folder",
+    ),
+    ("sequence-too-long", ["--max_sequence_length", "4096"], {}, "must be at most 512 (FLUX.1's T5 limit), got 4096"),
 ]
 
 
@@ -223,17 +255,22 @@ def bad_input_args(change: list, folders: dict[str, str], output_dir: Path, mode
 
 
 @pytest.fixture(scope="module")
-def bad_input_runs(tiny_flux_path: Path, mixed_images: Path, home: Path) -> dict[str, Run]:
+def bad_input_runs(tiny_flux_path: Path, tiny_sd3_path: Path, mixed_images: Path, home: Path) -> dict[str, Run]:
     """Every case, two at a time: each fails before any model is loaded, in a few seconds."""
     from accelerate_offload.tiny_pipelines import write_sample_images
+
+    (home / "model-without-transformer").mkdir()
+    shutil.copy(tiny_flux_path / "model_index.json", home / "model-without-transformer")
 
     (home / "empty").mkdir()
     (home / "broken").mkdir()
     (home / "broken" / "broken.png").write_bytes(b"not an image")
     (home / "a-file").write_text("keep me")
     write_sample_images(home / "captioned", sizes=[(32, 32)], captions=True)
-    folders = {name: str(home / name) for name in ("empty", "broken", "captioned", "a-file")}
-    folders.update(home=str(home), mixed=str(mixed_images))
+    folders = {
+        name: str(home / name) for name in ("empty", "broken", "captioned", "a-file", "model-without-transformer")
+    }
+    folders.update(home=str(home), mixed=str(mixed_images), sd3=str(tiny_sd3_path))
 
     def run(case: tuple) -> Run:
         name, change, env, _ = case
@@ -257,6 +294,7 @@ def test_bad_input_fails_with_one_clear_line(
     assert run.returncode != 0
     assert "error: " in last_line and expected in last_line, run.stderr[-2000:]
     assert "Traceback" not in run.stderr
+    assert "usage:" not in run.stderr, "an argument error is one line with a pointer to --help, not the usage text"
     if name == "output-dir-is-a-file":
         assert (home / "a-file").read_text() == "keep me"
     else:
@@ -500,3 +538,110 @@ def test_a_checkpoint_of_another_rank_or_other_layers_is_refused(
             script.parse_args([*args, *extra])
         line = capsys.readouterr().err.strip().splitlines()[-1]
         assert f"cannot resume from {out / 'checkpoint-4'}: {expected}" in line, line
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Subfolders, long prompts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_subfolders_of_the_image_folder_are_included_hidden_ones_not(script, tmp_path: Path) -> None:
+    for name in ("top.png", "dogs/sub.png", "dogs/deeper/deep.jpg", ".cache/hidden.png", "dogs/.thumb.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16)).save(tmp_path / name)
+
+    found = [path.relative_to(tmp_path).as_posix() for path in script.list_images(tmp_path)]
+
+    assert found == ["dogs/deeper/deep.jpg", "dogs/sub.png", "top.png"]
+
+
+def test_truncation_warnings_name_only_the_first_dropped_words(script, tiny_flux_path: Path) -> None:
+    import logging.handlers
+
+    from diffusers import FluxPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    pipeline = FluxPipeline.from_pretrained(tiny_flux_path, transformer=None, vae=None)
+    pipeline_logger = diffusers_logging.get_logger(FluxPipeline.__module__)
+    shorten, seen = script.ShortTruncationWarnings(), logging.handlers.BufferingHandler(capacity=100)
+    pipeline_logger.addFilter(shorten)
+    pipeline_logger.addHandler(seen)
+    try:
+        pipeline.encode_prompt(
+            " ".join(f"word{number}" for number in range(200)), prompt_2=None, max_sequence_length=16
+        )
+    finally:
+        pipeline_logger.removeFilter(shorten)
+        pipeline_logger.removeHandler(seen)
+
+    warnings = [record.getMessage() for record in seen.buffer if "truncated" in record.getMessage()]
+    assert len(warnings) == 2, warnings  # CLIP's 77 tokens, then T5's --max_sequence_length
+    assert all("word199" not in line and len(line) < 250 and line.endswith(" ...") for line in warnings), warnings
+    assert "`max_sequence_length` is set to  16 tokens; dropped 186 words: rd14 word15 word16" in warnings[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --push_to_hub against a local Hub
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_push_to_hub_uploads_lora_card_and_images_and_a_failed_upload_says_how_to_retry(
+    tiny_flux_path: Path, sample_images: Path, home: Path
+) -> None:
+    import shlex
+    import subprocess
+
+    from hub_server import NAMESPACE, HubServer
+    from test_train_flux import launch_environment
+
+    def args(output_dir: Path, token: str) -> list[str]:
+        extra = ["--instance_data_dir", str(sample_images), "--instance_prompt", INSTANCE_PROMPT, "--report_to", "none"]
+        extra += ["--max_train_steps", "2", "--checkpointing_steps", "1", "--num_validation_images", "1"]
+        extra += ["--push_to_hub", "--hub_model_id", "tiny-lora", "--hub_token", token]
+        return base_args(tiny_flux_path, output_dir, *extra)
+
+    with HubServer(token="good-token") as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
+        pushed = launch(args(home / "pushed", "good-token"), home, extra_env=env)
+        bad_token = launch(args(home / "bad-token", "wrong-token"), home, expect_success=False, extra_env=env)
+        hub.fail_commits = True
+        failed = launch(args(home / "upload-fails", "good-token"), home, expect_success=False, extra_env=env)
+        hub.fail_commits = False
+        retry_command = failed.stderr.strip().splitlines()[-1].partition("without training again: ")[2]
+        retry_env = {**launch_environment(home, env), "HF_TOKEN": "good-token"}
+        retried = subprocess.run(shlex.split(retry_command), env=retry_env, capture_output=True, text=True, cwd=home)
+
+    (commit, retried_commit) = hub.commits
+    assert sorted(commit) == [
+        "README.md",
+        "final-0.png",
+        "final-grid.png",
+        "metrics.jsonl",
+        "pytorch_lora_weights.safetensors",
+    ]
+    assert (
+        commit["pytorch_lora_weights.safetensors"]
+        == (pushed.output_dir / "pytorch_lora_weights.safetensors").read_bytes()
+    )
+    assert f"{NAMESPACE}/tiny-lora" in commit["README.md"].decode()
+    assert (pushed.output_dir / "checkpoint-2").is_dir(), "checkpoints stay local"
+
+    bad_line = bad_token.stderr.strip().splitlines()[-1]
+    assert (
+        bad_line.startswith("error: --push_to_hub: cannot create the Hub repository tiny-lora (") and "401" in bad_line
+    )
+    assert not (home / "bad-token").exists(), "the folder the run created, left empty, is removed"
+
+    failed_line = failed.stderr.strip().splitlines()[-1]
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    assert failed_line.startswith(f"error: the upload to {NAMESPACE}/tiny-lora failed (") and "500" in failed_line
+    assert retry_command.startswith(f"hf upload {NAMESPACE}/tiny-lora {home / 'upload-fails'} --exclude 'checkpoint-*'")
+    assert {"pytorch_lora_weights.safetensors", "README.md", "final-0.png", "checkpoint-2"} <= {
+        path.name for path in failed.output_dir.iterdir()
+    }, "a failed upload keeps every file"
+    assert retried.returncode == 0, retried.stderr[-2000:]
+    assert sorted(retried_commit) == sorted(commit)
+    assert (
+        retried_commit["pytorch_lora_weights.safetensors"]
+        == (failed.output_dir / "pytorch_lora_weights.safetensors").read_bytes()
+    )
