@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import diffusers
+import httpx
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -63,6 +64,7 @@ from diffusers.training_utils import (
 from diffusers.utils import convert_unet_state_dict_to_peft
 from diffusers.utils.torch_utils import is_compiled_module
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub.errors import HfHubHTTPError
 from peft import LoraConfig, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from PIL import Image, ImageOps
@@ -102,6 +104,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# What a failed Hub call raises: HTTP errors (bad token, server error), no connection, offline mode.
+HUB_ERRORS = (HfHubHTTPError, httpx.HTTPError, OSError, ValueError)
+
+
+def hub_error_reason(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
 
 
 class SetupError(Exception):
@@ -1282,9 +1292,14 @@ def main(args: argparse.Namespace) -> None:
                 f"cannot create --output_dir {args.output_dir} ({error.strerror}): pass a folder path"
             ) from None
         if args.push_to_hub:
-            repo_id = create_repo(
-                repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
-            ).repo_id
+            name = args.hub_model_id or Path(args.output_dir).name
+            try:
+                repo_id = create_repo(repo_id=name, exist_ok=True, token=args.hub_token).repo_id
+            except HUB_ERRORS as error:
+                raise SetupError(
+                    f"--push_to_hub: cannot create the Hub repository {name} ({hub_error_reason(error)}); log in with "
+                    "`hf auth login` or pass a valid --hub_token, or drop --push_to_hub"
+                ) from None
 
     noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision
@@ -1620,6 +1635,7 @@ def main(args: argparse.Namespace) -> None:
                 torch.cuda.empty_cache()
 
     stop_request.restore()
+    progress_bar.close()  # before any error line of the final save or upload
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_lora(Path(args.output_dir), lora_state_dict(unwrap_model(transformer)), transformer_lora_config)
@@ -1644,13 +1660,22 @@ def main(args: argparse.Namespace) -> None:
         repo_name = args.hub_model_id or Path(args.output_dir).name
         save_model_card(repo_id if args.push_to_hub else repo_name, args, images=images, repo_folder=args.output_dir)
         if args.push_to_hub:
-            upload_folder(
-                repo_id=repo_id,
-                folder_path=args.output_dir,
-                commit_message="End of training",
-                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{args.logging_dir}/*"],
-                token=args.hub_token,
-            )
+            excludes = ["step_*", "epoch_*", "checkpoint-*", ".*", f"{args.logging_dir}/*"]
+            try:
+                upload_folder(
+                    repo_id=repo_id,
+                    folder_path=args.output_dir,
+                    commit_message="End of training",
+                    ignore_patterns=list(excludes),  # a copy: upload_folder appends its own patterns
+                    token=args.hub_token,
+                )
+            except HUB_ERRORS as error:
+                retry = " ".join(f"--exclude '{pattern}'" for pattern in excludes)
+                raise TrainingStopped(
+                    f"the upload to {repo_id} failed ({hub_error_reason(error)}); the LoRA, model card and images are "
+                    f"kept in {args.output_dir}. Upload them alone, without training again: hf upload {repo_id} "
+                    f"{args.output_dir} {retry} --commit-message 'End of training'"
+                ) from None
 
     accelerator.end_training()
 

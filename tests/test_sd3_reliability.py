@@ -619,3 +619,28 @@ def test_ctrl_c_while_embedding_is_one_line_and_keeps_the_file(
     assert result.returncode == 128 + signal.SIGINT and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert last_line(result) == f"error: interrupted; {output} was not changed"
     assert digest(output) == before and sorted(path.name for path in tmp_path.glob("*.parquet*")) == [output.name]
+
+
+def test_push_to_hub_uploads_without_checkpoints_and_a_failed_upload_keeps_the_files(
+    tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, tmp_path: Path
+):
+    from hub_server import NAMESPACE, HubServer
+
+    def push(name: str) -> subprocess.CompletedProcess:
+        extra = ["--max_train_steps", "1", "--checkpointing_steps", "1", "--push_to_hub", "--hub_model_id", "sd3-lora"]
+        args = train_args(tiny_sd3_path, embeddings_path, instance_dir, tmp_path / name, *extra, "--hub_token", "t0k")
+        return run(launch_command(*args), tmp_path, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
+
+    with HubServer(token="t0k") as hub:
+        pushed = push("pushed")
+        hub.fail_commits = True
+        failed = push("failed")
+
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    (commit,) = hub.commits
+    assert sorted(commit) == ["README.md", "pytorch_lora_weights.safetensors"]
+    assert (tmp_path / "pushed" / "checkpoint-1").is_dir()
+    assert_one_line_error(failed, f"the upload to {NAMESPACE}/sd3-lora failed (", "without training again: hf upload")
+    assert {"README.md", "pytorch_lora_weights.safetensors", "checkpoint-1"} <= {
+        path.name for path in (tmp_path / "failed").iterdir()
+    }
