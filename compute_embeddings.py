@@ -185,8 +185,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.class_data_dir is not None and args.class_prompt is None:
         parser.error("--class_data_dir needs --class_prompt")
     message = check_args(args)
-    if message:
-        parser.error(message)
+    if message:  # a value that parses but cannot work: one line naming the fix
+        parser.exit(2, f"error: {message}\n")
     return args
 
 

@@ -224,8 +224,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for check in (check_data_args, check_prior_args, check_numbers, check_optimizer, check_reporting, check_output):
         message = check(args)
-        if message:
-            parser.error(message)
+        if message:  # a value that parses but cannot work: one line naming the fix
+            parser.exit(2, f"error: {message}\n")
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
     return args

@@ -381,8 +381,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             parser.error("--with_prior_preservation needs --class_prompt")
     for check in (check_numbers, check_paths, check_output_dir):
         message = check(args)
-        if message:
-            parser.error(message)
+        if message:  # a value that parses but cannot work: one line naming the fix
+            parser.exit(2, f"error: {message}\n")
     if args.report_to == "none":
         args.report_to = None
     return args

@@ -582,16 +582,21 @@ def test_a_checkpoint_that_cannot_resume_is_named_with_the_next_usable_one(
 
 
 def test_argument_errors_are_one_line_pointing_at_help(capsys):
+    """argparse's own errors end with a pointer to --help; values that parse but cannot work name their fix."""
     common = ["--pretrained_model_name_or_path", "m", "--instance_prompt", "p"]
     for script, extra, expected in (
-        (compute_embeddings, ["--dataset_name", "./x"], "error: --dataset_name ./x does not exist"),
-        (train_script, ["--dataset_name", "./x"], "error: --dataset_name ./x does not exist"),
-        (train_script, ["--instance_data_dir", ".", "--rank", "many"], "argument --rank: invalid int value: 'many'"),
+        (compute_embeddings, ["--dataset_name", "./x"], r"error: --dataset_name \./x does not exist: give a local"),
+        (train_script, ["--dataset_name", "./x"], r"error: --dataset_name \./x does not exist: give a local"),
+        (
+            train_script,
+            ["--instance_data_dir", ".", "--rank", "many"],
+            r"\S+: error: argument --rank: invalid int value: 'many' \(see \S+ --help\)$",
+        ),
     ):
         with pytest.raises(SystemExit):
             script.parse_args([*common, *extra])
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and expected in err and err.endswith("--help)"), err
+        assert len(err.splitlines()) == 1 and re.match(expected, err), err
 
 
 def test_a_null_caption_is_no_caption(tmp_path: Path):
