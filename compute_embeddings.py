@@ -20,11 +20,14 @@ import gc
 import hashlib
 import io
 import json
+import logging
 import math
 import os
+import signal
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NoReturn
 
 from accelerate_offload.quiet import quiet_third_party_noise  # isort: skip
 
@@ -36,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from diffusers import StableDiffusion3Pipeline
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from transformers import AutoConfig
 
@@ -60,12 +64,36 @@ SCHEMA = pa.schema(
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+# SD3 embeds at most this many T5 tokens a prompt (StableDiffusion3Pipeline refuses more).
+MAX_T5_TOKENS = 512
+
+
 class EmbeddingsError(Exception):
     """A problem the user fixes by changing the command or the files; reported as one line, without a traceback."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad argument is one line and a pointer to --help, not the whole usage text before it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class ShortTruncationWarnings(logging.Filter):
+    """diffusers' warning for a prompt longer than the text encoders take quotes all that was cut; the first words
+    and a count are enough to find the prompt."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        head, found, dropped = record.getMessage().partition(" tokens: ")
+        if found and "was truncated" in head:
+            words = dropped.strip("[]'\"").split()  # the dropped text arrives as a list's repr, one per prompt
+            shown = " ".join(words[:6]) + (" ..." if len(words) > 6 else "")
+            record.msg, record.args = f"{head} tokens; dropped {len(words)} words: {shown}", ()
+        return True
+
+
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Precompute SD3 prompt embeddings for DreamBooth LoRA training.")
+    parser = ArgumentParser(description="Precompute SD3 prompt embeddings for DreamBooth LoRA training.")
     parser.add_argument(
         "--pretrained_model_name_or_path",
         type=str,
@@ -161,7 +189,47 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error("specify only one of --instance_data_dir or --dataset_name")
     if args.class_data_dir is not None and args.class_prompt is None:
         parser.error("--class_data_dir needs --class_prompt")
+    message = check_args(args)
+    if message:  # a value that parses but cannot work: one line naming the fix
+        parser.exit(2, f"error: {message}\n")
     return args
+
+
+def is_local_path(name: str) -> bool:
+    """Whether a --dataset_name can only mean a folder (a Hub id is `name` or `owner/name`): then it must exist."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """Every number, path and device checked before anything is loaded; the message, or None."""
+    if not 1 <= args.max_sequence_length <= MAX_T5_TOKENS:
+        return f"--max_sequence_length must be in 1..{MAX_T5_TOKENS} (SD3's T5 limit), got {args.max_sequence_length}"
+    if args.instance_data_dir is not None and not Path(args.instance_data_dir).is_dir():
+        return f"image folder {args.instance_data_dir} does not exist: give --instance_data_dir a folder of images"
+    if args.dataset_name is not None and is_local_path(args.dataset_name) and not Path(args.dataset_name).is_dir():
+        return f"--dataset_name {args.dataset_name} does not exist: give a local dataset folder or a Hub dataset id"
+    if (
+        args.class_data_dir is not None
+        and Path(args.class_data_dir).exists()
+        and not Path(args.class_data_dir).is_dir()
+    ):
+        return f"--class_data_dir {args.class_data_dir} is a file: give a folder"
+    output_path = Path(args.output_path)
+    if output_path.is_dir():
+        return (
+            f"--output_path {output_path} is a folder: pass a file path, e.g. {output_path / 'sd3_embeddings.parquet'}"
+        )
+    existing = next(folder for folder in output_path.parents if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        return f"--output_path {output_path} cannot be written: {existing} is not a writable folder"
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            return f"--device {args.device} is not a device: use cpu or cuda (cuda:1, ...)"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return f"--device {args.device} needs a CUDA GPU, and none is available: use --device cpu"
+    return None
 
 
 def list_images(root: Path) -> list[Path]:
@@ -195,7 +263,8 @@ def folder_captions(root: Path, caption_column: str) -> dict[str, str]:
                 raise EmbeddingsError(f"{metadata} line {number} is not JSON: {error}") from None
             if "file_name" not in record or caption_column not in record:
                 raise EmbeddingsError(f"{metadata} line {number} needs the keys 'file_name' and '{caption_column}'")
-            captions[Path(record["file_name"]).as_posix()] = str(record[caption_column])
+            if record[caption_column] is not None:  # null: no caption, the image uses --instance_prompt
+                captions[Path(record["file_name"]).as_posix()] = str(record[caption_column])
     for path in list_images(root):
         name = path.relative_to(root).as_posix()
         text_file = path.with_suffix(".txt")
@@ -285,9 +354,28 @@ def requested_rows(args: argparse.Namespace) -> dict[tuple[str, str], list[str]]
     return rows
 
 
+def check_pipeline_class(args: argparse.Namespace) -> None:
+    """A pipeline of another family (FLUX.1, say) is named as such, not blamed on its text encoders' configs."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(
+            args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir
+        )
+    except (OSError, ValueError):
+        return  # no model_index.json: model_identity says what is missing
+    family = index.get("_class_name", "")
+    if not family.startswith("StableDiffusion3"):
+        raise EmbeddingsError(
+            f"{args.pretrained_model_name_or_path} is a {family or 'pipeline of unknown class'}, not an SD3 diffusers"
+            " pipeline" + (" (train FLUX.1 LoRAs with train_flux_lora.py)" if family.startswith("Flux") else "")
+        )
+
+
 def model_identity(args: argparse.Namespace) -> dict:
     """What an embeddings file must have been computed with to be reused, read from the configs alone."""
     config_args = {"revision": args.revision, "cache_dir": args.cache_dir}
+    check_pipeline_class(args)
     try:
         clip_l, clip_g, t5 = (
             AutoConfig.from_pretrained(args.pretrained_model_name_or_path, subfolder=subfolder, **config_args)
@@ -355,8 +443,11 @@ def write_embeddings(path: Path, rows: list[dict], metadata: dict) -> None:
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    pq.write_table(table, partial)
-    os.replace(partial, path)
+    try:
+        pq.write_table(table, partial)
+        os.replace(partial, path)
+    finally:  # interrupted or out of space: the earlier file stays as it was, and nothing half-written is left
+        partial.unlink(missing_ok=True)
 
 
 def load_text_encoders(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> StableDiffusion3Pipeline:
@@ -448,10 +539,6 @@ def main(args: argparse.Namespace) -> None:
             raise EmbeddingsError("--t5_mode 8bit needs bitsandbytes: pip install bitsandbytes") from None
 
     output_path = Path(args.output_path)
-    if output_path.is_dir():
-        raise EmbeddingsError(
-            f"--output_path {output_path} is a folder: pass a file path, e.g. {output_path / 'sd3_embeddings.parquet'}"
-        )
     identity = model_identity(args)
     requested = requested_rows(args)
     existing = []
@@ -466,6 +553,7 @@ def main(args: argparse.Namespace) -> None:
     reused = sum("prompt_embeds" in row for row in rows.values())
 
     if missing:
+        diffusers_logging.get_logger(StableDiffusion3Pipeline.__module__).addFilter(ShortTruncationWarnings())
         pipeline = load_text_encoders(args, device, dtype)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -498,7 +586,11 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    arguments = parse_args()
     try:
-        main(parse_args())
+        main(arguments)
     except EmbeddingsError as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        print(f"error: interrupted; {arguments.output_path} was not changed", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

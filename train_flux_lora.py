@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -38,6 +39,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -63,6 +65,8 @@ PARTIAL_SUFFIX = ".tmp"
 # Test-only: "STEP:kill" SIGKILLs the process, "STEP:disk_full" raises ENOSPC, once checkpoint-STEP's LoRA is written.
 SAVE_FAULT_VARIABLE = "FLUX_LORA_TEST_SAVE_FAULT"
 TRACKER_PROJECT = "flux-lora"
+# FLUX.1 was trained with at most this many T5 tokens a prompt (FluxPipeline refuses more).
+MAX_T5_TOKENS = 512
 # Prompts encoded per text-encoder call; small enough for T5-XXL at 512 tokens on any GPU.
 TEXT_ENCODING_BATCH = 8
 
@@ -86,8 +90,15 @@ class TrainingFault(SystemExit):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad argument is one line and a pointer to --help, not the whole usage text before it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train a FLUX.1 LoRA (DreamBooth or captioned dataset).")
+    parser = ArgumentParser(description="Train a FLUX.1 LoRA (DreamBooth or captioned dataset).")
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", required=True, help="Hub id or local pipeline folder.")
     model.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model.")
@@ -213,8 +224,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for check in (check_data_args, check_prior_args, check_numbers, check_optimizer, check_reporting, check_output):
         message = check(args)
-        if message:
-            parser.error(message)
+        if message:  # a value that parses but cannot work: one line naming the fix
+            parser.exit(2, f"error: {message}\n")
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
     return args
@@ -223,6 +234,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def check_data_args(args: argparse.Namespace) -> str | None:
     if (args.instance_data_dir is None) == (args.dataset_name is None):
         return "give exactly one of --instance_data_dir (a folder of images) or --dataset_name"
+    if args.dataset_name is not None and is_local_path(args.dataset_name) and not Path(args.dataset_name).is_dir():
+        return (
+            f"cannot load --dataset_name {args.dataset_name}: no such folder; give a folder of images with "
+            "metadata.jsonl (imagefolder) or a Hub dataset id"
+        )
     if args.instance_data_dir is not None:
         folder = Path(args.instance_data_dir)
         if not folder.is_dir():
@@ -242,6 +258,11 @@ def check_data_args(args: argparse.Namespace) -> str | None:
         except ValueError as error:
             return f"--aspect_ratio_buckets: {error}"
     return None
+
+
+def is_local_path(name: str) -> bool:
+    """Whether a --dataset_name can only mean a folder (a Hub id is `name` or `owner/name`): then it must exist."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def check_prior_args(args: argparse.Namespace) -> str | None:
@@ -268,9 +289,25 @@ def check_numbers(args: argparse.Namespace) -> str | None:
     for name in ("lr_warmup_steps", "dataloader_num_workers"):
         if getattr(args, name) < 0:
             return f"--{name} cannot be negative, got {getattr(args, name)}"
-    for name in ("learning_rate", "max_grad_norm"):
+    if args.lora_alpha is not None and args.lora_alpha < 1:
+        return f"--lora_alpha must be at least 1, got {args.lora_alpha}"
+    if args.lr_num_cycles < 1:
+        return f"--lr_num_cycles must be at least 1, got {args.lr_num_cycles}"
+    for name in ("learning_rate", "max_grad_norm", "adam_epsilon", "lr_power", "logit_std"):
         if not 0.0 < getattr(args, name) < math.inf:
             return f"--{name} must be a positive number, got {getattr(args, name)}"
+    for name in ("adam_weight_decay", "prior_loss_weight"):
+        if not 0.0 <= getattr(args, name) < math.inf:
+            return f"--{name} cannot be negative, got {getattr(args, name)}"
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            return f"--{name} must be in [0, 1), got {getattr(args, name)}"
+    if args.prodigy_beta3 is not None and not 0.0 <= args.prodigy_beta3 < 1.0:
+        return f"--prodigy_beta3 must be in [0, 1), got {args.prodigy_beta3}"
+    if args.max_sequence_length > MAX_T5_TOKENS:
+        return (
+            f"--max_sequence_length must be at most {MAX_T5_TOKENS} (FLUX.1's T5 limit), got {args.max_sequence_length}"
+        )
     if not 0.0 <= args.lora_dropout < 1.0:
         return f"--lora_dropout must be in [0, 1), got {args.lora_dropout}"
     if args.num_validation_images < 0:
@@ -305,21 +342,85 @@ def check_reporting(args: argparse.Namespace) -> str | None:
     return None
 
 
+def earlier_run_files(output_dir: Path) -> list[str]:
+    """What an earlier run left in `output_dir` (any entry at all): a new run never writes over or beside it."""
+    return sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
+
+
 def check_output(args: argparse.Namespace) -> str | None:
-    """Refuses runs that would delete or mix with an earlier run's checkpoints."""
+    """One rule for an --output_dir that holds another run: continue it from a checkpoint, or use a new folder."""
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         return f"--output_dir {output_dir} is a file; give a folder"
-    if args.resume_from_checkpoint is None:
-        if checkpoint_dirs(output_dir):
-            return (
-                f"{output_dir} holds checkpoints of an earlier run: add --resume_from_checkpoint latest to continue "
-                "it, or choose another --output_dir"
-            )
-    elif args.resume_from_checkpoint != "latest" and resolve_checkpoint(args) is None:
+    existing = next(folder for folder in [output_dir, *output_dir.parents] if folder.exists())
+    if not existing.is_dir():
+        return f"--output_dir {output_dir} cannot be created: {existing} is a file; give a folder path"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--output_dir {output_dir} cannot be created: {existing} is not writable; give a folder you can write"
+    found = earlier_run_files(output_dir)
+    shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    if args.resume_from_checkpoint is None and found:
+        return (
+            f"--output_dir {output_dir} holds an earlier run ({shown}): add --resume_from_checkpoint latest to "
+            "continue it, or choose a new --output_dir"
+        )
+    if args.resume_from_checkpoint == "latest" and found and not checkpoint_dirs(output_dir):
+        return (
+            f"--output_dir {output_dir} holds an earlier run ({shown}) but no checkpoint to continue from: choose a "
+            "new --output_dir"
+        )
+    if args.resume_from_checkpoint not in (None, "latest") and resolve_checkpoint(args) is None:
         return (
             f"--resume_from_checkpoint {args.resume_from_checkpoint} not found; give a checkpoint-N folder or 'latest'"
         )
+    checkpoint = resolve_checkpoint(args) if args.resume_from_checkpoint else None
+    problem = checkpoint_problem(checkpoint, args) if checkpoint else None
+    if problem:
+        step = checkpoint_step(checkpoint)
+        earlier = [path for path in checkpoint_dirs(checkpoint.parent) if checkpoint_step(path) < step]
+        usable = next((path for path in reversed(earlier) if checkpoint_problem(path, args) is None), None)
+        fallback = (
+            f"the next usable earlier checkpoint is {usable}: resume with --resume_from_checkpoint {usable}"
+            if usable
+            else "no earlier checkpoint is usable"
+        )
+        return f"cannot resume from {checkpoint}: {problem}; {fallback}"
+    return None
+
+
+def lora_targets(args: argparse.Namespace) -> list[str]:
+    return [name.strip() for name in args.lora_layers.split(",") if name.strip()]
+
+
+def checkpoint_problem(checkpoint: Path, args: argparse.Namespace) -> str | None:
+    """What stops `checkpoint` from resuming this run (a file cut short, another --rank or --lora_layers), if any.
+
+    Read before anything is loaded, so a bad checkpoint costs seconds and one line, not a traceback after loading.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(checkpoint / LORA_WEIGHT_NAME, "pt") as lora:
+            shapes = {key: lora.get_slice(key).get_shape() for key in lora.keys()}
+    except (OSError, SafetensorError) as error:
+        return f"its {LORA_WEIGHT_NAME} cannot be read ({str(error).splitlines()[0]})"
+    ranks = sorted({shape[0] for key, shape in shapes.items() if ".lora_A." in key})
+    if ranks and ranks != [args.rank]:
+        found = ", ".join(map(str, ranks)) or "none"
+        return f"its LoRA has rank {found}, --rank is {args.rank} (pass --rank {found} to continue it)"
+    modules = {key.removeprefix("transformer.").partition(".lora_")[0] for key in shapes}
+    targets = lora_targets(args)
+    covered = {target for target in targets for module in modules if module == target or module.endswith(f".{target}")}
+    stray = sorted(module for module in modules if not any(module == t or module.endswith(f".{t}") for t in targets))
+    if stray or covered != set(targets):
+        missing = sorted(set(targets) - covered)
+        detail = f"LoRA layers not in --lora_layers ({stray[0]}, ...)" if stray else f"no LoRA on {', '.join(missing)}"
+        return f"it has {detail}; pass the --lora_layers it was trained with"
+    for state in sorted([*checkpoint.glob("*.bin"), *checkpoint.glob("*.pkl")]):
+        try:
+            torch.load(state, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+            return f"its {state.name} cannot be read ({str(error).splitlines()[0][:120]}); it was cut short or damaged"
     return None
 
 
@@ -329,7 +430,14 @@ def check_output(args: argparse.Namespace) -> str | None:
 
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+    """Image files under `folder` and its subfolders (hidden ones skipped), in a stable order, as the SD3 scripts."""
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
 
 
 def parse_buckets(text: str) -> list[tuple[int, int]]:
@@ -418,8 +526,9 @@ def readable_images(paths: Sequence[Path], strict: bool, what: str) -> list[tupl
 
 
 def load_folder_examples(args: argparse.Namespace) -> list[Example]:
-    images = readable_images(list_images(Path(args.instance_data_dir)), args.strict, "training images")
-    return [Example(image, args.instance_prompt, path.name) for path, image in images]
+    root = Path(args.instance_data_dir)
+    images = readable_images(list_images(root), args.strict, "training images")
+    return [Example(image, args.instance_prompt, path.relative_to(root).as_posix()) for path, image in images]
 
 
 def load_dataset_examples(args: argparse.Namespace) -> list[Example]:
@@ -491,6 +600,11 @@ def fit_to_bucket(image: Image.Image, bucket: tuple[int, int], center_crop: bool
     return resized.crop((left, top, left + width, top + height))
 
 
+def derived_seed(*keys: int) -> int:
+    """A seed for one use (an image's crop and flip in one epoch) from the run's seed: the same on resume."""
+    return int(np.random.SeedSequence(keys).generate_state(1)[0])
+
+
 def to_pixels(image: Image.Image) -> torch.Tensor:
     """uint8 HWC image -> float CHW tensor in [-1, 1], the VAE's input range."""
     array = np.asarray(image, dtype=np.float32)
@@ -508,6 +622,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         class_prompt: str | None = None,
         center_crop: bool = False,
         random_flip: bool = False,
+        seed: int = 0,
     ) -> None:
         self.examples = examples
         self.buckets = [nearest_bucket(example.image.size, buckets) for example in examples]
@@ -515,26 +630,34 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.class_prompt = class_prompt
         self.center_crop = center_crop
         self.random_flip = random_flip
+        self.seed = seed
+        self.epoch = 0
 
     def __len__(self) -> int:
         return max(len(self.examples), len(self.class_images))
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def bucket_of(self, index: int) -> tuple[int, int]:
         return self.buckets[index % len(self.examples)]
 
-    def _pixels(self, image: Image.Image, bucket: tuple[int, int]) -> torch.Tensor:
-        image = fit_to_bucket(image, bucket, self.center_crop, random)
-        if self.random_flip and random.random() < 0.5:
+    def _pixels(self, image: Image.Image, bucket: tuple[int, int], rng: random.Random) -> torch.Tensor:
+        image = fit_to_bucket(image, bucket, self.center_crop, rng)
+        if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_pixels(image)
 
     def __getitem__(self, index: int) -> dict:
+        # Crops and flips come from (seed, epoch, index), never a global stream: the data loader fetches ahead, so
+        # the random state a checkpoint saves would already hold the next batch's draws.
+        rng = random.Random(derived_seed(self.seed, self.epoch, index))
         example = self.examples[index % len(self.examples)]
         bucket = self.bucket_of(index)
-        item = {"index": index, "pixels": self._pixels(example.image, bucket), "prompt": example.prompt}
+        item = {"index": index, "pixels": self._pixels(example.image, bucket, rng), "prompt": example.prompt}
         if self.class_images:
             class_image = read_image(self.class_images[index % len(self.class_images)])
-            item["class_pixels"] = self._pixels(class_image, bucket)
+            item["class_pixels"] = self._pixels(class_image, bucket, rng)
             item["class_prompt"] = self.class_prompt
         return item
 
@@ -590,20 +713,51 @@ def pretrained_kwargs(args: argparse.Namespace) -> dict:
     return {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
 
 
-def check_model(args: argparse.Namespace) -> None:
-    """A missing or misspelt model fails in one line before anything is written (its model_index.json is read)."""
-    from diffusers import DiffusionPipeline
+def check_model(args: argparse.Namespace, offload_plugin) -> None:
+    """The model fails in one line before anything is loaded or written: missing, not a Flux pipeline, without a
+    transformer, or with --lora_layers or offload block_names that name none of its modules.
 
+    Reads model_index.json and the transformer's config, and builds the transformer on the meta device (no memory).
+    """
+    from accelerate import init_empty_weights
+    from diffusers import DiffusionPipeline, FluxTransformer2DModel
+
+    from accelerate_offload import BlocksNotFoundError, find_blocks
+
+    model = args.pretrained_model_name_or_path
     try:
-        DiffusionPipeline.load_config(
-            args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir
-        )
+        index = DiffusionPipeline.load_config(model, revision=args.revision, cache_dir=args.cache_dir)
     except (OSError, ValueError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UsageError(
-            f"cannot load --pretrained_model_name_or_path {args.pretrained_model_name_or_path} ({reason}); give a "
+            f"cannot load --pretrained_model_name_or_path {model} ({reason}); give a "
             "local pipeline folder or a Hub id (gated models need `hf auth login`)"
         ) from None
+    family = index.get("_class_name", "")
+    if not family.startswith("Flux"):
+        other = " (train it with train_sd3_dreambooth_lora.py)" if family.startswith("StableDiffusion3") else ""
+        raise UsageError(f"{model} is a {family or 'pipeline of unknown class'}, not a FLUX.1 pipeline{other}")
+    try:
+        config = FluxTransformer2DModel.load_config(
+            model, subfolder="transformer", revision=args.revision, cache_dir=args.cache_dir
+        )
+    except (OSError, ValueError):
+        raise UsageError(
+            f"{model} has no transformer/ folder with a config.json; give a complete FLUX.1 pipeline"
+        ) from None
+    with init_empty_weights():
+        transformer = FluxTransformer2DModel.from_config(config)
+    names = [name for name, _ in transformer.named_modules()]
+    for target in lora_targets(args):
+        if not any(name == target or name.endswith(f".{target}") for name in names):
+            raise UsageError(
+                f"--lora_layers {target}: the transformer has no such module; use names like attn.to_q, ff.net.2"
+            )
+    if offload_plugin.enabled:
+        try:
+            find_blocks(transformer, offload_plugin.block_names)
+        except BlocksNotFoundError as error:
+            raise UsageError(f"offload settings: {error}") from None
 
 
 @dataclass
@@ -686,7 +840,7 @@ def load_transformer_with_lora(args: argparse.Namespace, dtype: torch.dtype):
         args.pretrained_model_name_or_path, subfolder="transformer", dtype=dtype, **pretrained_kwargs(args)
     )
     transformer.requires_grad_(False)
-    targets = [name.strip() for name in args.lora_layers.split(",") if name.strip()]
+    targets = lora_targets(args)
     lora_config = LoraConfig(
         r=args.rank,
         lora_alpha=args.lora_alpha,
@@ -1205,16 +1359,32 @@ class MetricsLog:
         self.enabled = enabled
 
     def write(self, record: dict) -> None:
+        """Appends one line and syncs it: a crash or a full disk can tear only the line being written."""
         if self.enabled:
             with self.path.open("a", encoding="utf-8") as file:
                 file.write(json.dumps(record) + "\n")
+                file.flush()
+                os.fsync(file.fileno())
 
     def drop_after(self, step: int) -> None:
-        """Keeps the records up to `step` (all of them when resuming there; none for a new run)."""
+        """Keeps the records up to `step` (all of them when resuming there; none for a new run).
+
+        A torn last line (the process died while writing it) is dropped; a torn line before it is an error.
+        """
         if not self.enabled or not self.path.exists():
             return
-        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise UsageError(
+                        f"{self.path} line {number} is not JSON; fix or delete that line, then run again"
+                    ) from None
+                logger.warning("Dropping the half-written last line of %s", self.path)
         partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         partial.write_text("".join(kept), encoding="utf-8")
         os.replace(partial, self.path)
@@ -1304,18 +1474,41 @@ Follow the license of the base model {base}.
     card.save(Path(args.output_dir) / "README.md")
 
 
+def hub_errors() -> tuple[type[Exception], ...]:
+    """What a failed Hub call raises: HTTP errors (bad token, server error), no connection, offline mode."""
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return HfHubHTTPError, httpx.HTTPError, OSError, ValueError
+
+
+def hub_error_reason(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
+
+UPLOAD_EXCLUDES = (f"{CHECKPOINT_PREFIX}*", f"{CHECKPOINT_PREFIX}*/**", f"*{PARTIAL_SUFFIX}", f"*{PARTIAL_SUFFIX}/**")
+
+
 def push_to_hub(args: argparse.Namespace, repo_id: str) -> None:
-    """Uploads the output folder without the checkpoints."""
+    """Uploads the output folder without the checkpoints; a failed upload keeps every file and says how to retry it."""
     from huggingface_hub import upload_folder
 
-    upload_folder(
-        repo_id=repo_id,
-        folder_path=args.output_dir,
-        commit_message="End of training",
-        ignore_patterns=[f"{CHECKPOINT_PREFIX}*", f"{CHECKPOINT_PREFIX}*/**"],
-        token=args.hub_token,
-    )
-    logger.info("Uploaded %s to https://huggingface.co/%s", args.output_dir, repo_id)
+    try:
+        upload_folder(
+            repo_id=repo_id,
+            folder_path=args.output_dir,
+            commit_message="End of training",
+            ignore_patterns=list(UPLOAD_EXCLUDES),
+            token=args.hub_token,
+        )
+    except hub_errors() as error:
+        excludes = " ".join(f"--exclude '{pattern}'" for pattern in UPLOAD_EXCLUDES[::2])
+        raise TrainingFault(
+            f"the upload to {repo_id} failed ({hub_error_reason(error)}); the LoRA, model card and images are kept in "
+            f"{args.output_dir}. Upload them alone, without training again: hf upload {repo_id} {args.output_dir} "
+            f"{excludes} --commit-message 'End of training'"
+        ) from None
+    logger.info("Uploaded %s to %s", args.output_dir, repo_id)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1348,9 +1541,25 @@ def setup_logging(accelerator) -> None:
         logger.setLevel(logging.ERROR)
 
 
+class ShortTruncationWarnings(logging.Filter):
+    """diffusers' warning for a prompt longer than the text encoders take quotes all that was cut; the first words
+    and a count are enough to find the prompt."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        head, found, dropped = record.getMessage().partition(" tokens: ")
+        if found and "was truncated" in head:
+            words = dropped.strip("[]'\"").split()  # the dropped text arrives as a list's repr, one per prompt
+            shown = " ".join(words[:6]) + (" ..." if len(words) > 6 else "")
+            record.msg, record.args = f"{head} tokens; dropped {len(words)} words: {shown}", ()
+        return True
+
+
 def quiet_libraries(accelerator) -> None:
     import diffusers
     import transformers
+    from diffusers import FluxPipeline
+
+    diffusers.utils.logging.get_logger(FluxPipeline.__module__).addFilter(ShortTruncationWarnings())
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # one progress bar (the steps) keeps the log readable
@@ -1376,7 +1585,14 @@ def create_hub_repo(args: argparse.Namespace) -> str:
         return args.hub_model_id or Path(args.output_dir).name
     from huggingface_hub import create_repo
 
-    return create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token).repo_id
+    name = args.hub_model_id or Path(args.output_dir).name
+    try:
+        return create_repo(name, exist_ok=True, token=args.hub_token).repo_id
+    except hub_errors() as error:
+        raise UsageError(
+            f"--push_to_hub: cannot create the Hub repository {name} ({hub_error_reason(error)}); log in with "
+            "`hf auth login` or pass a valid --hub_token, or drop --push_to_hub"
+        ) from None
 
 
 def main(args: argparse.Namespace) -> None:
@@ -1401,9 +1617,14 @@ def main(args: argparse.Namespace) -> None:
 
     quiet_libraries(accelerator)
     buckets = training_buckets(args)
-    check_model(args)
+    check_model(args, offload_plugin)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(
+                f"cannot create --output_dir {output_dir} ({error.strerror}); give a folder you can write"
+            ) from None
     repo_id = create_hub_repo(args) if accelerator.is_main_process else ""
 
     # 2. Every prompt is encoded once; the text encoders are freed before the transformer loads.
@@ -1419,7 +1640,9 @@ def main(args: argparse.Namespace) -> None:
         generate_class_images(args, embeddings[args.class_prompt], offload_plugin, accelerator, dtype)
         accelerator.wait_for_everyone()
         class_images = [path for path, _ in readable_images(class_image_paths(args), args.strict, "class images")]
-    dataset = DreamBoothDataset(examples, buckets, class_images, args.class_prompt, args.center_crop, args.random_flip)
+    dataset = DreamBoothDataset(
+        examples, buckets, class_images, args.class_prompt, args.center_crop, args.random_flip, args.seed or 0
+    )
     warn_about_small_images(dataset.examples, dataset.buckets)
     batch_sampler = BucketBatchSampler(dataset, args.train_batch_size, args.seed or 0)
     dataloader = torch.utils.data.DataLoader(
@@ -1488,7 +1711,14 @@ def main(args: argparse.Namespace) -> None:
             logger.info("No checkpoint in %s: starting a new run", output_dir)
         else:
             logger.info("Resuming from %s", checkpoint)
-            accelerator.load_state(str(checkpoint))
+            try:
+                accelerator.load_state(str(checkpoint))
+            except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as error:
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise UsageError(
+                    f"cannot resume from {checkpoint} ({type(error).__name__}: {reason}); pass an earlier checkpoint-N "
+                    "to --resume_from_checkpoint"
+                ) from None
             global_step = checkpoint_step(checkpoint)
     if accelerator.is_main_process:
         remove_partial_checkpoints(output_dir)
@@ -1515,6 +1745,7 @@ def main(args: argparse.Namespace) -> None:
                 break
             transformer.train()
             batch_sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
             dataloader.set_epoch(epoch)
             batches = dataloader
             if epoch == first_epoch and steps_into_epoch:
@@ -1625,12 +1856,23 @@ def main(args: argparse.Namespace) -> None:
     accelerator.end_training()
 
 
+def remove_if_left_empty(folder: Path) -> None:
+    """A run that stopped before writing a file leaves no folder behind (called only for a folder it created)."""
+    if folder.is_dir() and not any(path.is_file() for path in folder.rglob("*")):
+        shutil.rmtree(folder)
+
+
 if __name__ == "__main__":
     from accelerate_offload.quiet import quiet_third_party_noise
 
     quiet_third_party_noise()  # before any library loads: some log notes as they import that say nothing of a run
+    arguments = parse_args()
+    created_output_dir = not Path(arguments.output_dir).exists()
     try:
-        main(parse_args())
+        main(arguments)
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: no checkpoint was written now
         print("Interrupted; nothing was saved by this run (earlier checkpoints are kept)", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+    finally:
+        if created_output_dir and os.environ.get("RANK", "0") == "0":
+            remove_if_left_empty(Path(arguments.output_dir))

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -30,6 +31,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from accelerate_offload.quiet import quiet_third_party_noise  # isort: skip
 
@@ -37,6 +39,7 @@ from accelerate_offload.quiet import quiet_third_party_noise  # isort: skip
 quiet_third_party_noise()
 
 import diffusers
+import httpx
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -66,6 +69,7 @@ from diffusers.training_utils import (
 from diffusers.utils import convert_unet_state_dict_to_peft
 from diffusers.utils.torch_utils import is_compiled_module
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub.errors import HfHubHTTPError
 from peft import LoraConfig, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from PIL import Image, ImageOps
@@ -98,6 +102,24 @@ DEFAULT_LORA_LAYERS = (
 )
 
 
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad argument is one line and a pointer to --help, not the whole usage text before it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# What a failed Hub call raises: HTTP errors (bad token, server error), no connection, offline mode.
+HUB_ERRORS = (HfHubHTTPError, httpx.HTTPError, OSError, ValueError)
+
+
+def hub_error_reason(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
+
 class SetupError(Exception):
     """A problem the user fixes by changing the command or the files; reported as one line, without a traceback."""
 
@@ -107,7 +129,7 @@ class TrainingStopped(Exception):
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="SD3 DreamBooth LoRA training from precomputed prompt embeddings.")
+    parser = ArgumentParser(description="SD3 DreamBooth LoRA training from precomputed prompt embeddings.")
     parser.add_argument(
         "--pretrained_model_name_or_path",
         type=str,
@@ -363,17 +385,86 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             parser.error("--with_prior_preservation needs --class_data_dir")
         if args.class_prompt is None:
             parser.error("--with_prior_preservation needs --class_prompt")
-    if args.resolution % 16:
-        parser.error("--resolution must be a multiple of 16 (8x VAE down-sampling, then 2x2 patches)")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
-    for name in ("max_train_steps", "checkpoints_total_limit"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+    for check in (check_numbers, check_paths, check_output_dir):
+        message = check(args)
+        if message:  # a value that parses but cannot work: one line naming the fix
+            parser.exit(2, f"error: {message}\n")
     if args.report_to == "none":
         args.report_to = None
     return args
+
+
+def check_numbers(args: argparse.Namespace) -> str | None:
+    """Every numeric flag, before anything is loaded: the message for the first bad one, or None."""
+    if args.resolution <= 0 or args.resolution % 16:
+        return f"--resolution must be a positive multiple of 16 (the VAE's 8x, then 2x2 patches), got {args.resolution}"
+    positive = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "repeats", "rank")
+    positive += ("sample_batch_size", "validation_epochs", "num_train_epochs", "num_class_images", "lr_num_cycles")
+    for name in positive:
+        if getattr(args, name) < 1:
+            return f"--{name} must be at least 1, got {getattr(args, name)}"
+    for name in ("max_train_steps", "checkpoints_total_limit", "lora_alpha"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            return f"--{name} must be at least 1, got {getattr(args, name)}"
+    for name in ("lr_warmup_steps", "dataloader_num_workers", "num_validation_images"):
+        if getattr(args, name) < 0:
+            return f"--{name} cannot be negative, got {getattr(args, name)}"
+    for name in ("learning_rate", "max_grad_norm", "adam_epsilon", "lr_power", "logit_std"):
+        if not 0.0 < getattr(args, name) < math.inf:
+            return f"--{name} must be a positive number, got {getattr(args, name)}"
+    for name in ("adam_weight_decay", "prior_loss_weight"):
+        if not 0.0 <= getattr(args, name) < math.inf:
+            return f"--{name} cannot be negative, got {getattr(args, name)}"
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            return f"--{name} must be in [0, 1), got {getattr(args, name)}"
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        return f"--lr_scheduler {args.lr_scheduler} is not one of {', '.join(LR_SCHEDULERS)}"
+    return None
+
+
+def is_local_path(name: str) -> bool:
+    """Whether a --dataset_name can only mean a folder (a Hub id is `name` or `owner/name`): then it must exist."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_paths(args: argparse.Namespace) -> str | None:
+    """Every path flag, before anything is loaded: the message for the first bad one, or None."""
+    if args.instance_data_dir is not None and not Path(args.instance_data_dir).is_dir():
+        return f"instance image folder {args.instance_data_dir} does not exist: give --instance_data_dir a folder"
+    if args.dataset_name is not None and is_local_path(args.dataset_name) and not Path(args.dataset_name).is_dir():
+        return f"--dataset_name {args.dataset_name} does not exist: give a local dataset folder or a Hub dataset id"
+    if (
+        args.class_data_dir is not None
+        and Path(args.class_data_dir).exists()
+        and not Path(args.class_data_dir).is_dir()
+    ):
+        return f"--class_data_dir {args.class_data_dir} is a file: give a folder (filled with generated images)"
+    output_dir = Path(args.output_dir)
+    existing = next(folder for folder in [output_dir, *output_dir.parents] if folder.exists())
+    if existing != output_dir and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
+        return f"--output_dir {output_dir} cannot be created: {existing} is not a writable folder"
+    return None
+
+
+def check_output_dir(args: argparse.Namespace) -> str | None:
+    """One rule for an --output_dir that holds another run: continue it from a checkpoint, or use a new folder."""
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        return f"--output_dir {output_dir} is a file, not a folder: pass a folder (created if missing)"
+    found = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
+    shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    if args.resume_from_checkpoint is None and found:
+        return (
+            f"--output_dir {output_dir} holds an earlier run ({shown}): add --resume_from_checkpoint latest to "
+            "continue it, or choose a new --output_dir"
+        )
+    if args.resume_from_checkpoint == "latest" and found and not complete_checkpoints(output_dir):
+        return (
+            f"--output_dir {output_dir} holds an earlier run ({shown}) but no checkpoint to continue from: choose a "
+            "new --output_dir"
+        )
+    return None
 
 
 def list_images(root: Path) -> list[Path]:
@@ -479,6 +570,52 @@ class PromptEmbeddings:
             fix = f" with {flag} {prompt!r}" if flag else ""
             raise SetupError(f"no embeddings for the {role} prompt {prompt!r}: rerun compute_embeddings.py{fix}")
         return self.rows[(role, prompt)]
+
+
+def check_pipeline(args: argparse.Namespace, plugin: LayerOffloadPlugin) -> None:
+    """The model fails in one line before anything is loaded: missing, not an SD3 pipeline, without a transformer,
+    or with --lora_layers or offload block_names that name none of its modules.
+
+    Reads model_index.json and the transformer's config, and builds the transformer on the meta device (no memory).
+    """
+    from accelerate import init_empty_weights
+    from diffusers import DiffusionPipeline
+
+    from accelerate_offload import BlocksNotFoundError, find_blocks
+
+    model = args.pretrained_model_name_or_path
+    try:
+        index = DiffusionPipeline.load_config(model, revision=args.revision, cache_dir=args.cache_dir)
+    except (OSError, ValueError) as error:
+        raise SetupError(
+            f"cannot read the model_index.json of {model} ({str(error).splitlines()[0]}): pass "
+            "--pretrained_model_name_or_path a folder or Hub id of an SD3 diffusers pipeline"
+        ) from None
+    family = index.get("_class_name", "")
+    if not family.startswith("StableDiffusion3"):
+        other = " (train FLUX.1 LoRAs with train_flux_lora.py)" if family.startswith("Flux") else ""
+        raise SetupError(f"{model} is a {family or 'pipeline of unknown class'}, not an SD3 diffusers pipeline{other}")
+    try:
+        config = SD3Transformer2DModel.load_config(
+            model, subfolder="transformer", revision=args.revision, cache_dir=args.cache_dir
+        )
+    except (OSError, ValueError):
+        raise SetupError(
+            f"{model} has no transformer/ folder with a config.json: give a complete SD3 pipeline"
+        ) from None
+    with init_empty_weights():
+        transformer = SD3Transformer2DModel.from_config(config)
+    names = [name for name, _ in transformer.named_modules()]
+    for target in (layer.strip() for layer in args.lora_layers.split(",") if layer.strip()):
+        if not any(name == target or name.endswith(f".{target}") for name in names):
+            raise SetupError(
+                f"--lora_layers {target}: the transformer has no such module; use names like attn.to_q, attn.to_out.0"
+            )
+    if plugin.enabled:
+        try:
+            find_blocks(transformer, plugin.block_names)
+        except BlocksNotFoundError as error:
+            raise SetupError(f"offload config: {error}") from None
 
 
 def load_embeddings(path: Path, args: argparse.Namespace) -> PromptEmbeddings:
@@ -903,7 +1040,7 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
         for path in output_dir.glob("checkpoint-*")
         if path.name.removeprefix("checkpoint-").isdigit() and (path / CHECKPOINT_MARKER).is_file()
     ]
-    return sorted(found, key=lambda path: int(path.name.removeprefix("checkpoint-")))
+    return sorted(found, key=checkpoint_step)
 
 
 def resume_checkpoint(args: argparse.Namespace) -> Path | None:
@@ -931,6 +1068,59 @@ def resume_checkpoint(args: argparse.Namespace) -> Path | None:
             " pass --resume_from_checkpoint latest to use the last complete one"
         )
     return path
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix("checkpoint-"))
+
+
+def checkpoint_problem(checkpoint: Path, args: argparse.Namespace) -> str | None:
+    """What stops `checkpoint` from resuming this run (a file cut short, another --rank or --lora_layers), if any.
+
+    Read before any model is loaded, so a bad checkpoint costs seconds and one line, not a traceback after loading.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    lora_file = checkpoint / "pytorch_lora_weights.safetensors"
+    try:
+        with safe_open(lora_file, "pt") as lora:
+            shapes = {key: lora.get_slice(key).get_shape() for key in lora.keys()}
+    except (OSError, SafetensorError) as error:
+        return f"its {lora_file.name} cannot be read ({str(error).splitlines()[0]})"
+    ranks = sorted({shape[0] for key, shape in shapes.items() if ".lora_A." in key})
+    if ranks and ranks != [args.rank]:
+        found = ", ".join(map(str, ranks))
+        return f"its LoRA has rank {found}, --rank is {args.rank} (pass --rank {found} to continue it)"
+    modules = {key.removeprefix("transformer.").partition(".lora_")[0] for key in shapes}
+    targets = [layer.strip() for layer in args.lora_layers.split(",") if layer.strip()]
+    covered = {target for target in targets for module in modules if module == target or module.endswith(f".{target}")}
+    stray = sorted(module for module in modules if not any(module == t or module.endswith(f".{t}") for t in targets))
+    if stray or covered != set(targets):
+        missing = sorted(set(targets) - covered)
+        detail = f"LoRA layers not in --lora_layers ({stray[0]}, ...)" if stray else f"no LoRA on {', '.join(missing)}"
+        return f"it has {detail}; pass the --lora_layers it was trained with"
+    for state in sorted([*checkpoint.glob("*.bin"), *checkpoint.glob("*.pkl")]):
+        try:
+            torch.load(state, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+            return f"its {state.name} cannot be read ({str(error).splitlines()[0][:120]}); it was cut short or damaged"
+    return None
+
+
+def check_checkpoint(checkpoint: Path, args: argparse.Namespace) -> None:
+    """One line naming the checkpoint, what does not fit, and the newest earlier one that does."""
+    problem = checkpoint_problem(checkpoint, args)
+    if problem is None:
+        return
+    step = checkpoint_step(checkpoint)
+    earlier = [path for path in complete_checkpoints(checkpoint.parent) if checkpoint_step(path) < step]
+    usable = next((path for path in reversed(earlier) if checkpoint_problem(path, args) is None), None)
+    fallback = (
+        f"the next usable earlier checkpoint is {usable}: resume with --resume_from_checkpoint {usable}"
+        if usable
+        else "no earlier checkpoint is usable"
+    )
+    raise SetupError(f"cannot resume from {checkpoint}: {problem}; {fallback}")
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, args: argparse.Namespace) -> Path:
@@ -1027,8 +1217,6 @@ def main(args: argparse.Namespace) -> None:
         raise SetupError(
             "--report_to wandb with --hub_token would expose the token; log in with `hf auth login` instead"
         )
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise SetupError(f"--output_dir {args.output_dir} is a file, not a folder: pass a folder (created if missing)")
     logging_dir = Path(args.output_dir, args.logging_dir)
     accelerator_project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
     kwargs = DistributedDataParallelKwargs(find_unused_parameters=True)
@@ -1064,6 +1252,8 @@ def main(args: argparse.Namespace) -> None:
 
     # Every input is checked before anything is loaded or written, so a mistake costs seconds and no files.
     resume_from = resume_checkpoint(args)
+    if resume_from is not None:
+        check_checkpoint(resume_from, args)
     if args.seed is None:  # drawn once and stored in every checkpoint, so a resumed run draws the same numbers
         state = json.loads((resume_from / CHECKPOINT_MARKER).read_text()) if resume_from else {}
         seed = [state.get("seed", random.SystemRandom().randrange(2**32))]
@@ -1079,6 +1269,7 @@ def main(args: argparse.Namespace) -> None:
             f"offload config: {error} (fix the offload_config section of the accelerate config file, or the "
             "ACCELERATE_OFFLOAD_* variables in the environment)"
         ) from None
+    check_pipeline(args, offload_plugin)
     embeddings = load_embeddings(Path(args.embeddings_path), args)
     instance_files, source = instance_image_files(args)
     instance_files = usable_images(instance_files, source, args)
@@ -1108,9 +1299,14 @@ def main(args: argparse.Namespace) -> None:
                 f"cannot create --output_dir {args.output_dir} ({error.strerror}): pass a folder path"
             ) from None
         if args.push_to_hub:
-            repo_id = create_repo(
-                repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
-            ).repo_id
+            name = args.hub_model_id or Path(args.output_dir).name
+            try:
+                repo_id = create_repo(repo_id=name, exist_ok=True, token=args.hub_token).repo_id
+            except HUB_ERRORS as error:
+                raise SetupError(
+                    f"--push_to_hub: cannot create the Hub repository {name} ({hub_error_reason(error)}); log in with "
+                    "`hf auth login` or pass a valid --hub_token, or drop --push_to_hub"
+                ) from None
 
     noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision
@@ -1266,7 +1462,14 @@ def main(args: argparse.Namespace) -> None:
     global_step = 0
     if resume_from is not None:
         accelerator.print(f"Resuming from checkpoint {resume_from.name}")
-        accelerator.load_state(str(resume_from))
+        try:
+            accelerator.load_state(str(resume_from))
+        except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise SetupError(
+                f"cannot resume from {resume_from} ({type(error).__name__}: {reason}); pass an earlier checkpoint-N "
+                "to --resume_from_checkpoint"
+            ) from None
         global_step = json.loads((resume_from / CHECKPOINT_MARKER).read_text())["global_step"]
     # Where the checkpoint's step falls: its epoch, and the batches of that epoch already trained on.
     first_epoch = global_step // num_update_steps_per_epoch
@@ -1440,6 +1643,7 @@ def main(args: argparse.Namespace) -> None:
                 torch.cuda.empty_cache()
 
     stop_request.restore()
+    progress_bar.close()  # before any error line of the final save or upload
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_lora(Path(args.output_dir), lora_state_dict(unwrap_model(transformer)), transformer_lora_config)
@@ -1464,22 +1668,42 @@ def main(args: argparse.Namespace) -> None:
         repo_name = args.hub_model_id or Path(args.output_dir).name
         save_model_card(repo_id if args.push_to_hub else repo_name, args, images=images, repo_folder=args.output_dir)
         if args.push_to_hub:
-            upload_folder(
-                repo_id=repo_id,
-                folder_path=args.output_dir,
-                commit_message="End of training",
-                ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{args.logging_dir}/*"],
-                token=args.hub_token,
-            )
+            excludes = ["step_*", "epoch_*", "checkpoint-*", ".*", f"{args.logging_dir}/*"]
+            try:
+                upload_folder(
+                    repo_id=repo_id,
+                    folder_path=args.output_dir,
+                    commit_message="End of training",
+                    ignore_patterns=list(excludes),  # a copy: upload_folder appends its own patterns
+                    token=args.hub_token,
+                )
+            except HUB_ERRORS as error:
+                retry = " ".join(f"--exclude '{pattern}'" for pattern in excludes)
+                raise TrainingStopped(
+                    f"the upload to {repo_id} failed ({hub_error_reason(error)}); the LoRA, model card and images are "
+                    f"kept in {args.output_dir}. Upload them alone, without training again: hf upload {repo_id} "
+                    f"{args.output_dir} {retry} --commit-message 'End of training'"
+                ) from None
 
     accelerator.end_training()
 
 
+def remove_if_left_empty(folder: Path) -> None:
+    """A run that stopped before writing a file leaves no folder behind (called only for a folder it created)."""
+    if folder.is_dir() and not any(path.is_file() for path in folder.rglob("*")):
+        shutil.rmtree(folder)
+
+
 if __name__ == "__main__":
+    arguments = parse_args()
+    created_output_dir = not Path(arguments.output_dir).exists()
     try:
-        main(parse_args())
+        main(arguments)
     except (SetupError, TrainingStopped) as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print("error: interrupted; checkpoints already complete are kept", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+    finally:
+        if created_output_dir and os.environ.get("RANK", "0") == "0":
+            remove_if_left_empty(Path(arguments.output_dir))

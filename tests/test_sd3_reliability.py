@@ -32,6 +32,7 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from test_sd3 import INSTANCE_PROMPT, MAX_SEQUENCE_LENGTH, REPO, compute_embeddings, embedding_args, train_script  # noqa: E402
 
+CHECKPOINT_MARKER = train_script.CHECKPOINT_MARKER
 # the module fixtures of test_sd3.py (fixtures are found by name among a module's attributes)
 instance_dir = test_sd3.instance_dir
 embeddings_path = test_sd3.embeddings_path
@@ -60,6 +61,13 @@ elif fault == "oom":
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     SD3Transformer2DModel.forward = forward
+elif fault == "sigint_while_embedding":  # Ctrl-C while a prompt is embedded
+    from diffusers import StableDiffusion3Pipeline
+
+    def encode_prompt(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    StableDiffusion3Pipeline.encode_prompt = encode_prompt
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -165,8 +173,6 @@ def runs(tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, odd_ima
         return train_args(tiny_sd3_path, embeddings, images, work / name, *extra)
 
     checkpointed = ["--max_train_steps", str(STEPS), "--checkpointing_steps", "2", "--checkpoints_total_limit", "1"]
-    (work / "nan").mkdir()
-    (work / "nan" / "pytorch_lora_weights.safetensors").write_bytes(b"an earlier LoRA")
     long_run = ["--max_train_steps", "100000", "--checkpointing_steps", "2"]
     results = in_pairs(
         {
@@ -278,7 +284,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(runs: dict):
     assert_one_line_error(result, "step 2:", "not finite", f"Last good checkpoint: {output_dir / 'checkpoint-1'}")
     assert "--learning_rate (now 1e+30)" in last_line(result)
     assert sorted(path.name for path in output_dir.glob("*checkpoint-*")) == ["checkpoint-1"]
-    assert (output_dir / "pytorch_lora_weights.safetensors").read_bytes() == b"an earlier LoRA"
+    assert not (output_dir / "pytorch_lora_weights.safetensors").exists()
 
 
 def test_out_of_memory_is_explained(runs: dict):
@@ -321,6 +327,12 @@ def write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
+
+
+def model_index(case: Path, class_name: str) -> Path:
+    """A pipeline folder with a model_index.json of `class_name` and nothing else."""
+    index = {"_class_name": class_name, "transformer": ["diffusers", "SomeTransformer"]}
+    return write(case / "model" / "model_index.json", json.dumps(index).encode()).parent
 
 
 def one_truncated_image(case: Path) -> Path:
@@ -373,6 +385,59 @@ BAD_INPUT = {
         ["offload config", "0..1"],
     ),
     "train-8bit-adam-without-cuda": (train_case("--use_8bit_adam"), ["--use_8bit_adam needs a CUDA GPU"]),
+    "train-output-holds-another-run": (
+        train_case(
+            lambda c: ["--output_dir", str(write(c / "out" / "checkpoint-6" / CHECKPOINT_MARKER, b"{}").parents[1])]
+        ),
+        ["holds an earlier run (checkpoint-6)", "add --resume_from_checkpoint latest", "or choose a new --output_dir"],
+    ),
+    "train-latest-without-checkpoint": (
+        train_case(
+            lambda c: [
+                "--output_dir",
+                str(write(c / "out" / "pytorch_lora_weights.safetensors", b"earlier LoRA").parent),
+                "--resume_from_checkpoint",
+                "latest",
+            ]
+        ),
+        ["holds an earlier run (pytorch_lora_weights.safetensors) but no checkpoint to continue from"],
+    ),
+    "train-negative-learning-rate": (
+        train_case("--learning_rate", "-1"),
+        ["--learning_rate must be a positive number"],
+    ),
+    "train-rank-zero": (train_case("--rank", "0"), ["--rank must be at least 1, got 0"]),
+    "train-rank-negative": (train_case("--rank", "-4"), ["--rank must be at least 1, got -4"]),
+    "train-resolution-zero": (train_case("--resolution", "0"), ["--resolution must be a positive multiple of 16"]),
+    "train-lora-layers-typo": (
+        train_case("--lora_layers", "nonexistent_module"),
+        ["--lora_layers nonexistent_module: the transformer has no such module"],
+    ),
+    "train-flux-pipeline": (
+        train_case(lambda c: ["--pretrained_model_name_or_path", str(model_index(c, "FluxPipeline"))]),
+        ["is a FluxPipeline, not an SD3 diffusers pipeline (train FLUX.1 LoRAs with train_flux_lora.py)"],
+    ),
+    "train-no-transformer": (
+        train_case(lambda c: ["--pretrained_model_name_or_path", str(model_index(c, "StableDiffusion3Pipeline"))]),
+        ["has no transformer/ folder"],
+    ),
+    "train-block-names-typo": (
+        train_case("--gradient_checkpointing", ACCELERATE_OFFLOAD_BLOCK_NAMES="transformer_blockz"),
+        ["offload config", "has no block list 'transformer_blockz'"],
+    ),
+    "train-output-dir-under-a-file": (
+        train_case(lambda c: ["--output_dir", str(write(c / "a-file", b"keep me") / "out")]),
+        ["cannot be created", "a-file is not a writable folder"],
+    ),
+    "compute-cuda-without-cuda": (compute_case("--device", "cuda"), ["--device cuda needs a CUDA GPU"]),
+    "compute-sequence-too-long": (
+        compute_case("--max_sequence_length", "4096"),
+        ["--max_sequence_length must be in 1..512"],
+    ),
+    "compute-flux-pipeline": (
+        compute_case(lambda c: ["--pretrained_model_name_or_path", str(model_index(c, "FluxPipeline"))]),
+        ["is a FluxPipeline, not an SD3 diffusers pipeline (train FLUX.1 LoRAs with train_flux_lora.py)"],
+    ),
     "train-model-missing": (
         train_case(lambda c: ["--pretrained_model_name_or_path", str(c / "no-model")]),
         ["no-model", "SD3 diffusers pipeline"],
@@ -420,8 +485,11 @@ def bad_input_results(tiny_sd3_path: Path, instance_dir: Path, embeddings_path: 
 
 @pytest.mark.parametrize("name", list(BAD_INPUT))
 def test_bad_input_is_one_line_and_changes_no_file(bad_input_results: dict, name: str):
+    if "without-cuda" in name and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
     result, before, after = bad_input_results[name]
     assert_one_line_error(result, *BAD_INPUT[name][1])
+    assert "usage:" not in result.stderr, "an argument error is one line, with a pointer to --help"
     assert after == before  # nothing written, nothing lost
 
 
@@ -458,3 +526,126 @@ def test_more_bad_input_raises_one_line_errors(
     incomplete = write(tmp_path / "out" / "checkpoint-3" / "optimizer.bin", b"").parent
     with pytest.raises(train_script.SetupError, match="not a complete checkpoint"):
         train_script.resume_checkpoint(args("--resume_from_checkpoint", str(incomplete)))
+
+
+def test_a_checkpoint_that_cannot_resume_is_named_with_the_next_usable_one(
+    runs: dict, tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, tmp_path: Path
+):
+    _, straight_dir = runs["straight"]
+    out = tmp_path / "out"
+    for step in (2, 4):
+        shutil.copytree(straight_dir / "checkpoint-4", out / f"checkpoint-{step}")
+    optimizer = out / "checkpoint-4" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    before = snapshot(out)
+
+    damaged = run(
+        launch_command(
+            *train_args(tiny_sd3_path, embeddings_path, instance_dir, out, "--resume_from_checkpoint", "latest")
+        ),
+        tmp_path,
+    )
+    other_rank = run(
+        launch_command(
+            *train_args(
+                tiny_sd3_path,
+                embeddings_path,
+                instance_dir,
+                out,
+                "--rank",
+                "8",
+                "--resume_from_checkpoint",
+                str(out / "checkpoint-2"),
+            )
+        ),
+        tmp_path,
+    )
+
+    assert_one_line_error(
+        damaged,
+        f"cannot resume from {out / 'checkpoint-4'}: its optimizer.bin cannot be read (",
+        f"the next usable earlier checkpoint is {out / 'checkpoint-2'}: resume with --resume_from_checkpoint",
+    )
+    assert_one_line_error(
+        other_rank,
+        f"cannot resume from {out / 'checkpoint-2'}: its LoRA has rank 4, --rank is 8 (pass --rank 4 to continue it)",
+        "no earlier checkpoint is usable",
+    )
+    assert snapshot(out) == before
+    lora = out / "checkpoint-2" / "pytorch_lora_weights.safetensors"
+    lora.write_bytes(lora.read_bytes()[:-10])
+    args = train_script.parse_args(
+        train_args(tiny_sd3_path, embeddings_path, instance_dir, out, "--resume_from_checkpoint", "latest")[1:]
+    )
+    with pytest.raises(train_script.SetupError, match="pytorch_lora_weights.safetensors cannot be read .*no earlier"):
+        train_script.check_checkpoint(out / "checkpoint-2", args)
+
+
+def test_argument_errors_are_one_line_pointing_at_help(capsys):
+    """argparse's own errors end with a pointer to --help; values that parse but cannot work name their fix."""
+    common = ["--pretrained_model_name_or_path", "m", "--instance_prompt", "p"]
+    for script, extra, expected in (
+        (compute_embeddings, ["--dataset_name", "./x"], r"error: --dataset_name \./x does not exist: give a local"),
+        (train_script, ["--dataset_name", "./x"], r"error: --dataset_name \./x does not exist: give a local"),
+        (
+            train_script,
+            ["--instance_data_dir", ".", "--rank", "many"],
+            r"\S+: error: argument --rank: invalid int value: 'many' \(see \S+ --help\)$",
+        ),
+    ):
+        with pytest.raises(SystemExit):
+            script.parse_args([*common, *extra])
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.match(expected, err), err
+
+
+def test_a_null_caption_is_no_caption(tmp_path: Path):
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (32, 32), "blue").save(tmp_path / "b.png")
+    records = [{"file_name": "a.png", "text": None}, {"file_name": "b.png", "text": "a blue square"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(record) for record in records))
+
+    assert compute_embeddings.folder_captions(tmp_path, "text") == {"b.png": "a blue square"}
+
+
+def test_ctrl_c_while_embedding_is_one_line_and_keeps_the_file(
+    tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, tmp_path: Path
+):
+    output = tmp_path / "embeddings.parquet"
+    shutil.copy(embeddings_path, output)
+    before = digest(output)
+    command = [sys.executable, str(write_fault_wrapper(tmp_path)), str(REPO / "compute_embeddings.py")]
+    command += ["--pretrained_model_name_or_path", str(tiny_sd3_path), "--instance_data_dir", str(instance_dir)]
+    command += ["--instance_prompt", INSTANCE_PROMPT, "--max_sequence_length", str(MAX_SEQUENCE_LENGTH)]
+    command += ["--device", "cpu", "--output_path", str(output), "--validation_prompt", "a prompt not embedded yet"]
+
+    result = run(command, tmp_path, SD3_TEST_FAULT="sigint_while_embedding")
+
+    assert result.returncode == 128 + signal.SIGINT and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last_line(result) == f"error: interrupted; {output} was not changed"
+    assert digest(output) == before and sorted(path.name for path in tmp_path.glob("*.parquet*")) == [output.name]
+
+
+def test_push_to_hub_uploads_without_checkpoints_and_a_failed_upload_keeps_the_files(
+    tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, tmp_path: Path
+):
+    from hub_server import NAMESPACE, HubServer
+
+    def push(name: str) -> subprocess.CompletedProcess:
+        extra = ["--max_train_steps", "1", "--checkpointing_steps", "1", "--push_to_hub", "--hub_model_id", "sd3-lora"]
+        args = train_args(tiny_sd3_path, embeddings_path, instance_dir, tmp_path / name, *extra, "--hub_token", "t0k")
+        return run(launch_command(*args), tmp_path, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
+
+    with HubServer(token="t0k") as hub:
+        pushed = push("pushed")
+        hub.fail_commits = True
+        failed = push("failed")
+
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    (commit,) = hub.commits
+    assert sorted(commit) == ["README.md", "pytorch_lora_weights.safetensors"]
+    assert (tmp_path / "pushed" / "checkpoint-1").is_dir()
+    assert_one_line_error(failed, f"the upload to {NAMESPACE}/sd3-lora failed (", "without training again: hf upload")
+    assert {"README.md", "pytorch_lora_weights.safetensors", "checkpoint-1"} <= {
+        path.name for path in (tmp_path / "failed").iterdir()
+    }

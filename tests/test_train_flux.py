@@ -61,8 +61,8 @@ def launch_environment(home: Path, extra_env: dict[str, str] | None = None) -> d
         WANDB_MODE="offline",
         WANDB_DIR=str(home),
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
-        **(extra_env or {}),
     )
+    env.update(extra_env or {})
     return env
 
 
