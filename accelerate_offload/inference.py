@@ -33,7 +33,8 @@ def streams_for_inference(plugin) -> bool:
 def place_pipeline(pipeline, device: torch.device | str, plugin=None, *, stream: bool | None = None):
     """Puts every model of `pipeline` on `device` for inference and returns the pipeline.
 
-    The denoiser and T5 encoders are frozen and, where the plugin streams (on CUDA; `stream=True` forces it,
+    The denoiser and T5 encoders are frozen (a model with a PEFT adapter keeps its flags: its base is frozen
+    already and the adapter may be training) and, where the plugin streams (on CUDA; `stream=True` forces it,
     on CPU too), streamed block by block with the plugin's fraction and prefetch; everything else is frozen
     and moved whole. A component already streamed is left streamed, its adapter moved to `device`.
     """
@@ -46,7 +47,8 @@ def place_pipeline(pipeline, device: torch.device | str, plugin=None, *, stream:
         if get_conductor(component) is not None:
             component.to(device)  # trainable tensors follow; streamed weights stay in host memory
             continue
-        component.requires_grad_(False)
+        if not _has_adapter(component):  # an adapter's flags are its owner's: it may be training
+            component.requires_grad_(False)
         if stream and _streamed(name, component):
             offload_model(
                 component,
@@ -103,6 +105,10 @@ def _fraction(name: str, plugin) -> float:
     if name != "transformer" or plugin is None or plugin.max_vram is not None:
         return 1.0
     return plugin.layer_offload_fraction
+
+
+def _has_adapter(component: nn.Module) -> bool:
+    return bool(getattr(component, "peft_config", None))
 
 
 def _streamed(name: str, component: nn.Module) -> bool:
