@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     validation = parser.add_argument_group("validation")
     validation.add_argument("--validation_prompt", default=None, help="Prompt of the validation images.")
     validation.add_argument("--num_validation_images", type=int, default=4, help="Images per validation.")
+    validation.add_argument(
+        "--num_inference_steps", type=int, default=28, help="Denoising steps of validation, final and class images."
+    )
     validation.add_argument("--validation_epochs", type=int, default=50, help="Validate every N epochs.")
     validation.add_argument("--validation_steps", type=int, default=None, help="Also validate every N steps.")
     validation.add_argument("--report_to", default="tensorboard", choices=TRACKERS, help="Where to log.")
@@ -717,6 +720,7 @@ def generate(
     device: torch.device,
     dtype,
     max_vram: str | None = None,
+    num_inference_steps: int = 28,
 ) -> list[Image.Image]:
     """`count` images, one per call; the VAE decodes whole, per image or in tiles, as the GPU budget allows."""
     from accelerate_offload.inference import fit_vae_to_budget
@@ -729,7 +733,12 @@ def generate(
     with torch.no_grad(), autocast:
         return [
             pipeline(
-                prompt_embeds=sequence, pooled_prompt_embeds=pooled, height=size, width=size, generator=generator
+                prompt_embeds=sequence,
+                pooled_prompt_embeds=pooled,
+                height=size,
+                width=size,
+                num_inference_steps=num_inference_steps,
+                generator=generator,
             ).images[0]
             for _ in range(count)
         ]
@@ -759,7 +768,8 @@ def generate_class_images(
         seed = None if args.seed is None else args.seed + offset
         for number, image in enumerate(
             generate(
-                pipeline, embeddings, count, args.resolution, seed, accelerator.device, dtype, offload_plugin.max_vram
+                pipeline, embeddings, count, args.resolution, seed, accelerator.device, dtype, offload_plugin.max_vram,
+                args.num_inference_steps,
             )
         ):
             digest = hashlib.sha1(image.tobytes()).hexdigest()[:12]
@@ -1170,7 +1180,7 @@ def run_validation(
     pipeline = place_pipeline(inference_pipeline(args, dtype, transformer=model, vae=vae), accelerator.device)
     images = generate(
         pipeline, embeddings, args.num_validation_images, args.resolution, args.seed, accelerator.device, dtype,
-        max_vram,
+        max_vram, args.num_inference_steps,
     )
     model.train()
     vae.to(vae_device)
@@ -1199,7 +1209,8 @@ def final_inference(
     place_pipeline(pipeline, accelerator.device, offload_plugin)
     count = max(1, args.num_validation_images)
     images = generate(
-        pipeline, embeddings, count, args.resolution, args.seed, accelerator.device, dtype, offload_plugin.max_vram
+        pipeline, embeddings, count, args.resolution, args.seed, accelerator.device, dtype, offload_plugin.max_vram,
+        args.num_inference_steps,
     )
     log_images(accelerator, images, "test", prompt, step)
     return save_images(images, Path(args.output_dir), "final")

@@ -217,6 +217,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sample_batch_size", type=int, default=4, help="Batch size (per device) for sampling class images."
     )
+    parser.add_argument(
+        "--num_inference_steps", type=int, default=28, help="Denoising steps of class, validation and final images."
+    )
     parser.add_argument("--num_train_epochs", type=int, default=1)
     parser.add_argument(
         "--max_train_steps",
@@ -750,7 +753,9 @@ def generate_class_images(
         kwargs = embedding_args(embeddings, class_row, negative, count, accelerator.device, dtype)
         fit_vae_to_budget(pipeline.vae, accelerator.device, args.resolution, args.resolution, count, "decode",
                           plugin.max_vram)
-        images = pipeline(**kwargs, height=args.resolution, width=args.resolution).images
+        images = pipeline(
+            **kwargs, height=args.resolution, width=args.resolution, num_inference_steps=args.num_inference_steps
+        ).images
         for image in images:
             digest = hashlib.sha1(image.tobytes()).hexdigest()
             image.save(class_dir / f"{len(list_images(class_dir))}-{digest}.jpg")
@@ -1276,7 +1281,8 @@ def main(args: argparse.Namespace) -> None:
 
     def validation_pipeline_args() -> dict:
         count = 1  # one image per call, `num_validation_images` calls: memory stays that of a single image
-        return embedding_args(embeddings, validation_row, negative_row, count, accelerator.device, weight_dtype)
+        embedded = embedding_args(embeddings, validation_row, negative_row, count, accelerator.device, weight_dtype)
+        return {**embedded, "num_inference_steps": args.num_inference_steps}
 
     def training_step(batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """Forward and backward of one batch: the loss, the gradient norm, and whether all of it was finite.
