@@ -454,40 +454,27 @@ def load_text_encoders(args: argparse.Namespace, device: torch.device, dtype: to
     """A transformer-less, VAE-less SD3 pipeline whose text encoders are placed as --t5_mode asks."""
     load_args = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir, "dtype": dtype}
     text_encoder_3 = None
-    if args.t5_mode != "plain":
-        from transformers import T5EncoderModel
+    if args.t5_mode == "8bit":
+        from transformers import BitsAndBytesConfig, T5EncoderModel
 
         t5_args = dict(load_args)
-        if args.t5_mode == "8bit":
-            from transformers import BitsAndBytesConfig
-
-            t5_args.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": device})
+        t5_args.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": device})
         text_encoder_3 = T5EncoderModel.from_pretrained(
             args.pretrained_model_name_or_path, subfolder="text_encoder_3", **t5_args
         )
         text_encoder_3.requires_grad_(False)
-        if args.t5_mode == "stream":
-            from accelerate_offload import offload_model
-
-            offload_model(
-                text_encoder_3,
-                device,
-                layer_offload_fraction=1.0,
-                gradient_checkpointing=False,
-                activation_offloading=False,
-                prefetch_blocks=1,
-                pin_memory=True,
-                async_offloading=True,
-            )
     extra = {} if text_encoder_3 is None else {"text_encoder_3": text_encoder_3}
     pipeline = StableDiffusion3Pipeline.from_pretrained(
         args.pretrained_model_name_or_path, transformer=None, vae=None, **extra, **load_args
     )
-    pipeline.text_encoder.to(device)
-    pipeline.text_encoder_2.to(device)
-    if args.t5_mode == "plain":
-        pipeline.text_encoder_3.to(device)
-    return pipeline
+    if text_encoder_3 is not None:  # placed by bitsandbytes, which refuses to move it
+        pipeline.text_encoder.requires_grad_(False).to(device)
+        pipeline.text_encoder_2.requires_grad_(False).to(device)
+        return pipeline
+    from accelerate_offload.inference import place_pipeline
+
+    # streamed: T5-XXL goes block by block from its file's memory map into one host buffer a block
+    return place_pipeline(pipeline, device, stream=args.t5_mode == "stream")
 
 
 @torch.no_grad()
@@ -553,20 +540,24 @@ def main(args: argparse.Namespace) -> None:
     reused = sum("prompt_embeds" in row for row in rows.values())
 
     if missing:
+        from accelerate_offload.phases import JobPhases
+
         diffusers_logging.get_logger(StableDiffusion3Pipeline.__module__).addFilter(ShortTruncationWarnings())
-        pipeline = load_text_encoders(args, device, dtype)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        phases = JobPhases(device, kept=lambda: str(output_path) if output_path.exists() else "")
+        t5_fixes = ["use --t5_mode stream (T5 block by block) or 8bit", "lower --max_sequence_length"]
+        with phases.phase("load", t5_fixes):
+            pipeline = load_text_encoders(args, device, dtype)
         computed = {}
-        for prompt in missing:
-            prompt_embeds, pooled_prompt_embeds = embed(pipeline, prompt, args.max_sequence_length, device)
-            computed[prompt] = {
-                "prompt_embeds": prompt_embeds.float().cpu().numpy(),
-                "prompt_embeds_shape": list(prompt_embeds.shape),
-                "pooled_prompt_embeds": pooled_prompt_embeds.float().cpu().numpy(),
-                "pooled_prompt_embeds_shape": list(pooled_prompt_embeds.shape),
-                "dtype": str(prompt_embeds.dtype).removeprefix("torch."),
-            }
+        with phases.phase("prompts", t5_fixes):
+            for prompt in missing:
+                prompt_embeds, pooled_prompt_embeds = embed(pipeline, prompt, args.max_sequence_length, device)
+                computed[prompt] = {
+                    "prompt_embeds": prompt_embeds.float().cpu().numpy(),
+                    "prompt_embeds_shape": list(prompt_embeds.shape),
+                    "pooled_prompt_embeds": pooled_prompt_embeds.float().cpu().numpy(),
+                    "pooled_prompt_embeds_shape": list(pooled_prompt_embeds.shape),
+                    "dtype": str(prompt_embeds.dtype).removeprefix("torch."),
+                }
         for row in rows.values():
             if "prompt_embeds" not in row:
                 row.update(computed[row["prompt"]])

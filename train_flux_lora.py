@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     validation = parser.add_argument_group("validation")
     validation.add_argument("--validation_prompt", default=None, help="Prompt of the validation images.")
     validation.add_argument("--num_validation_images", type=int, default=4, help="Images per validation.")
+    validation.add_argument(
+        "--num_inference_steps", type=int, default=28, help="Denoising steps of validation, final and class images."
+    )
     validation.add_argument("--validation_epochs", type=int, default=50, help="Validate every N epochs.")
     validation.add_argument("--validation_steps", type=int, default=None, help="Also validate every N steps.")
     validation.add_argument("--report_to", default="tensorboard", choices=TRACKERS, help="Where to log.")
@@ -776,24 +779,13 @@ def encode_prompts(
     When the launch config streams blocks on a GPU, T5-XXL (9.5 GB in bf16) streams too, block by block.
     """
     from diffusers import FluxPipeline
-    from diffusers.training_utils import free_memory
 
-    from accelerate_offload import offload_model
+    from accelerate_offload.inference import place_pipeline
 
     text_pipeline = FluxPipeline.from_pretrained(
         args.pretrained_model_name_or_path, transformer=None, vae=None, dtype=dtype, **pretrained_kwargs(args)
     )
-    text_pipeline.text_encoder_2.requires_grad_(False)
-    if device.type == "cuda" and (offload_plugin.layer_offload_fraction > 0 or offload_plugin.max_vram):
-        offload_model(
-            text_pipeline.text_encoder_2,
-            device,
-            layer_offload_fraction=1.0,
-            gradient_checkpointing=False,
-            pin_memory=offload_plugin.pin_memory,
-            async_offloading=offload_plugin.async_offloading,
-        )
-    text_pipeline.to(device)
+    place_pipeline(text_pipeline, device, offload_plugin)
     unique = sorted(set(prompts))
     cache = {}
     with torch.no_grad():
@@ -804,8 +796,7 @@ def encode_prompts(
             )
             for prompt, one_sequence, one_pooled in zip(batch, sequence.cpu(), pooled.cpu()):
                 cache[prompt] = PromptEmbeddings(one_sequence, one_pooled)
-    del text_pipeline
-    free_memory()
+    del text_pipeline  # freed, pinned buffers and all, as the prompts phase ends
     logger.info("Encoded %d prompts; text encoders freed", len(cache))
     return cache
 
@@ -856,13 +847,6 @@ def load_transformer_with_lora(args: argparse.Namespace, dtype: torch.dtype):
     return transformer
 
 
-def place_for_inference(model: torch.nn.Module, offload_plugin, device: torch.device) -> torch.nn.Module:
-    """Puts an inference-only transformer on `device` the way training does (streamed when offloading is on)."""
-    if offload_plugin.enabled:
-        return offload_plugin.prepare_model(model, device)
-    return model.to(device)
-
-
 def inference_pipeline(args: argparse.Namespace, dtype: torch.dtype, **components):
     """A FluxPipeline without text encoders: prompts go in as the cached embeddings."""
     from diffusers import FluxPipeline
@@ -882,8 +866,20 @@ def inference_pipeline(args: argparse.Namespace, dtype: torch.dtype, **component
 
 
 def generate(
-    pipeline, embeddings: PromptEmbeddings, count: int, size: int, seed: int | None, device: torch.device, dtype
+    pipeline,
+    embeddings: PromptEmbeddings,
+    count: int,
+    size: int,
+    seed: int | None,
+    device: torch.device,
+    dtype,
+    max_vram: str | None = None,
+    num_inference_steps: int = 28,
 ) -> list[Image.Image]:
+    """`count` images, one per call; the VAE decodes whole, per image or in tiles, as the GPU budget allows."""
+    from accelerate_offload.inference import fit_vae_to_budget
+
+    fit_vae_to_budget(pipeline.vae, device, size, size, 1, "decode", max_vram)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     sequence, pooled = embeddings.sequence[None].to(device, dtype), embeddings.pooled[None].to(device, dtype)
     # autocast as in training: the fp32 LoRA makes fp32 latents that a bf16/fp16 VAE would refuse
@@ -891,7 +887,12 @@ def generate(
     with torch.no_grad(), autocast:
         return [
             pipeline(
-                prompt_embeds=sequence, pooled_prompt_embeds=pooled, height=size, width=size, generator=generator
+                prompt_embeds=sequence,
+                pooled_prompt_embeds=pooled,
+                height=size,
+                width=size,
+                num_inference_steps=num_inference_steps,
+                generator=generator,
             ).images[0]
             for _ in range(count)
         ]
@@ -906,7 +907,7 @@ def generate_class_images(
     args: argparse.Namespace, embeddings: PromptEmbeddings, offload_plugin, accelerator, dtype: torch.dtype
 ) -> None:
     """Fills --class_data_dir up to --num_class_images with images of --class_prompt from the base model."""
-    from diffusers.training_utils import free_memory
+    from accelerate_offload.inference import place_pipeline
 
     missing = args.num_class_images - len(class_image_paths(args))
     if missing <= 0 or not accelerator.is_main_process:
@@ -914,20 +915,20 @@ def generate_class_images(
     folder = Path(args.class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
     logger.info("Generating %d class images of '%s' into %s", missing, args.class_prompt, folder)
-    pipeline = inference_pipeline(args, dtype)
-    place_for_inference(pipeline.transformer, offload_plugin, accelerator.device)
-    pipeline.vae.to(accelerator.device)
+    pipeline = place_pipeline(inference_pipeline(args, dtype), accelerator.device, offload_plugin)
     start = len(list_images(folder))
     for offset in range(0, missing, args.sample_batch_size):
         count = min(args.sample_batch_size, missing - offset)
         seed = None if args.seed is None else args.seed + offset
         for number, image in enumerate(
-            generate(pipeline, embeddings, count, args.resolution, seed, accelerator.device, dtype)
+            generate(
+                pipeline, embeddings, count, args.resolution, seed, accelerator.device, dtype, offload_plugin.max_vram,
+                args.num_inference_steps,
+            )
         ):
             digest = hashlib.sha1(image.tobytes()).hexdigest()[:12]
             image.save(folder / f"{start + offset + number:05d}-{digest}.png")
-    del pipeline
-    free_memory()
+    del pipeline  # freed, pinned buffers and all, as the class-images phase ends
 
 
 def encode_latent_distribution(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1317,17 +1318,26 @@ def save_images(images: list[Image.Image], folder: Path, stem: str) -> list[Path
 
 
 def run_validation(
-    args: argparse.Namespace, accelerator, transformer, vae, embeddings: PromptEmbeddings, step: int, dtype
+    args: argparse.Namespace,
+    accelerator,
+    transformer,
+    vae,
+    embeddings: PromptEmbeddings,
+    step: int,
+    dtype,
+    max_vram: str | None = None,
 ) -> None:
     """Images of --validation_prompt from the LoRA being trained: saved as PNGs and sent to the trackers."""
+    from accelerate_offload.inference import place_pipeline
+
     logger.info("Validation at step %d: %d images of '%s'", step, args.num_validation_images, args.validation_prompt)
     model = accelerator.unwrap_model(transformer)
     vae_device = vae.device
-    vae.to(accelerator.device)
     model.eval()
-    pipeline = inference_pipeline(args, dtype, transformer=model, vae=vae)
+    pipeline = place_pipeline(inference_pipeline(args, dtype, transformer=model, vae=vae), accelerator.device)
     images = generate(
-        pipeline, embeddings, args.num_validation_images, args.resolution, args.seed, accelerator.device, dtype
+        pipeline, embeddings, args.num_validation_images, args.resolution, args.seed, accelerator.device, dtype,
+        max_vram, args.num_inference_steps,
     )
     model.train()
     vae.to(vae_device)
@@ -1336,17 +1346,29 @@ def run_validation(
 
 
 def final_inference(
-    args: argparse.Namespace, accelerator, offload_plugin, embeddings: PromptEmbeddings, prompt: str, dtype, step: int
+    args: argparse.Namespace,
+    accelerator,
+    offload_plugin,
+    model,
+    vae,
+    embeddings: PromptEmbeddings,
+    prompt: str,
+    dtype,
+    step: int,
 ) -> list[Path]:
-    """Loads the saved LoRA into a fresh FluxPipeline, as a user would, and writes images with it."""
-    from accelerate_offload.training_utils import load_transformer_lora
+    """Writes images with the saved LoRA file, loaded by the pipeline's `load_lora_weights` as a user would, onto
+    the transformer that trained (its adapter swapped for the file's): no second copy of the base weights."""
+    from accelerate_offload.inference import load_lora_file, place_pipeline
 
-    pipeline = inference_pipeline(args, dtype)
-    load_transformer_lora(pipeline, args.output_dir, LORA_WEIGHT_NAME)
-    place_for_inference(pipeline.transformer, offload_plugin, accelerator.device)
-    pipeline.vae.to(accelerator.device)
+    pipeline = inference_pipeline(args, dtype, transformer=model, vae=vae or load_vae(args, accelerator.device, dtype))
+    load_lora_file(pipeline, args.output_dir, LORA_WEIGHT_NAME, accelerator.device)
+    model.eval()
+    place_pipeline(pipeline, accelerator.device, offload_plugin)
     count = max(1, args.num_validation_images)
-    images = generate(pipeline, embeddings, count, args.resolution, args.seed, accelerator.device, dtype)
+    images = generate(
+        pipeline, embeddings, count, args.resolution, args.seed, accelerator.device, dtype, offload_plugin.max_vram,
+        args.num_inference_steps,
+    )
     log_images(accelerator, images, "test", prompt, step)
     return save_images(images, Path(args.output_dir), "final")
 
@@ -1612,10 +1634,15 @@ def main(args: argparse.Namespace) -> None:
     offload_plugin = make_offload_plugin(args)
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import free_memory
     from tqdm.auto import tqdm
 
+    from accelerate_offload.inference import fit_vae_to_budget
+    from accelerate_offload.phases import STREAM_MORE, JobPhases, kept_outputs
+
     quiet_libraries(accelerator)
+    phases = JobPhases(device, kept=lambda: kept_outputs(output_dir))
+    resolution_fix = f"lower --resolution (now {args.resolution})"
+    image_fixes = [STREAM_MORE, resolution_fix]
     buckets = training_buckets(args)
     check_model(args, offload_plugin)
     if accelerator.is_main_process:
@@ -1632,12 +1659,14 @@ def main(args: argparse.Namespace) -> None:
     prompts = [example.prompt for example in examples] + [final_prompt]
     if args.with_prior_preservation:
         prompts.append(args.class_prompt)
-    embeddings = encode_prompts(args, prompts, device, dtype, offload_plugin)
+    with phases.phase("prompts", ["stream T5: a launch config that streams blocks streams it too"]):
+        embeddings = encode_prompts(args, prompts, device, dtype, offload_plugin)
 
     # 3. Class images for prior preservation, generated by the base model where the folder is short.
     class_images: list[Path] = []
     if args.with_prior_preservation:
-        generate_class_images(args, embeddings[args.class_prompt], offload_plugin, accelerator, dtype)
+        with phases.phase("class images", [*image_fixes, f"lower --sample_batch_size (now {args.sample_batch_size})"]):
+            generate_class_images(args, embeddings[args.class_prompt], offload_plugin, accelerator, dtype)
         accelerator.wait_for_everyone()
         class_images = [path for path, _ in readable_images(class_image_paths(args), args.strict, "class images")]
     dataset = DreamBoothDataset(
@@ -1658,20 +1687,23 @@ def main(args: argparse.Namespace) -> None:
     vae = load_vae(args, device, dtype)
     latent_space = LatentSpace.from_vae(vae)
     latent_cache = None
+    largest_bucket = max(set(dataset.buckets), key=lambda bucket: bucket[0] * bucket[1])
     if args.cache_latents:
         if args.random_flip or not args.center_crop:
             logger.info("--cache_latents: each image keeps the crop and flip it was cached with")
-        latent_cache = cache_latent_distributions(vae, dataset)
-        vae.to("cpu")  # needed again only to decode validation images
-        if args.validation_prompt is None:
-            del vae
-            vae = None
-        free_memory()
+        with phases.phase("latents", [resolution_fix]):
+            fit_vae_to_budget(vae, device, *largest_bucket, 1, "encode", offload_plugin.max_vram)
+            latent_cache = cache_latent_distributions(vae, dataset)
+            vae.to("cpu")  # needed again only to decode validation images
+            if args.validation_prompt is None:
+                del vae
+                vae = None
 
     # 5. The transformer: CPU, cast, LoRA, then the offload runtime places it (streamed blocks stay in CPU memory).
-    transformer = load_transformer_with_lora(args, dtype)
-    # Checkpointing goes through the plugin (per block, compatible with streaming), never the model's own.
-    transformer = offload_plugin.prepare_model(transformer, device)
+    with phases.phase("load", [STREAM_MORE]):
+        transformer = load_transformer_with_lora(args, dtype)
+        # Checkpointing goes through the plugin (per block, compatible with streaming), never the model's own.
+        transformer = offload_plugin.prepare_model(transformer, device)
     register_lora_checkpoint_hooks(accelerator, type(transformer))
     guidance_embeds = accelerator.unwrap_model(transformer).config.guidance_embeds
 
@@ -1693,6 +1725,8 @@ def main(args: argparse.Namespace) -> None:
     transformer, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         transformer, optimizer, dataloader, lr_scheduler
     )
+    if latent_cache is None:  # encoded at every step, beside what training keeps on the GPU
+        fit_vae_to_budget(vae, device, *largest_bucket, args.train_batch_size, "encode", offload_plugin.max_vram)
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     if not max_steps_given:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
@@ -1755,6 +1789,7 @@ def main(args: argparse.Namespace) -> None:
             for batch in batches:
                 step_indices += batch["indices"]
                 with (
+                    phases.phase(f"step {global_step + 1}", step=True),
                     out_of_memory_explained(model, device, args.train_batch_size, args.resolution, global_step + 1),
                     accelerator.accumulate(transformer),
                 ):
@@ -1802,7 +1837,8 @@ def main(args: argparse.Namespace) -> None:
                 accelerator.log({key: record[key] for key in ("loss", "lr", "seconds_per_step")}, step=global_step)
                 metrics.write(record)
                 if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(args, accelerator, model, global_step)
+                    with phases.phase("save"):
+                        save_checkpoint(args, accelerator, model, global_step)
                 if (
                     accelerator.is_main_process
                     and args.validation_prompt
@@ -1810,9 +1846,11 @@ def main(args: argparse.Namespace) -> None:
                     and args.validation_steps
                     and global_step % args.validation_steps == 0
                 ):
-                    run_validation(
-                        args, accelerator, transformer, vae, embeddings[args.validation_prompt], global_step, dtype
-                    )
+                    with phases.phase("validation", image_fixes):
+                        run_validation(
+                            args, accelerator, transformer, vae, embeddings[args.validation_prompt], global_step,
+                            dtype, offload_plugin.max_vram,
+                        )
                 if stop.requested(accelerator):
                     stopped_by = stop.received or signal.SIGTERM  # a process that got none stops with the others
                     if accelerator.is_main_process and global_step % args.checkpointing_steps:
@@ -1829,9 +1867,11 @@ def main(args: argparse.Namespace) -> None:
                 and args.num_validation_images
                 and epoch % args.validation_epochs == 0
             ):
-                run_validation(
-                    args, accelerator, transformer, vae, embeddings[args.validation_prompt], global_step, dtype
-                )
+                with phases.phase("validation", image_fixes):
+                    run_validation(
+                        args, accelerator, transformer, vae, embeddings[args.validation_prompt], global_step, dtype,
+                        offload_plugin.max_vram,
+                    )
                 step_started = time.perf_counter()
     finally:  # the progress bar ends before any error line; Ctrl-C stops at once from here on
         stop.restore()
@@ -1843,13 +1883,16 @@ def main(args: argparse.Namespace) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         check_finite_lora(model, global_step, args)
-        save_final_lora(model, output_dir)
+        with phases.phase("save"):
+            save_final_lora(model, output_dir)
         logger.info("Saved the LoRA to %s", output_dir / LORA_WEIGHT_NAME)
-        del model, transformer, optimizer, lr_scheduler, vae
+        del transformer, optimizer, lr_scheduler  # the trained model draws the final images with the saved file
         accelerator.free_memory()
-        images = final_inference(
-            args, accelerator, offload_plugin, embeddings[final_prompt], final_prompt, dtype, global_step
-        )
+        with phases.phase("final images", image_fixes):
+            images = final_inference(
+                args, accelerator, offload_plugin, model, vae, embeddings[final_prompt], final_prompt, dtype,
+                global_step,
+            )
         write_model_card(args, repo_id, images, final_prompt)
         if args.push_to_hub:
             push_to_hub(args, repo_id)

@@ -14,7 +14,6 @@ validation images are rendered from precomputed validation embeddings.
 
 import argparse
 import copy
-import gc
 import hashlib
 import io
 import itertools
@@ -76,9 +75,11 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from accelerate_offload import LayerOffloadPlugin, OffloadConfigError, offload_model
+from accelerate_offload import LayerOffloadPlugin, OffloadConfigError
+from accelerate_offload.inference import fit_vae_to_budget, load_lora_file, place_pipeline
 from accelerate_offload.oom import explain_out_of_memory
-from accelerate_offload.training_utils import give_default_modes, load_transformer_lora
+from accelerate_offload.phases import STREAM_MORE, JobPhases, kept_outputs
+from accelerate_offload.training_utils import give_default_modes
 
 logger = get_logger(__name__)
 
@@ -243,6 +244,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--sample_batch_size", type=int, default=4, help="Batch size (per device) for sampling class images."
+    )
+    parser.add_argument(
+        "--num_inference_steps", type=int, default=28, help="Denoising steps of class, validation and final images."
     )
     parser.add_argument("--num_train_epochs", type=int, default=1)
     parser.add_argument(
@@ -835,22 +839,6 @@ def flow_matching_loss(
     return mse(model_pred, target, weighting) + prior_loss_weight * mse(model_pred_prior, target_prior, weighting_prior)
 
 
-def place_pipeline(pipeline: StableDiffusion3Pipeline, device: torch.device, plugin: LayerOffloadPlugin) -> None:
-    """Puts an inference pipeline on `device`, streaming its transformer as the training run streams its own."""
-    if device.type == "cuda" and plugin.layer_offload_fraction > 0:
-        offload_model(
-            pipeline.transformer,
-            device,
-            layer_offload_fraction=plugin.layer_offload_fraction,
-            gradient_checkpointing=False,
-            activation_offloading=False,
-            prefetch_blocks=plugin.prefetch_blocks,
-            pin_memory=plugin.pin_memory,
-            async_offloading=plugin.async_offloading,
-        )
-    pipeline.to(device)
-
-
 def pipeline_from_pretrained(args: argparse.Namespace, dtype: torch.dtype) -> StableDiffusion3Pipeline:
     """The SD3 pipeline without its text encoders: prompts arrive as precomputed embeddings."""
     return StableDiffusion3Pipeline.from_pretrained(
@@ -897,8 +885,8 @@ def generate_class_images(
         return
     precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    pipeline = pipeline_from_pretrained(args, dtype)
-    place_pipeline(pipeline, accelerator.device, plugin)
+    # frozen and streamed as training streams: from_pretrained's trainable weights would all stay on the GPU
+    pipeline = place_pipeline(pipeline_from_pretrained(args, dtype), accelerator.device, plugin)
     pipeline.set_progress_bar_config(disable=True)
     class_row = embeddings.row("class", args.class_prompt, "--class_prompt")
     negative = embeddings.row("negative", "")
@@ -906,14 +894,16 @@ def generate_class_images(
     for start in tqdm(range(0, missing, args.sample_batch_size), desc="Generating class images"):
         count = min(args.sample_batch_size, missing - start)
         kwargs = embedding_args(embeddings, class_row, negative, count, accelerator.device, dtype)
-        images = pipeline(**kwargs, height=args.resolution, width=args.resolution).images
+        fit_vae_to_budget(
+            pipeline.vae, accelerator.device, args.resolution, args.resolution, count, "decode", plugin.max_vram
+        )
+        images = pipeline(
+            **kwargs, height=args.resolution, width=args.resolution, num_inference_steps=args.num_inference_steps
+        ).images
         for image in images:
             digest = hashlib.sha1(image.tobytes()).hexdigest()
             image.save(class_dir / f"{len(list_images(class_dir))}-{digest}.jpg")
-    del pipeline
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    del pipeline  # freed, pinned buffers and all, as the class-images phase ends
 
 
 def log_validation(
@@ -1282,10 +1272,14 @@ def main(args: argparse.Namespace) -> None:
     if args.validation_prompt is not None:
         validation_row = embeddings.row("validation", args.validation_prompt, "--validation_prompt")
 
+    phases = JobPhases(accelerator.device, kept=lambda: kept_outputs(args.output_dir))
+    resolution_fix = f"lower --resolution (now {args.resolution})"
     class_files = None
     if args.with_prior_preservation:
         if accelerator.is_local_main_process:
-            generate_class_images(args, accelerator, embeddings, offload_plugin)
+            fixes = [STREAM_MORE, resolution_fix, f"lower --sample_batch_size (now {args.sample_batch_size})"]
+            with phases.phase("class images", fixes):
+                generate_class_images(args, accelerator, embeddings, offload_plugin)
         accelerator.wait_for_everyone()
         class_dir = Path(args.class_data_dir)
         class_files = [(path.name, read_file(path)) for path in list_images(class_dir)[: args.num_class_images]]
@@ -1346,7 +1340,8 @@ def main(args: argparse.Namespace) -> None:
         cast_training_params([transformer], dtype=torch.float32)
 
     # The plugin places the transformer (streaming blocks if configured) and owns gradient checkpointing.
-    transformer = offload_plugin.prepare_model(transformer, accelerator.device)
+    with phases.phase("load", [STREAM_MORE]):
+        transformer = offload_plugin.prepare_model(transformer, accelerator.device)
 
     def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
         model = accelerator.unwrap_model(model)
@@ -1440,6 +1435,11 @@ def main(args: argparse.Namespace) -> None:
     transformer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         transformer, optimizer, train_dataloader, lr_scheduler
     )
+    # latents are encoded at every step, beside what training keeps on the GPU
+    encoded_batch = args.train_batch_size * (2 if args.with_prior_preservation else 1)
+    fit_vae_to_budget(
+        vae, accelerator.device, args.resolution, args.resolution, encoded_batch, "encode", offload_plugin.max_vram
+    )
 
     # The dataloader may have changed size in `prepare`: recompute the number of steps and epochs.
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
@@ -1494,7 +1494,8 @@ def main(args: argparse.Namespace) -> None:
 
     def validation_pipeline_args() -> dict:
         count = 1  # one image per call, `num_validation_images` calls: memory stays that of a single image
-        return embedding_args(embeddings, validation_row, negative_row, count, accelerator.device, weight_dtype)
+        embedded = embedding_args(embeddings, validation_row, negative_row, count, accelerator.device, weight_dtype)
+        return {**embedded, "num_inference_steps": args.num_inference_steps}
 
     def training_step(batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """Forward and backward of one batch: the loss, the gradient norm, and whether all of it was finite.
@@ -1581,13 +1582,14 @@ def main(args: argparse.Namespace) -> None:
         batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
         for batch_index, batch in enumerate(batches, start=skip):
             generator = torch.Generator().manual_seed(derived_seed(args.seed, 1, epoch, batch_index))
-            try:
-                loss, grad_norm, finite = training_step(batch, generator)
-            except torch.OutOfMemoryError:
-                explanation = explain_out_of_memory(
-                    unwrap_model(transformer), accelerator.device, args.train_batch_size, args.resolution
-                )
-                raise TrainingStopped(f"step {global_step + 1}: {explanation}") from None
+            with phases.phase(f"step {global_step + 1}", step=True):
+                try:
+                    loss, grad_norm, finite = training_step(batch, generator)
+                except torch.OutOfMemoryError:
+                    explanation = explain_out_of_memory(
+                        unwrap_model(transformer), accelerator.device, args.train_batch_size, args.resolution
+                    )
+                    raise TrainingStopped(f"step {global_step + 1}: {explanation}") from None
 
             if not finite:
                 raise non_finite_error(loss, grad_norm)
@@ -1599,7 +1601,8 @@ def main(args: argparse.Namespace) -> None:
 
                 stop = any_process(accelerator, stop_request.signum is not None)
                 if global_step % args.checkpointing_steps == 0 or stop:
-                    saved = save_checkpoint(accelerator, Path(args.output_dir), global_step, args)
+                    with phases.phase("save"):
+                        saved = save_checkpoint(accelerator, Path(args.output_dir), global_step, args)
                 if stop:
                     progress_bar.close()
                     name = signal.Signals(stop_request.signum or signal.SIGTERM).name
@@ -1635,35 +1638,53 @@ def main(args: argparse.Namespace) -> None:
                 tokenizer_3=None,
             )
             transformer.eval()
-            log_validation(pipeline, args, accelerator, validation_pipeline_args(), epoch, weight_dtype)
+            with phases.phase("validation", [STREAM_MORE, resolution_fix]):
+                fit_vae_to_budget(
+                    vae, accelerator.device, args.resolution, args.resolution, 1, "decode", offload_plugin.max_vram
+                )
+                log_validation(pipeline, args, accelerator, validation_pipeline_args(), epoch, weight_dtype)
             transformer.train()
             del pipeline
-            gc.collect()
-            if on_cuda:
-                torch.cuda.empty_cache()
 
     stop_request.restore()
     progress_bar.close()  # before any error line of the final save or upload
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_lora(Path(args.output_dir), lora_state_dict(unwrap_model(transformer)), transformer_lora_config)
+        with phases.phase("save"):
+            save_lora(Path(args.output_dir), lora_state_dict(unwrap_model(transformer)), transformer_lora_config)
 
-        # Final inference: a fresh pipeline with the saved LoRA, which checks that the file loads.
+        # Final inference: the saved LoRA file, loaded by the pipeline's load_lora_weights onto the transformer
+        # that trained (its adapter swapped for the file's), which checks that the file loads.
         images = []
         if args.validation_prompt and args.num_validation_images > 0:
-            pipeline = pipeline_from_pretrained(args, weight_dtype)
-            load_transformer_lora(pipeline, args.output_dir, "pytorch_lora_weights.safetensors")
-            place_pipeline(pipeline, accelerator.device, offload_plugin)
-            images = log_validation(
-                pipeline,
-                args,
-                accelerator,
-                validation_pipeline_args(),
-                epoch,
-                weight_dtype,
-                is_final_validation=True,
-            )
-            del pipeline
+            with phases.phase("final images", [STREAM_MORE, resolution_fix]):
+                pipeline = StableDiffusion3Pipeline(
+                    scheduler=copy.deepcopy(noise_scheduler),
+                    vae=vae,
+                    transformer=unwrap_model(transformer),
+                    text_encoder=None,
+                    tokenizer=None,
+                    text_encoder_2=None,
+                    tokenizer_2=None,
+                    text_encoder_3=None,
+                    tokenizer_3=None,
+                )
+                load_lora_file(pipeline, args.output_dir, "pytorch_lora_weights.safetensors", accelerator.device)
+                transformer.eval()
+                place_pipeline(pipeline, accelerator.device, offload_plugin)
+                fit_vae_to_budget(
+                    vae, accelerator.device, args.resolution, args.resolution, 1, "decode", offload_plugin.max_vram
+                )
+                images = log_validation(
+                    pipeline,
+                    args,
+                    accelerator,
+                    validation_pipeline_args(),
+                    epoch,
+                    weight_dtype,
+                    is_final_validation=True,
+                )
+                del pipeline
 
         repo_name = args.hub_model_id or Path(args.output_dir).name
         save_model_card(repo_id if args.push_to_hub else repo_name, args, images=images, repo_folder=args.output_dir)

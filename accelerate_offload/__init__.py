@@ -18,8 +18,12 @@ Modules, each importing only those above it (`tests/test_imports.py` checks it):
 - `chunking`: a block's chunked forward, through the registry.
 - `block_hook`: the per-block hook: checkpointing, and the conductor's calls around the block.
 - `offload`: `offload_model`, `remove_offload`, `get_conductor`, `trace_step`.
+- `memory`: host and GPU memory figures, the GPU cap, freeing what a phase left behind.
 - `oom`: the out-of-memory explanation.
-- `training_utils`: what the scripts share: LoRA file modes, reloading a saved LoRA.
+- `vae_memory`: a whole, sliced or tiled VAE pass, chosen from the image size and the room left.
+- `phases`: a job's phases: one line for an out-of-memory error in any of them, a record of each one's peaks.
+- `inference`: a pipeline placed for inference (frozen, streamed like training), a saved LoRA loaded onto it.
+- `training_utils`: what the scripts share: outputs with ordinary file modes.
 - `plugin`: `LayerOffloadPlugin`, the settings read from the launch config; `cli`: `accelerate-offload`.
 - `testing.tiny_pipelines`: tiny random pipelines and drawn images for tests and the demo.
 """

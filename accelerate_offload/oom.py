@@ -1,4 +1,4 @@
-"""Explaining a CUDA out-of-memory error in offloaded training: the figures of the failed step and what to change."""
+"""Explaining a CUDA out-of-memory error: the figures of the failed step or phase and what to change."""
 
 from __future__ import annotations
 
@@ -21,14 +21,7 @@ def explain_out_of_memory(model: nn.Module, device: torch.device, batch_size: in
         resolution (`int` or `str`):
             The resolution, named in the advice.
     """
-    device = torch.device(device)
-    figures = ""
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        figures = (
-            f" with {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB allocated at the peak "
-            f"({torch.cuda.memory_reserved(device) / 1e9:.2f} GB reserved) of {total / 1e9:.2f} GB"
-        )
+    figures = memory_figures(torch.device(device))
     conductor = get_conductor(model)
     fixes = []
     if conductor is None:
@@ -47,3 +40,22 @@ def explain_out_of_memory(model: nn.Module, device: torch.device, batch_size: in
             fixes.append("set prefetch_blocks: 1")
     fixes.append(f"lower --train_batch_size (now {batch_size}) or --resolution (now {resolution})")
     return f"CUDA ran out of memory{figures}; {state}. To fit: " + "; ".join(fixes) + "."
+
+
+def memory_figures(device: torch.device) -> str:
+    """' with X GB allocated at the peak (Y GB reserved) of Z GB' on CUDA (Z: what this process may use), else ''."""
+    if device.type != "cuda":
+        return ""
+    from .memory import gpu_budget
+
+    return (
+        f" with {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB allocated at the peak "
+        f"({torch.cuda.memory_reserved(device) / 1e9:.2f} GB reserved) of {gpu_budget(device) / 1e9:.2f} GB"
+    )
+
+
+def explain_phase_out_of_memory(phase: str, device: torch.device, fixes: list[str], kept: str) -> str:
+    """One line for an out-of-memory error outside a training step: the phase, its peak, the fixes, what is kept."""
+    fix_text = " To fit: " + "; ".join(fixes) + "." if fixes else ""
+    kept_text = f" Kept on disk: {kept}." if kept else ""
+    return f"{phase}: CUDA ran out of memory{memory_figures(torch.device(device))}.{fix_text}{kept_text}"

@@ -1,4 +1,4 @@
-"""What the training scripts must get right and users never edit: file modes and reloading the saved LoRA."""
+"""What the training scripts must get right and users never edit: outputs with the modes of ordinary files."""
 
 from __future__ import annotations
 
@@ -33,13 +33,3 @@ def give_default_modes(path: str | os.PathLike) -> None:
     for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
         if not item.is_symlink():
             item.chmod(folder_mode if item.is_dir() else file_mode)
-
-
-def load_transformer_lora(pipeline, folder: str | os.PathLike, weight_name: str) -> None:
-    """Loads a transformer-only LoRA file into `pipeline.transformer`: the pipeline reads it, the transformer loads it.
-
-    `load_lora_weights` also offers the file to every text encoder and warns for each one it has no keys for;
-    a LoRA trained on the transformer alone has none, so only the transformer's loader is called.
-    """
-    state_dict, metadata = pipeline.lora_state_dict(folder, weight_name=weight_name, return_lora_metadata=True)
-    pipeline.transformer.load_lora_adapter(state_dict, prefix=pipeline.transformer_name, metadata=metadata, _pipeline=pipeline)

@@ -1,0 +1,94 @@
+"""The phases of a job (load, prompts, latents, class images, steps, validation, save, final images).
+
+Each phase is a context: a CUDA out-of-memory error inside it stops the job with one line naming the phase,
+its peak, what to change and what is already on disk (nothing written is touched). A phase that ends frees
+what the job no longer references before the next one starts. With `OFFLOAD_JOB_PHASE_LOG` naming a file,
+every phase appends one JSON line to it (times, GPU peaks since the phase began, host memory), which is how
+`benchmarks/bench_job_memory.py` draws a job; the GPU peak statistics are reset as each phase starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .memory import apply_gpu_cap, host_memory, pinned_cache_bytes, release_host_memory, streamed_host_buffers
+from .oom import explain_phase_out_of_memory
+
+PHASE_LOG_VARIABLE = "OFFLOAD_JOB_PHASE_LOG"
+STREAM_MORE = "stream more blocks (layer_offload_fraction toward 1.0, or a lower max_vram)"
+
+
+class PhaseOutOfMemoryError(SystemExit):
+    """CUDA ran out of memory in a phase: the job stops with one `error: ...` line and exit status 1."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"error: {message}")
+
+
+def kept_outputs(output_dir: str | Path) -> str:
+    """The LoRA files and the newest complete checkpoint in `output_dir`, for the out-of-memory line."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return ""
+    files = sorted(path for path in folder.glob("*.safetensors") if path.is_file())
+    checkpoints = sorted(
+        (path for path in folder.glob("checkpoint-*") if path.is_dir() and path.name.split("-")[-1].isdigit()),
+        key=lambda path: int(path.name.split("-")[-1]),
+    )
+    return ", ".join(str(path) for path in files + checkpoints[-1:])
+
+
+class JobPhases:
+    """Marks the phases of one job on `device`; applies the `OFFLOAD_JOB_GPU_CAP` cap once, as it is created."""
+
+    def __init__(self, device: torch.device | str, kept: Callable[[], str] | None = None) -> None:
+        self.device = torch.device(device)
+        self.kept = kept or (lambda: "")
+        self.gpu_cap = apply_gpu_cap(self.device)
+        log = os.environ.get(PHASE_LOG_VARIABLE, "").strip()
+        self.log_path = Path(log) if log else None
+        self._cuda = self.device.type == "cuda"
+
+    @contextmanager
+    def phase(self, name: str, fixes: list[str] | None = None, step: bool = False) -> Iterator[None]:
+        """Runs one phase. `step` marks a training step: no memory is released and the record stays light, so
+        the step's time is its own."""
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.time()
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            self._record(name, start, False, step)
+            raise PhaseOutOfMemoryError(
+                explain_phase_out_of_memory(name, self.device, fixes or [], self.kept())
+            ) from None
+        except BaseException:
+            self._record(name, start, False, step)
+            raise
+        if not step:
+            release_host_memory()
+        self._record(name, start, True, step)
+
+    def _record(self, name: str, start: float, ok: bool, step: bool) -> None:
+        if self.log_path is None:
+            return
+        record = {"phase": name, "start": start, "end": time.time(), "ok": ok, "pid": os.getpid()}
+        if self._cuda:
+            record["gpu_peak_allocated"] = torch.cuda.max_memory_allocated(self.device)
+            record["gpu_peak_reserved"] = torch.cuda.max_memory_reserved(self.device)
+            record["gpu_allocated_end"] = torch.cuda.memory_allocated(self.device)
+            record["gpu_cap"] = self.gpu_cap
+        record["host"] = host_memory()
+        if not step:
+            record["streamed_host_buffers"], record["streamed_host_bytes"] = streamed_host_buffers()
+            record["pinned_cache_bytes"] = pinned_cache_bytes()
+        with self.log_path.open("a") as log:
+            log.write(json.dumps(record) + "\n")
