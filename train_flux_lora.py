@@ -10,9 +10,9 @@ Modelled on diffusers' `examples/dreambooth/train_dreambooth_lora_flux.py` (same
   * the accelerate-offload runtime: with `--gradient_checkpointing` or an `offload_config:` in the launch config,
     the transformer's blocks are checkpointed and streamed from pinned CPU memory, so a 12B model trains in bf16
     on a small GPU;
-  * interruption and faults handled: checkpoints are written to `checkpoint-N.tmp`, synced and renamed into place, SIGINT or
-    SIGTERM saves one at the next step boundary and exits with 128 + the signal number (130 or 143), a NaN/inf loss
-    or gradient stops before the optimizer applies it, out of memory is explained in one line.
+  * interruption and faults handled: checkpoints are written to `checkpoint-N.tmp`, synced and renamed into place,
+    SIGINT or SIGTERM saves one at the next step boundary and exits with 128 + the signal number (130 or 143), a
+    NaN/inf loss or gradient stops before the optimizer applies it, out of memory is explained in one line.
 
     accelerate launch train_flux_lora.py --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \
         --instance_data_dir dog --instance_prompt "a photo of sks dog" --output_dir flux-dog-lora \
