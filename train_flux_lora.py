@@ -10,9 +10,9 @@ Modelled on diffusers' `examples/dreambooth/train_dreambooth_lora_flux.py` (same
   * the accelerate-offload runtime: with `--gradient_checkpointing` or an `offload_config:` in the launch config,
     the transformer's blocks are checkpointed and streamed from pinned CPU memory, so a 12B model trains in bf16
     on a small GPU;
-  * interruption and faults handled: checkpoints are written to `checkpoint-N.tmp` and renamed into place, SIGINT or
-    SIGTERM saves one at the next step boundary and exits with 128 + the signal number (130 or 143), a NaN/inf loss
-    or gradient stops before the optimizer applies it, out of memory is explained in one line.
+  * interruption and faults handled: checkpoints are written to `checkpoint-N.tmp`, synced and renamed into place,
+    SIGINT or SIGTERM saves one at the next step boundary and exits with 128 + the signal number (130 or 143), a
+    NaN/inf loss or gradient stops before the optimizer applies it, out of memory is explained in one line.
 
     accelerate launch train_flux_lora.py --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \
         --instance_data_dir dog --instance_prompt "a photo of sks dog" --output_dir flux-dog-lora \
@@ -22,7 +22,6 @@ Modelled on diffusers' `examples/dreambooth/train_dreambooth_lora_flux.py` (same
 from __future__ import annotations
 
 import argparse
-import errno
 import hashlib
 import json
 import logging
@@ -46,6 +45,23 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import SafetensorError
 
+from accelerate_offload.training_utils import (
+    CHECKPOINT_PREFIX,
+    PARTIAL_SUFFIX,
+    StopSignals,
+    checkpoint_dirs,
+    checkpoint_step,
+    give_default_modes,
+    latest_checkpoint,
+    partial_checkpoint,
+    prune_checkpoints,
+    publish_checkpoint,
+    step_is_finite,
+    trainable_is_finite,
+    unfinished_checkpoints,
+    write_aside,
+)
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -59,11 +75,6 @@ OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy")
 TRACKERS = ("tensorboard", "wandb", "all", "none")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_PREFIX = "checkpoint-"
-# A checkpoint is written under this suffix and renamed into place once complete; `latest` never picks one up.
-PARTIAL_SUFFIX = ".tmp"
-# Test-only: "STEP:kill" SIGKILLs the process, "STEP:disk_full" raises ENOSPC, once checkpoint-STEP's LoRA is written.
-SAVE_FAULT_VARIABLE = "FLUX_LORA_TEST_SAVE_FAULT"
 TRACKER_PROJECT = "flux-lora"
 # FLUX.1 was trained with at most this many T5 tokens a prompt (FluxPipeline refuses more).
 MAX_T5_TOKENS = 512
@@ -1052,24 +1063,11 @@ def build_optimizer(args: argparse.Namespace, parameters: list[torch.nn.Paramete
     return torch.optim.AdamW(parameters, lr=args.learning_rate, eps=args.adam_epsilon, **common)
 
 
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """checkpoint-N folders, oldest first."""
-    if not output_dir.is_dir():
-        return []
-    found = [path for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if path.name[len(CHECKPOINT_PREFIX) :].isdigit()]
-    return sorted(found, key=checkpoint_step)
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(path.name[len(CHECKPOINT_PREFIX) :])
-
-
 def resolve_checkpoint(args: argparse.Namespace) -> Path | None:
     """The checkpoint folder --resume_from_checkpoint names ('latest', a path, or a name inside output_dir)."""
     output_dir = Path(args.output_dir)
     if args.resume_from_checkpoint == "latest":
-        found = checkpoint_dirs(output_dir)
-        return found[-1] if found else None
+        return latest_checkpoint(output_dir)
     for candidate in (Path(args.resume_from_checkpoint), output_dir / args.resume_from_checkpoint):
         if candidate.is_dir() and candidate.name[len(CHECKPOINT_PREFIX) :].isdigit():
             return candidate
@@ -1081,8 +1079,6 @@ def write_lora(model, folder: Path) -> None:
     from diffusers import FluxPipeline
     from peft.utils import get_peft_model_state_dict
 
-    from accelerate_offload.training_utils import give_default_modes
-
     FluxPipeline.save_lora_weights(
         folder,
         transformer_lora_layers=get_peft_model_state_dict(model),
@@ -1093,49 +1089,14 @@ def write_lora(model, folder: Path) -> None:
 
 def save_final_lora(model, output_dir: Path) -> None:
     """Written beside the final name and renamed over it: a crash never leaves a half-written LoRA."""
-    partial = output_dir / f"lora{PARTIAL_SUFFIX}"
-    write_lora(model, partial)
-    sync_to_disk(partial)
-    os.replace(partial / LORA_WEIGHT_NAME, output_dir / LORA_WEIGHT_NAME)
-    partial.rmdir()
-
-
-def remove_folder(path: Path) -> None:
-    """Renames, then deletes: a crash mid-way never leaves a half-deleted checkpoint-N for `latest` to pick."""
-    doomed = path.with_name(f"{path.name}.deleting")
-    path.rename(doomed)
-    shutil.rmtree(doomed)
+    write_aside(lambda folder: write_lora(model, folder), output_dir, LORA_WEIGHT_NAME)
 
 
 def remove_partial_checkpoints(output_dir: Path) -> None:
     """Folders left by saves that a crash or a full disk interrupted; never resumed from."""
-    for partial in sorted(output_dir.glob(f"{CHECKPOINT_PREFIX}*.*")) if output_dir.is_dir() else []:
-        if partial.is_dir() and partial.suffix in (PARTIAL_SUFFIX, ".deleting"):
-            logger.warning("Removing %s, left by a save that did not finish", partial)
-            shutil.rmtree(partial)
-
-
-def sync_to_disk(folder: Path) -> None:
-    """fsync of every file and of the folder, so the rename that follows publishes complete files."""
-    if os.name != "posix":  # folders cannot be opened for fsync on Windows
-        return
-    for path in [*folder.rglob("*"), folder]:
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
-def inject_save_fault(folder: Path) -> None:
-    """Test-only (see SAVE_FAULT_VARIABLE): a crash or a full disk half-way through writing `folder`."""
-    step, _, fault = os.environ.get(SAVE_FAULT_VARIABLE, "").partition(":")
-    if folder.name != f"{CHECKPOINT_PREFIX}{step}{PARTIAL_SUFFIX}":
-        return
-    if fault == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if fault == "disk_full":
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+    for unfinished in unfinished_checkpoints(output_dir):
+        logger.warning("Removing %s, left by a save that did not finish", unfinished)
+        shutil.rmtree(unfinished)
 
 
 def save_checkpoint(args: argparse.Namespace, accelerator, model, global_step: int) -> None:
@@ -1146,30 +1107,23 @@ def save_checkpoint(args: argparse.Namespace, accelerator, model, global_step: i
     check_finite_lora(model, global_step, args)
     output_dir = Path(args.output_dir)
     path = output_dir / f"{CHECKPOINT_PREFIX}{global_step}"
-    partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    if partial.exists():
-        shutil.rmtree(partial)
+    written = partial_checkpoint(output_dir, global_step)
+    if written.exists():
+        shutil.rmtree(written)
     try:
-        accelerator.save_state(str(partial))
-        sync_to_disk(partial)
+        accelerator.save_state(str(written))
+        path = publish_checkpoint(written)
     except (OSError, RuntimeError, SafetensorError) as error:  # how a full disk shows in open, torch.save, safetensors
-        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(written, ignore_errors=True)
         previous = checkpoint_dirs(output_dir)
         kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         raise TrainingFault(
             f"could not save {path.name} at step {global_step} ({type(error).__name__}: {error}); {kept}. "
             "Free disk space, then run the same command with --resume_from_checkpoint latest"
         ) from None
-    if path.exists():  # from a run that went further before this one resumed from an earlier checkpoint
-        remove_folder(path)
-    partial.rename(path)
-    sync_to_disk(output_dir)
     logger.info("Saved state to %s", path)
-    if args.checkpoints_total_limit is not None:
-        older = [folder for folder in checkpoint_dirs(output_dir) if folder != path]
-        for old in older[: max(0, len(older) + 1 - args.checkpoints_total_limit)]:
-            logger.info("Removing %s (--checkpoints_total_limit %d)", old, args.checkpoints_total_limit)
-            remove_folder(old)
+    for old in prune_checkpoints(output_dir, args.checkpoints_total_limit, path):
+        logger.info("Removed %s (--checkpoints_total_limit %d)", old, args.checkpoints_total_limit)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1186,7 +1140,7 @@ def last_checkpoint_note(output_dir: Path) -> str:
 
 def check_finite_step(loss: float, grad_norm: float | None, step: int, args: argparse.Namespace) -> None:
     """Stops before the optimizer applies a NaN/inf loss or gradient, so weights and checkpoints stay finite."""
-    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+    if step_is_finite(loss, grad_norm):
         return
     raise TrainingFault(
         f"step {step}: the loss is {loss} (gradient norm {grad_norm}); stopped before the optimizer applied it, no "
@@ -1197,7 +1151,7 @@ def check_finite_step(loss: float, grad_norm: float | None, step: int, args: arg
 
 def check_finite_lora(model, step: int, args: argparse.Namespace) -> None:
     """The LoRA is never saved with NaN/inf values (a huge learning rate can overflow the weights themselves)."""
-    if all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+    if trainable_is_finite(model):
         return
     raise TrainingFault(
         f"step {step}: the LoRA weights are not finite; nothing was saved. Lower --learning_rate (now "
@@ -1228,30 +1182,6 @@ def out_of_memory_explained(model, device: torch.device, batch_size: int, resolu
         raise TrainingFault(f"step {step}: {explanation}") from None
 
 
-class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM ask for a checkpoint at the next step boundary; a second one stops at once."""
-
-    def __init__(self) -> None:
-        self.received: signal.Signals | None = None
-        self.previous = {number: signal.signal(number, self.handle) for number in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, number: int, frame) -> None:
-        self.received = signal.Signals(number)
-        self.restore()
-        print(f"{self.received.name}: saving a checkpoint after this step (again to stop now)", file=sys.stderr)
-
-    def restore(self) -> None:
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
-
-    def requested(self, accelerator) -> bool:
-        """Whether any process got a signal (all of them stop together)."""
-        if accelerator.num_processes == 1:
-            return self.received is not None
-        flag = torch.tensor([float(self.received is not None)], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item())
-
-
 def register_lora_checkpoint_hooks(accelerator, transformer_class: type) -> None:
     """Makes save_state/load_state store only the LoRA (in diffusers format), not the 12B base weights."""
     from diffusers import FluxPipeline
@@ -1267,7 +1197,6 @@ def register_lora_checkpoint_hooks(accelerator, transformer_class: type) -> None
                 raise TypeError(f"unexpected model to save: {model.__class__.__name__}")
             write_lora(model, Path(output_dir))
             weights.pop()
-            inject_save_fault(Path(output_dir))
 
     def load_hook(models: list, input_dir: str) -> None:
         while models:

@@ -79,7 +79,18 @@ from accelerate_offload import LayerOffloadPlugin, OffloadConfigError
 from accelerate_offload.inference import fit_vae_to_budget, load_lora_file, place_pipeline
 from accelerate_offload.oom import explain_out_of_memory
 from accelerate_offload.phases import STREAM_MORE, JobPhases, kept_outputs
-from accelerate_offload.training_utils import give_default_modes
+from accelerate_offload.training_utils import (
+    StopSignals,
+    any_process,
+    checkpoint_dirs,
+    checkpoint_step,
+    give_default_modes,
+    partial_checkpoint,
+    publish_checkpoint,
+    remove_folder,
+    unfinished_checkpoints,
+    write_aside,
+)
 
 logger = get_logger(__name__)
 
@@ -1025,12 +1036,7 @@ Use of these weights follows the license of the base model, {args.pretrained_mod
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """The `checkpoint-N` folders whose save finished, oldest first; one cut short lacks the marker."""
-    found = [
-        path
-        for path in output_dir.glob("checkpoint-*")
-        if path.name.removeprefix("checkpoint-").isdigit() and (path / CHECKPOINT_MARKER).is_file()
-    ]
-    return sorted(found, key=checkpoint_step)
+    return [path for path in checkpoint_dirs(output_dir) if (path / CHECKPOINT_MARKER).is_file()]
 
 
 def resume_checkpoint(args: argparse.Namespace) -> Path | None:
@@ -1058,10 +1064,6 @@ def resume_checkpoint(args: argparse.Namespace) -> Path | None:
             " pass --resume_from_checkpoint latest to use the last complete one"
         )
     return path
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(path.name.removeprefix("checkpoint-"))
 
 
 def checkpoint_problem(checkpoint: Path, args: argparse.Namespace) -> str | None:
@@ -1116,14 +1118,14 @@ def check_checkpoint(checkpoint: Path, args: argparse.Namespace) -> None:
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, args: argparse.Namespace) -> Path:
     """Saves the training state as `checkpoint-{step}` atomically, then keeps the newest --checkpoints_total_limit.
 
-    Every process writes into a hidden folder; the marker goes in last and the folder is renamed into place, so a
-    crash or a full disk during the save leaves the earlier checkpoints as they were, and old ones are deleted
-    only once the new one is complete.
+    Every process writes into `checkpoint-{step}.tmp`; the marker goes in last and the folder is synced and renamed
+    into place, so a crash or a full disk during the save leaves the earlier checkpoints as they were, and old ones
+    are deleted only once the new one is complete.
     """
     final = output_dir / f"checkpoint-{step}"
-    partial = output_dir / f".checkpoint-{step}.partial"
+    partial = partial_checkpoint(output_dir, step)
     if accelerator.is_main_process:
-        for stale in output_dir.glob(".checkpoint-*.partial"):  # left by a crash
+        for stale in unfinished_checkpoints(output_dir):  # left by a crash
             shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     try:
@@ -1131,9 +1133,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, args:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (partial / CHECKPOINT_MARKER).write_text(json.dumps({"global_step": step, "seed": args.seed}))
-            if final.exists():  # the same step saved by an earlier run that was resumed from before it
-                shutil.rmtree(final)
-            os.replace(partial, final)
+            publish_checkpoint(partial)
     except OSError as error:
         shutil.rmtree(partial, ignore_errors=True)
         kept = complete_checkpoints(output_dir)
@@ -1144,7 +1144,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, args:
     if accelerator.is_main_process and args.checkpoints_total_limit is not None:
         for old in complete_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
             logger.info(f"Removing {old} (--checkpoints_total_limit {args.checkpoints_total_limit})")
-            shutil.rmtree(old)
+            remove_folder(old)
     accelerator.wait_for_everyone()
     logger.info(f"Saved state to {final}")
     return final
@@ -1152,54 +1152,20 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, args:
 
 def save_lora(output_dir: Path, lora_layers: dict[str, torch.Tensor], lora_config: LoraConfig) -> None:
     """Writes pytorch_lora_weights.safetensors beside and renames it, so an earlier LoRA is never half overwritten."""
-    partial = output_dir / ".lora.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
+    def write(folder: Path) -> None:
         StableDiffusion3Pipeline.save_lora_weights(
-            save_directory=partial,
+            save_directory=folder,
             transformer_lora_layers=lora_layers,
             transformer_lora_adapter_metadata=lora_config.to_dict(),
         )
-        give_default_modes(partial / "pytorch_lora_weights.safetensors")
-        os.replace(partial / "pytorch_lora_weights.safetensors", output_dir / "pytorch_lora_weights.safetensors")
+
+    try:
+        write_aside(write, output_dir, "pytorch_lora_weights.safetensors")
     except OSError as error:
         raise TrainingStopped(
             f"could not write the LoRA to {output_dir} ({error.strerror or error}): free space and rerun with "
             "--resume_from_checkpoint latest"
         ) from None
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-
-
-class StopRequest:
-    """Turns the first SIGINT (Ctrl-C) or SIGTERM into a request to stop at the next step boundary, with a checkpoint.
-
-    A second signal is handled as usual and stops at once.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
-
-    def _handle(self, signum: int, frame) -> None:
-        self.signum = signum
-        self.restore()
-        # os.write, not print: the signal may arrive while the progress bar holds the stderr buffer
-        os.write(
-            2, f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to stop now)\n".encode()
-        )
-
-    def restore(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
-def any_process(accelerator: Accelerator, flag: bool) -> bool:
-    """Whether `flag` is set on any process, so that all of them stop at the same step."""
-    flags = accelerator.gather(torch.tensor([float(flag)], device=accelerator.device))
-    return bool(flags.any())
 
 
 def main(args: argparse.Namespace) -> None:
@@ -1572,7 +1538,7 @@ def main(args: argparse.Namespace) -> None:
     on_cuda = accelerator.device.type == "cuda"
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(accelerator.device)
-    stop_request = StopRequest()
+    stop_request = StopSignals()
     step_started = time.perf_counter()
     for epoch in range(first_epoch, args.num_train_epochs):
         transformer.train()
@@ -1599,13 +1565,13 @@ def main(args: argparse.Namespace) -> None:
                 progress_bar.update(1)
                 global_step += 1
 
-                stop = any_process(accelerator, stop_request.signum is not None)
+                stop = any_process(accelerator, stop_request.received is not None)
                 if global_step % args.checkpointing_steps == 0 or stop:
                     with phases.phase("save"):
                         saved = save_checkpoint(accelerator, Path(args.output_dir), global_step, args)
                 if stop:
                     progress_bar.close()
-                    name = signal.Signals(stop_request.signum or signal.SIGTERM).name
+                    name = signal.Signals(stop_request.received or signal.SIGTERM).name
                     if accelerator.is_main_process:
                         print(
                             f"Stopped by {name} after step {global_step}: saved {saved}. To go on, rerun the same "
@@ -1613,7 +1579,7 @@ def main(args: argparse.Namespace) -> None:
                             file=sys.stderr,
                         )
                     accelerator.end_training()
-                    sys.exit(128 + (stop_request.signum or signal.SIGTERM))
+                    sys.exit(128 + (stop_request.received or signal.SIGTERM))
 
                 logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
                 postfix = {**logs, "s/step": f"{seconds_per_step:.2f}"}

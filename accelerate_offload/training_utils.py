@@ -1,10 +1,20 @@
-"""What the training scripts must get right and users never edit: outputs with the modes of ordinary files."""
+"""What the training scripts must get right and users never edit.
+
+Outputs with the modes of ordinary files, checkpoints that a crash or a full disk never leaves half-written,
+finite checks, and stop signals that all processes act on at the same step.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
+import signal
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+
+import torch
 
 
 @cache
@@ -33,3 +43,160 @@ def give_default_modes(path: str | os.PathLike) -> None:
     for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
         if not item.is_symlink():
             item.chmod(folder_mode if item.is_dir() else file_mode)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: written aside, synced, renamed into place; pruned only once the new one is complete
+# ----------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_PREFIX = "checkpoint-"
+# A checkpoint is written under this suffix and renamed into place once complete; `latest` never picks one up.
+PARTIAL_SUFFIX = ".tmp"
+# A checkpoint being deleted is renamed to this suffix first, so a crash never leaves a half-deleted checkpoint-N.
+DELETING_SUFFIX = ".deleting"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step N of a `checkpoint-N` folder."""
+    return int(path.name[len(CHECKPOINT_PREFIX) :])
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """The complete `checkpoint-N` folders of `output_dir`, oldest first (one being written or deleted has a suffix)."""
+    if not output_dir.is_dir():
+        return []
+    found = [
+        path
+        for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
+        if path.is_dir() and path.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return sorted(found, key=checkpoint_step)
+
+
+def partial_checkpoint(output_dir: Path, step: int) -> Path:
+    """Where checkpoint-`step` is written before it is renamed into place."""
+    return output_dir / f"{CHECKPOINT_PREFIX}{step}{PARTIAL_SUFFIX}"
+
+
+def unfinished_checkpoints(output_dir: Path) -> list[Path]:
+    """Folders left by saves or deletions that a crash or a full disk interrupted; never resumed from."""
+    if not output_dir.is_dir():
+        return []
+    return [
+        path
+        for path in sorted(output_dir.glob(f"{CHECKPOINT_PREFIX}*.*"))
+        if path.is_dir() and path.suffix in (PARTIAL_SUFFIX, DELETING_SUFFIX)
+    ]
+
+
+def sync_to_disk(folder: Path) -> None:
+    """fsync of every file and of the folder, so the rename that follows publishes complete files."""
+    if os.name != "posix":  # folders cannot be opened for fsync on Windows
+        return
+    for path in [*folder.rglob("*"), folder]:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def remove_folder(path: Path) -> None:
+    """Renames, then deletes: a crash mid-way never leaves a half-deleted checkpoint-N for `latest` to pick."""
+    doomed = path.with_name(f"{path.name}{DELETING_SUFFIX}")
+    path.rename(doomed)
+    shutil.rmtree(doomed)
+
+
+def publish_checkpoint(partial: Path) -> Path:
+    """Syncs the written `partial` folder and renames it to its checkpoint-N name (replacing an older one of it)."""
+    final = partial.with_name(partial.name.removesuffix(PARTIAL_SUFFIX))
+    sync_to_disk(partial)
+    if final.exists():  # from a run that went further before this one resumed from an earlier checkpoint
+        remove_folder(final)
+    partial.rename(final)
+    sync_to_disk(final.parent)
+    return final
+
+
+def prune_checkpoints(output_dir: Path, keep: int | None, newest: Path) -> list[Path]:
+    """Deletes the oldest checkpoints so that `keep` remain with `newest`, which must already be complete."""
+    if keep is None:
+        return []
+    older = [folder for folder in checkpoint_dirs(output_dir) if folder != newest]
+    doomed = older[: max(0, len(older) + 1 - keep)]
+    for old in doomed:
+        remove_folder(old)
+    return doomed
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint in `output_dir`, if any."""
+    found = checkpoint_dirs(output_dir)
+    return found[-1] if found else None
+
+
+def write_aside(write: Callable[[Path], None], output_dir: Path, file_name: str) -> Path:
+    """Calls `write(folder)` on a folder beside `output_dir/file_name` and renames the file it wrote over that name.
+
+    A crash or a full disk mid-write never leaves a half-written file under the final name; an earlier one stays.
+    """
+    partial = output_dir / f".{Path(file_name).stem}{PARTIAL_SUFFIX}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        write(partial)
+        give_default_modes(partial / file_name)
+        sync_to_disk(partial)
+        os.replace(partial / file_name, output_dir / file_name)
+        sync_to_disk(output_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return output_dir / file_name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finite checks and stop signals
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def step_is_finite(loss: float, grad_norm: float | None = None) -> bool:
+    """Whether a step's loss (and gradient norm, where clipped) can be applied."""
+    return math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+
+
+def trainable_is_finite(model: torch.nn.Module) -> bool:
+    """Whether every trainable parameter (the LoRA) is finite; a huge learning rate can overflow the weights."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+
+
+def any_process(accelerator, flag: bool) -> bool:
+    """Whether `flag` is set on any process, so that all of them act at the same step (one all-reduce)."""
+    if accelerator.num_processes == 1:
+        return flag
+    tensor = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(tensor, reduction="sum").item() > 0)
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM ask for a checkpoint at the next step boundary; a second one stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self.previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+
+    def _handle(self, number: int, frame) -> None:
+        self.received = signal.Signals(number)
+        self.restore()
+        # os.write, not print: the signal may arrive while the progress bar holds the stderr buffer
+        os.write(2, f"\n{self.received.name}: saving a checkpoint after this step (again to stop now)\n".encode())
+
+    def restore(self) -> None:
+        """Puts back the handlers there were before, so that a further signal acts as usual."""
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def requested(self, accelerator) -> bool:
+        """Whether any process got a signal (all of them stop together)."""
+        return any_process(accelerator, self.received is not None)

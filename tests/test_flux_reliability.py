@@ -323,7 +323,7 @@ def disk_full_run(tiny_flux_path: Path, mixed_images: Path, home: Path) -> Run:
         "--checkpointing_steps", "1",
         "--report_to", "none",
     )  # fmt: skip
-    return launch(args, home, expect_success=False, extra_env={"FLUX_LORA_TEST_SAVE_FAULT": "2:disk_full"})
+    return launch(args, home, expect_success=False, save_fault="2:disk_full")
 
 
 def test_unreadable_images_are_skipped_and_every_mode_trains(disk_full_run: Run) -> None:

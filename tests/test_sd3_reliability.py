@@ -50,7 +50,7 @@ if fault == "kill_mid_save":
 
     def save(obj, f, *args, **kwargs):
         real_save(obj, f, *args, **kwargs)
-        if ".checkpoint-4.partial" in str(f):  # one file of checkpoint-4 written: die as a power cut would
+        if "checkpoint-4.tmp" in str(f):  # one file of checkpoint-4 written: die as a power cut would
             os.kill(os.getpid(), signal.SIGKILL)
 
     torch.save = save
@@ -246,7 +246,7 @@ def test_checkpoint_total_limit_keeps_the_newest_complete_ones(runs: dict):
 def test_kill_mid_save_leaves_the_previous_checkpoint(runs: dict):
     crash, crash_dir = runs["crash"]
     assert crash.returncode != 0
-    partial = crash_dir / ".checkpoint-4.partial"
+    partial = crash_dir / "checkpoint-4.tmp"
     assert partial.is_dir() and not (partial / train_script.CHECKPOINT_MARKER).exists()  # killed inside the save
     assert not (crash_dir / "checkpoint-4").exists()
     # --checkpoints_total_limit 1 deletes checkpoint-2 only once checkpoint-4 is complete

@@ -66,23 +66,66 @@ def launch_environment(home: Path, extra_env: dict[str, str] | None = None) -> d
     return env
 
 
-def launch_command(args: list[str], launcher: str = "accelerate.commands.launch") -> list[str]:
+# Runs the script given as its first argument, unchanged, as __main__, after making the LoRA write of
+# checkpoint-STEP fail: "STEP:kill" SIGKILLs the process as a power cut would, "STEP:disk_full" raises ENOSPC.
+SAVE_FAULT_WRAPPER = """
+import errno, os, runpy, signal, sys
+from pathlib import Path
+
+from diffusers import FluxPipeline
+
+step, _, fault = os.environ["FLUX_TEST_SAVE_FAULT"].partition(":")
+real_save = FluxPipeline.save_lora_weights.__func__
+
+
+def save_lora_weights(cls, save_directory, *args, **kwargs):
+    real_save(cls, save_directory, *args, **kwargs)
+    if Path(save_directory).name == f"checkpoint-{step}.tmp":
+        if fault == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(save_directory))
+
+
+FluxPipeline.save_lora_weights = classmethod(save_lora_weights)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def launch_command(
+    args: list[str], launcher: str = "accelerate.commands.launch", script: list[str] | None = None
+) -> list[str]:
     """One CPU process; `accelerate_offload.cli launch` (without --quiet) passes the worker's exit code through."""
     command = [sys.executable, "-m", *launcher.split(), "--num_processes", "1", "--cpu", "--mixed_precision", "no"]
     command += ["--quiet"] if launcher == "accelerate.commands.launch" else []
     command += ["--num_machines", "1", "--dynamo_backend", "no"]
-    return command + ["--num_cpu_threads_per_process", str(os.cpu_count() or 1), str(SCRIPT), *args]
+    return command + ["--num_cpu_threads_per_process", str(os.cpu_count() or 1), *(script or [str(SCRIPT)]), *args]
 
 
 def output_dir_of(args: list[str], home: Path) -> Path:
     return Path(args[args.index("--output_dir") + 1]) if "--output_dir" in args else home
 
 
-def launch(args: list[str], home: Path, expect_success: bool = True, extra_env: dict[str, str] | None = None) -> Run:
-    """`accelerate launch --quiet` (no launcher traceback after a failing worker) on one CPU process."""
+def launch(
+    args: list[str],
+    home: Path,
+    expect_success: bool = True,
+    extra_env: dict[str, str] | None = None,
+    save_fault: str | None = None,
+) -> Run:
+    """`accelerate launch --quiet` (no launcher traceback after a failing worker) on one CPU process.
+
+    `save_fault` ("STEP:kill" or "STEP:disk_full") runs the script under SAVE_FAULT_WRAPPER.
+    """
     env = launch_environment(home, extra_env)
+    script = None
+    if save_fault:
+        env["FLUX_TEST_SAVE_FAULT"] = save_fault
+        wrapper = home / "save_fault_wrapper.py"
+        wrapper.write_text(SAVE_FAULT_WRAPPER)
+        script = [str(wrapper), str(SCRIPT)]
     result = subprocess.run(
-        launch_command(args), check=False, env=env, capture_output=True, text=True, cwd=home, timeout=280
+        launch_command(args, script=script), check=False, env=env, capture_output=True, text=True, cwd=home, timeout=280
     )
     run = Run(output_dir_of(args, home), result.stdout, result.stderr, result.returncode)
     if expect_success:
@@ -261,7 +304,7 @@ def crashed_run(interrupted_run: Run, tiny_flux_path: Path, sample_images: Path,
     """Resumes the interrupted run and is SIGKILLed half-way through writing checkpoint-4 (LoRA written, rest not)."""
     extra = ["--resume_from_checkpoint", "latest", "--checkpoints_total_limit", "1"]
     args = dreambooth_args(tiny_flux_path, sample_images, interrupted_run.output_dir, *extra)
-    return snapshot(launch(args, home, expect_success=False, extra_env={"FLUX_LORA_TEST_SAVE_FAULT": "4:kill"}))
+    return snapshot(launch(args, home, expect_success=False, save_fault="4:kill"))
 
 
 @pytest.fixture(scope="module")
