@@ -118,3 +118,19 @@ def test_budget_below_the_staging_ring_is_refused() -> None:
     _, model = toy_pair(DEPTH)
     with pytest.raises(RamBudgetError, match="below the .* staging ring"):
         offload(model, layer_offload_fraction=1.0, max_ram=1000, offload_dir="unused")
+
+
+def test_plugin_reads_max_ram_and_offload_dir_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from accelerate_offload import LayerOffloadPlugin, OffloadConfigError
+
+    monkeypatch.setenv("ACCELERATE_OFFLOAD_MAX_RAM", "12GB")
+    monkeypatch.setenv("ACCELERATE_OFFLOAD_OFFLOAD_DIR", "blocks")
+    plugin = LayerOffloadPlugin(layer_offload_fraction=1.0)
+    settings = plugin.offload_settings("cuda")
+    assert (settings.max_ram, settings.offload_dir) == ("12GB", "blocks")
+    assert plugin.offload_settings("cpu").max_ram is None  # nothing streams without CUDA
+    monkeypatch.delenv("ACCELERATE_OFFLOAD_OFFLOAD_DIR")
+    with pytest.raises(OffloadConfigError, match="set offload_dir"):
+        LayerOffloadPlugin(layer_offload_fraction=1.0)
+    with pytest.raises(OffloadConfigError, match="max_ram must look like"):
+        LayerOffloadPlugin(layer_offload_fraction=1.0, max_ram="lots", offload_dir="blocks")
