@@ -94,11 +94,11 @@ class BlockWeights:
         self.late_piece: int | None = 1 if len(self.pieces) > 1 else None  # the feed-forward's, if split
         self.early_pieces: tuple[int, ...] = (0,)  # what a backward prefetch copies before the late piece
         self.nbytes = offset
-        self._memory = np.empty(offset + ALIGNMENT, dtype=np.uint8)
+        self._memory = np.zeros(offset + ALIGNMENT, dtype=np.uint8)  # padding too: block files compare alike
         self._base = -self._memory.ctypes.data % ALIGNMENT
         self.host = self._host_tensor(torch.uint8, offset, 0)
         if pin_memory:
-            _pin_in_place(self._memory, self.host)
+            pin_in_place(self._memory, self.host)
         self._host_views = [
             self._host_tensor(slot.dtype, slot.nbytes // slot.dtype.itemsize, slot.offset).view(slot.shape)
             for slot in self._slots
@@ -106,6 +106,21 @@ class BlockWeights:
         for view, source in zip(self._host_views, sources):
             if source is not None:
                 view.copy_(source)
+        self.point_at_host()
+
+    def drop_host(self) -> None:
+        """Frees the host buffer of a block kept on disk; its tensors point at a one-element placeholder per slot
+        (NaN bytes, so a read of an evicted disk block shows) until a device copy or `restore_host`."""
+        filler = torch.full((16,), 255, dtype=torch.uint8)
+        self._host_views = [filler[: s.dtype.itemsize].view(s.dtype).reshape(()).expand(s.shape) for s in self._slots]
+        self._memory = np.empty(0, dtype=np.uint8)
+        self.host = torch.empty(0, dtype=torch.uint8)
+        self.point_at_host()
+
+    def restore_host(self, host: torch.Tensor) -> None:
+        """Points the block back at a host copy of its bytes (read back from disk)."""
+        self.host = host
+        self._host_views = [host[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self._slots]
         self.point_at_host()
 
     def _host_tensor(self, dtype: torch.dtype, count: int, offset: int) -> torch.Tensor:
@@ -161,7 +176,7 @@ class BlockWeights:
         self._assign([copies[slot.offset] for slot in self._slots])
 
 
-def _pin_in_place(memory: np.ndarray, buffer: torch.Tensor) -> None:
+def pin_in_place(memory: np.ndarray, buffer: torch.Tensor) -> None:
     """Page-locks `buffer` with cudaHostRegister.
 
     torch's pinned allocator rounds every allocation up to a power of two (a 0.68 GB Flux block would take

@@ -24,6 +24,7 @@ from torch import nn
 
 from .activations import ActivationShuttle
 from .block_weights import BlockWeights, guard_device_moves
+from .disk_tier import DiskTier
 from .planner import VramPlanner
 from .streams import CopyStreams
 from .timeline import StepTrace
@@ -72,6 +73,7 @@ class LayerOffloadConductor:
         }
         for index, weights in self.weights.items():
             guard_device_moves(blocks[index], weights)
+        self.disk: DiskTier | None = None  # set for max_ram: the streamed blocks past the budget, read from disk
         self.planner: VramPlanner | None = None  # set for max_vram: picks resident blocks after the first step
         self.trace: StepTrace | None = None  # set while a step is traced for the VRAM timeline
         self.log: list[tuple[str, int]] | None = None  # ("load" | "evict" | "load late" | "evict late", block)
@@ -85,6 +87,9 @@ class LayerOffloadConductor:
     def is_streamed(self, index: int) -> bool:
         return index in self.weights
 
+    def is_on_disk(self, index: int) -> bool:
+        return self.disk is not None and index in self.disk.offsets and index in self.weights
+
     @property
     def resident_count(self) -> int:
         return self.block_count - len(self.weights)
@@ -94,6 +99,9 @@ class LayerOffloadConductor:
         for index in indices:
             if index in self._loaded:
                 self._evict(index)
+            if self.is_on_disk(index):
+                self.disk.release(index)
+                self.weights[index].restore_host(self.disk.read_whole(index))
             self.weights.pop(index).release_to(device or self.device)
             del self.blocks[index]._apply  # the device-move guard
 
@@ -112,6 +120,8 @@ class LayerOffloadConductor:
         targets = self._upcoming(index, backward)
         for stale in [i for i in self._loaded if i != index and i not in targets]:
             self._evict(stale)
+        if self.disk is not None:
+            self.disk.prefetch(self._disk_order(index, backward))
         if self.is_streamed(index):
             self._wait_for(index, backward)
         for target in targets:
@@ -176,6 +186,17 @@ class LayerOffloadConductor:
             position += step
         return upcoming
 
+    def _disk_order(self, index: int, backward: bool) -> list[int]:
+        """Disk blocks to have in staging, soonest first: this one and those after it not yet whole on the device,
+        as many as the ring holds (deeper than the device prefetch: disk reads take longer)."""
+        step, order, position = (-1 if backward else 1), [], index
+        while len(order) < len(self.disk.slots) and 0 <= position < self.block_count:
+            whole = position in self._loaded and len(self._loaded[position]) == len(self.weights[position].pieces)
+            if self.is_on_disk(position) and not whole:
+                order.append(position)
+            position += step
+        return order
+
     def _missing_late_piece(self, index: int) -> bool:
         """Whether `index` is on the device with its late piece still to come."""
         late = self.weights[index].late_piece
@@ -187,13 +208,20 @@ class LayerOffloadConductor:
             self._loaded[index] = {}
             self._record("load", index)
         loaded = self._loaded[index]
+        on_disk = self.is_on_disk(index)
         for piece in range(len(weights.pieces)) if pieces is None else pieces:
             if piece in loaded:
                 continue
-            buffer, ready = self.streams.host_to_device(weights.host_piece(piece), self.device)
+            span = weights.pieces[piece]
+            host = self.disk.host(index)[span.start : span.start + span.nbytes] if on_disk else weights.host_piece(piece)
+            buffer, ready = self.streams.host_to_device(host, self.device)
             weights.point_at(buffer, piece)
             loaded[piece] = _Loaded(buffer, ready)
-            self.bytes_loaded += weights.pieces[piece].nbytes
+            self.bytes_loaded += span.nbytes
+            if on_disk:
+                self.disk.copied(index, ready)
+        if on_disk and len(loaded) == len(weights.pieces):
+            self.disk.release(index)
 
     def _wait_for(self, index: int, backward: bool) -> None:
         self._load(index)  # also the late piece of a block prefetched without it whose signal never came
@@ -214,6 +242,8 @@ class LayerOffloadConductor:
         if not loaded:
             del self._loaded[index]
             self._record("evict", index)
+            if self.is_on_disk(index):
+                self.disk.release(index)
 
     def _record(self, event: str, index: int) -> None:
         if self.log is not None:

@@ -14,6 +14,7 @@ from .activations import ActivationShuttle
 from .block_hook import OffloadBlockHook
 from .chunking import chunkable, chunked_block_forward
 from .conductor import LayerOffloadConductor
+from .disk_tier import DISK_LOOKAHEAD, DiskTier, blocks_past_budget
 from .planner import VramPlanner, parse_memory
 from .registry import base_model, find_blocks, late_feed_forward
 from .settings import OffloadSettings
@@ -77,6 +78,8 @@ def offload_model(
         activations,
         late_modules={index: late for index, (_, late) in enumerate(feed_forwards) if late},
     )
+    if settings.max_ram is not None:
+        _spill_to_disk(model, conductor, settings, pinned)
     hooks = [
         OffloadBlockHook(block, index, conductor, settings.gradient_checkpointing, activations, attention, len(late))
         for index, ((_, block), (attention, late)) in enumerate(zip(blocks, feed_forwards))
@@ -113,6 +116,31 @@ def offload_model(
         settings.sequence_chunks,
     )
     return conductor
+
+
+def _spill_to_disk(
+    model: nn.Module, conductor: LayerOffloadConductor, settings: OffloadSettings, pinned: bool
+) -> None:
+    """Keeps the first streamed blocks that fit `max_ram` in host memory and moves the rest to the block file."""
+    ring_size = settings.prefetch_blocks + 1 + DISK_LOOKAHEAD
+    on_disk = blocks_past_budget(conductor.weights, parse_memory(settings.max_ram, "max_ram"), ring_size)
+    if not on_disk:
+        return
+    if settings.offload_dir is None:
+        raise ValueError(
+            f"max_ram {settings.max_ram} leaves {len(on_disk)} streamed blocks for disk: set offload_dir to a folder "
+            "for their file, or raise max_ram"
+        )
+    config = getattr(base_model(model), "config", None)
+    source = getattr(config, "_name_or_path", None) if config is not None else None
+    conductor.disk = DiskTier({i: conductor.weights[i] for i in on_disk}, settings.offload_dir, ring_size, pinned, source)
+    for index in on_disk:
+        conductor.weights[index].drop_host()
+    logger.info(
+        "accelerate-offload: max_ram %s: %d streamed blocks in host memory, %d read from %s (%.2f GB, %s)",
+        settings.max_ram, len(conductor.weights) - len(on_disk), len(on_disk), conductor.disk.path,
+        conductor.disk.nbytes / 1e9, "written" if conductor.disk.written else "reused",
+    )
 
 
 def remove_offload(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:

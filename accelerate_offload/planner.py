@@ -26,18 +26,18 @@ class VramBudgetError(ValueError):
     """The budget is below what one step needs with every block streamed."""
 
 
-def parse_memory(value: str | int | float) -> int:
+def parse_memory(value: str | int | float, name: str = "max_vram") -> int:
     """'6GB', '6 GiB', '6000MB' or a number of GB in text -> bytes; an int is already bytes."""
     if isinstance(value, int) and not isinstance(value, bool):
         if value <= 0:
-            raise ValueError(f"max_vram must be above zero, got {value!r}")
+            raise ValueError(f"{name} must be above zero, got {value!r}")
         return value
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
     if match is None or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"max_vram must look like '6GB', '6GiB' or '6000MB', got {value!r}")
+        raise ValueError(f"{name} must look like '6GB', '6GiB' or '6000MB', got {value!r}")
     size = float(match.group(1)) * _UNITS[match.group(2).lower()]
     if size <= 0:
-        raise ValueError(f"max_vram must be above zero, got {value!r}")
+        raise ValueError(f"{name} must be above zero, got {value!r}")
     return int(size)
 
 

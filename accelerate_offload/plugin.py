@@ -76,6 +76,11 @@ class LayerOffloadPlugin:
         max_vram (`str`, defaults to `None`):
             A GPU memory budget such as "6GB" instead of a fraction: the first training step streams every block
             and measures its peak; then as many blocks as fit become resident.
+        max_ram (`str`, defaults to `None`):
+            A host memory budget such as "12GB" for the streamed blocks: as many as fit stay in pinned memory, the
+            rest are read from a block file in `offload_dir` each time they are needed (slower: see the README).
+        offload_dir (`str`, defaults to `None`):
+            Folder of the block file that `max_ram` spills to; written once from the model, reused on later runs.
         sequence_chunks (`int` or `"auto"`, defaults to `1`):
             Run Flux and SD3 blocks in this many checkpointed chunks along the image tokens (the same function in
             less memory; "auto" keeps chunks at most 4096 tokens, i.e. 4 at 2048², whole at 1024²).
@@ -117,6 +122,14 @@ class LayerOffloadPlugin:
         default=None,
         metadata={"help": "GPU memory budget, e.g. '6GB': resident blocks chosen to fit it.", "default": None},
     )
+    max_ram: str | None = field(
+        default=None,
+        metadata={"help": "Host memory budget for streamed blocks, e.g. '12GB': the rest read from offload_dir.",
+                  "default": None},
+    )
+    offload_dir: str | None = field(
+        default=None, metadata={"help": "Folder for the block file that max_ram spills to.", "default": None}
+    )
     sequence_chunks: int | str | None = field(
         default=None,
         metadata={
@@ -147,6 +160,11 @@ class LayerOffloadPlugin:
         if self.max_vram is not None:
             self.max_vram = str(self.max_vram).strip()
             _parse_budget(self.max_vram)
+        if self.max_ram is not None:
+            self.max_ram = str(self.max_ram).strip()
+            _parse_budget(self.max_ram, "max_ram")
+        if self.offload_dir is not None:
+            self.offload_dir = str(self.offload_dir).strip()
         offloads = (
             self.layer_offload_fraction > 0
             or self.activation_offloading
@@ -165,6 +183,12 @@ class LayerOffloadPlugin:
             )
         if self.max_vram is not None and not self.gradient_checkpointing:
             raise OffloadConfigError("max_vram streams blocks, which needs gradient_checkpointing: true")
+        if self.max_ram is not None and not self.offload_dir:
+            raise OffloadConfigError("max_ram spills the blocks past it to disk: set offload_dir to a folder for them")
+        if self.max_ram is not None and self.layer_offload_fraction == 0 and self.max_vram is None:
+            raise OffloadConfigError(
+                "max_ram budgets the streamed blocks, and none stream: set layer_offload_fraction or max_vram"
+            )
         if self.offload_device != "cpu":
             raise OffloadConfigError(f"offload_device must be 'cpu', got {self.offload_device!r}")
         if self.layer_offload_fraction > 0 and not self.gradient_checkpointing:
@@ -226,6 +250,8 @@ class LayerOffloadPlugin:
             pin_memory=self.pin_memory,
             block_names=self.block_names,
             max_vram=self.max_vram if streaming else None,
+            max_ram=self.max_ram if streaming else None,
+            offload_dir=self.offload_dir,
             sequence_chunks=self.sequence_chunks,
         )
 
@@ -245,7 +271,8 @@ class LayerOffloadPlugin:
         streaming = device.type == "cuda"
         if streaming:
             avoid_cudnn_attention()
-        if not streaming and (self.layer_offload_fraction > 0 or self.activation_offloading or self.max_vram):
+        budgets = self.max_vram or self.max_ram
+        if not streaming and (self.layer_offload_fraction > 0 or self.activation_offloading or budgets):
             _warn_inactive_once(device)
         if not self.enabled:
             return model
@@ -292,9 +319,9 @@ def _parse_chunks(value: Any) -> int | str:
     return int(text)
 
 
-def _parse_budget(value: str) -> int:
+def _parse_budget(value: str, name: str = "max_vram") -> int:
     try:
-        return parse_memory(value)
+        return parse_memory(value, name)
     except ValueError as error:
         raise OffloadConfigError(str(error)) from None
 

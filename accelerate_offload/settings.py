@@ -30,6 +30,11 @@ class OffloadSettings:
         max_vram (`str` or `int`, *optional*):
             A device memory budget ("6GB", or bytes) instead of a fraction: every block starts streamed and the
             first training step decides which become resident. Needs a CUDA device.
+        max_ram (`str` or `int`, *optional*):
+            A host memory budget ("12GB", or bytes) for the streamed blocks: the first ones that fit stay in host
+            memory, the rest are read from a block file in `offload_dir` each time they are needed.
+        offload_dir (`str`, *optional*):
+            Folder of the block file that `max_ram` spills to; the file is written once and reused.
         sequence_chunks (`int` or `"auto"`, defaults to `1`):
             Run Flux and SD3 blocks in this many image-token chunks ("auto": at most 4096 tokens a chunk).
         activation_min_bytes (`int`, defaults to 64 KiB):
@@ -44,5 +49,7 @@ class OffloadSettings:
     pin_memory: bool = True
     block_names: list[str] | None = None
     max_vram: str | int | None = None
+    max_ram: str | int | None = None
+    offload_dir: str | None = None
     sequence_chunks: int | str = 1
     activation_min_bytes: int = ACTIVATION_MIN_BYTES

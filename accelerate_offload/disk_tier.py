@@ -1,0 +1,230 @@
+"""`max_ram`: streamed blocks past a host memory budget live in one block-ordered file and are read back per use.
+
+The file holds each block's host buffer, 4 KiB aligned, in block order, written once from the model's weights and
+reused while its key (the blocks' tensor names, shapes and dtypes, a sample of their bytes, and the model files'
+sizes and modification times where known) still matches. Reads go into a small ring of staging buffers (pinned on
+CUDA), ahead of use on a worker thread, with O_DIRECT where the filesystem allows it and
+`posix_fadvise(DONTNEED)` after every read either way: the page cache must not grow, or it would push the pinned
+buffers toward swap and defeat the budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .block_weights import BlockWeights, pin_in_place
+
+PAGE = 4096  # O_DIRECT wants offsets, lengths and addresses aligned to the logical block size; 4 KiB covers it
+SAMPLE_STRIDE = 1 << 20  # bytes between the 64-byte samples hashed into the key
+
+
+class DiskRoomError(OSError):
+    """The offload folder's disk lacks room for the block file."""
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // PAGE) * PAGE
+
+
+def _fingerprint(host: torch.Tensor) -> str:
+    """A sample of the block's bytes: every tensor's change of values shows unless it spares all sampled bytes."""
+    data = host.numpy()
+    digest = hashlib.sha256(data[:PAGE].tobytes())
+    digest.update(data[PAGE::SAMPLE_STRIDE // 64 * 64][: 1 << 16].tobytes())
+    digest.update(data[-PAGE:].tobytes())
+    return digest.hexdigest()
+
+
+def source_identity(source: str | os.PathLike | None) -> list:
+    """Sizes and modification times of the weight files in a model folder (empty when the folder is unknown)."""
+    if source is None or not Path(source).is_dir():
+        return []
+    files = sorted(p for p in Path(source).rglob("*") if p.suffix in {".safetensors", ".bin", ".pt", ".gguf"})
+    return [[str(p.relative_to(source)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+@dataclass
+class _Staged:
+    slot: int
+    read: Future
+    copied: torch.cuda.Event | None = None  # the last device copy out of the slot
+
+
+class DiskTier:
+    """The block file of the streamed blocks past the budget, and the staging ring they are read through."""
+
+    def __init__(
+        self,
+        weights: dict[int, BlockWeights],
+        folder: str | os.PathLike,
+        ring_size: int,
+        pin_memory: bool,
+        source: str | os.PathLike | None = None,
+    ) -> None:
+        self.offsets: dict[int, int] = {}
+        position = 0
+        for index in sorted(weights):
+            self.offsets[index] = position
+            position += _aligned(weights[index].nbytes)
+        self.nbytes = position
+        self.sizes = {index: weights[index].nbytes for index in weights}
+        layout = [[index, weights[index].names(), [str(d) for d in sorted(weights[index].dtypes(), key=str)],
+                   weights[index].nbytes] for index in sorted(weights)]
+        name = hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
+        key = {"layout": layout, "source": source_identity(source),
+               "content": [_fingerprint(weights[index].host) for index in sorted(weights)]}
+        folder = Path(folder)
+        self.path = folder / f"blocks-{name}.bin"
+        self.written = self._write_unless_valid(weights, folder, key)
+        self.bytes_read = 0
+        self._direct = hasattr(os, "O_DIRECT")
+        self._fds = [self._open()]  # one holder, so a reopen is what the finalizer closes
+        slot_bytes = max(_aligned(n) for n in self.sizes.values())
+        self._memory = np.empty(ring_size * slot_bytes + PAGE, dtype=np.uint8)
+        base = -self._memory.ctypes.data % PAGE
+        ring = torch.frombuffer(self._memory, dtype=torch.uint8, count=ring_size * slot_bytes, offset=base)
+        if pin_memory:
+            pin_in_place(self._memory, ring)
+        self.staging_nbytes = ring_size * slot_bytes
+        self.slots = [ring[i * slot_bytes : (i + 1) * slot_bytes] for i in range(ring_size)]
+        self._free = list(range(ring_size))
+        self._staged: dict[int, _Staged] = {}
+        self._last_copy: dict[int, torch.cuda.Event | None] = {}
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="accelerate-offload-disk")
+        weakref.finalize(self, _close, self._reader, self._fds)
+
+    def _write_unless_valid(self, weights: dict[int, BlockWeights], folder: Path, key: dict) -> bool:
+        sidecar = self.path.with_suffix(".json")
+        if (self.path.is_file() and self.path.stat().st_size == self.nbytes and sidecar.is_file()
+                and json.loads(sidecar.read_text()) == key):
+            return False
+        folder.mkdir(parents=True, exist_ok=True)
+        reclaimable = self.path.stat().st_size if self.path.is_file() else 0
+        free = shutil.disk_usage(folder).free + reclaimable
+        if free < self.nbytes:
+            raise DiskRoomError(
+                f"offload_dir {folder} has {free / 1e9:.2f} GB free but the block file needs {self.nbytes / 1e9:.2f} "
+                "GB: free space there, point offload_dir at a larger disk, or raise max_ram"
+            )
+        sidecar.unlink(missing_ok=True)  # a file cut short by a crash is never taken as valid
+        with open(self.path, "wb") as file:
+            for index in sorted(weights):
+                file.seek(self.offsets[index])
+                file.write(memoryview(weights[index].host.numpy()))
+            file.truncate(self.nbytes)
+            file.flush()
+            os.fsync(file.fileno())
+            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        sidecar.write_text(json.dumps(key))
+        return True
+
+    def _open(self) -> int:
+        if self._direct:
+            try:
+                return os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+            except OSError:  # tmpfs and some network filesystems refuse O_DIRECT
+                self._direct = False
+        return os.open(self.path, os.O_RDONLY)
+
+    def _read_into(self, index: int, buffer: torch.Tensor, wait: torch.cuda.Event | None) -> None:
+        if wait is not None:
+            wait.synchronize()  # the slot's previous block is still being copied to the device
+        length, offset = _aligned(self.sizes[index]), self.offsets[index]
+        view = memoryview(buffer.numpy())[:length]
+        try:
+            done = os.preadv(self._fds[0], [view], offset)
+        except OSError:  # O_DIRECT refused at read time: reopen buffered
+            if not self._direct:
+                raise
+            os.close(self._fds[0])
+            self._direct = False
+            self._fds = [self._open()]  # one holder, so a reopen is what the finalizer closes
+            done = os.preadv(self._fds[0], [view], offset)
+        if done < self.sizes[index]:
+            raise OSError(f"short read of block {index} from {self.path}: {done} of {self.sizes[index]} bytes")
+        os.posix_fadvise(self._fds[0], offset, length, os.POSIX_FADV_DONTNEED)
+        self.bytes_read += length
+
+    def prefetch(self, order: list[int]) -> None:
+        """Starts reads for the disk blocks of `order` (soonest first) as slots allow; drops staged blocks not in it."""
+        for index in [i for i in self._staged if i not in order]:
+            self.release(index)
+        for index in order:
+            if index in self._staged:
+                continue
+            if not self._free:
+                break
+            slot = self._free.pop(0)
+            self._staged[index] = _Staged(slot, self._reader.submit(
+                self._read_into, index, self.slots[slot], self._last_copy.pop(slot, None)))
+
+    def host(self, index: int) -> torch.Tensor:
+        """The block's bytes in its staging slot, read now if no read was started."""
+        if index not in self._staged:
+            if not self._free:  # every slot holds a later block: the farthest gives way
+                self.release(next(reversed(self._staged)))
+            self.prefetch([index, *self._staged])
+        staged = self._staged[index]
+        staged.read.result()
+        return self.slots[staged.slot][: self.sizes[index]]
+
+    def copied(self, index: int, event: torch.cuda.Event | None) -> None:
+        self._staged[index].copied = event
+
+    def release(self, index: int) -> None:
+        """Gives the block's slot back once its read is over; the next read into it waits for its device copy."""
+        staged = self._staged.pop(index, None)
+        if staged is None:
+            return
+        staged.read.result()
+        self._last_copy[staged.slot] = staged.copied
+        self._free.append(staged.slot)
+
+    def read_whole(self, index: int) -> torch.Tensor:
+        """A fresh host copy of one block, for making it resident."""
+        memory = torch.empty(_aligned(self.sizes[index]) + PAGE, dtype=torch.uint8)
+        base = -memory.data_ptr() % PAGE
+        buffer = memory[base : base + _aligned(self.sizes[index])]
+        self._reader.submit(self._read_into, index, buffer, None).result()
+        return buffer[: self.sizes[index]]
+
+
+def _close(reader: ThreadPoolExecutor, fds: list[int]) -> None:
+    reader.shutdown(wait=True)
+    os.close(fds[0])
+
+
+DISK_LOOKAHEAD = 2  # staging slots beyond the device prefetch: disk reads start this many blocks earlier
+
+
+class RamBudgetError(ValueError):
+    """`max_ram` is below the staging ring the disk blocks are read through."""
+
+
+def blocks_past_budget(weights: dict[int, BlockWeights], budget: int, ring_size: int) -> list[int]:
+    """The streamed blocks left for disk when the first ones fill `budget` bytes of host memory (the staging ring
+    counted in when any block spills)."""
+    order = sorted(weights)
+    if sum(weights[i].nbytes for i in order) <= budget:
+        return []
+    ring = ring_size * max(_aligned(weights[i].nbytes) for i in order)
+    if ring > budget:
+        raise RamBudgetError(
+            f"max_ram {budget / 1e9:.2f} GB is below the {ring / 1e9:.2f} GB staging ring that disk blocks are read "
+            "through: raise max_ram or lower prefetch_blocks"
+        )
+    room, in_ram = budget - ring, 0
+    while in_ram < len(order) and weights[order[in_ram]].nbytes <= room:
+        room -= weights[order[in_ram]].nbytes
+        in_ram += 1
+    return order[in_ram:]
