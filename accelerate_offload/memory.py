@@ -84,8 +84,9 @@ def apply_gpu_cap(device: torch.device) -> int | None:
     cap = gpu_cap()
     if cap is None or device.type != "cuda":
         return None
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    index = torch.cuda.current_device() if device.index is None else device.index  # the call wants an index
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), index)
     return cap
 
 
