@@ -79,12 +79,17 @@ def gpu_cap() -> int | None:
         raise ValueError(f"{GPU_CAP_VARIABLE} must look like '5GB', got {text!r}") from None
 
 
+def cuda_index(device: torch.device) -> int:
+    """The CUDA device's index: the per-process memory calls refuse a bare `cuda`."""
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
 def apply_gpu_cap(device: torch.device) -> int | None:
     """Caps this process's CUDA allocations at `OFFLOAD_JOB_GPU_CAP` (the CUDA context is not counted)."""
     cap = gpu_cap()
     if cap is None or device.type != "cuda":
         return None
-    index = torch.cuda.current_device() if device.index is None else device.index  # the call wants an index
+    index = cuda_index(device)
     total = torch.cuda.get_device_properties(index).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), index)
     return cap
@@ -92,9 +97,10 @@ def apply_gpu_cap(device: torch.device) -> int | None:
 
 def gpu_budget(device: torch.device, max_vram: str | int | None = None) -> int:
     """Bytes this process may allocate on `device`: the device's memory, less where max_vram or a cap says so."""
-    properties = torch.cuda.get_device_properties(device)
-    budget = int(properties.total_memory * torch.cuda.get_per_process_memory_fraction(device))
-    free, _ = torch.cuda.mem_get_info(device)  # other processes' memory is not ours to use
+    index = cuda_index(device)
+    properties = torch.cuda.get_device_properties(index)
+    budget = int(properties.total_memory * torch.cuda.get_per_process_memory_fraction(index))
+    free, _ = torch.cuda.mem_get_info(index)  # other processes' memory is not ours to use
     budget = min(budget, free + torch.cuda.memory_reserved(device))
     if max_vram is not None:
         budget = min(budget, parse_memory(max_vram))
