@@ -387,7 +387,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default=None,
         choices=["no", "fp32", "fp16", "bf16"],
-        help="Precision for generating class images. Defaults to fp16 on a GPU, else fp32.",
+        help=(
+            "Precision for generating class images. Defaults to the training's mixed precision (the weights then load"
+            " without a converted copy), else fp16 on a GPU and fp32 elsewhere."
+        ),
     )
     args = parser.parse_args(input_args)
 
@@ -894,7 +897,11 @@ def generate_class_images(
     missing = args.num_class_images - len(list_images(class_dir))
     if missing <= 0:
         return
-    precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
+    precision = args.prior_generation_precision or (
+        accelerator.mixed_precision
+        if accelerator.mixed_precision in ("fp16", "bf16")
+        else ("fp16" if accelerator.device.type == "cuda" else "fp32")
+    )
     dtype = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     # frozen and streamed as training streams: from_pretrained's trainable weights would all stay on the GPU
     pipeline = place_pipeline(pipeline_from_pretrained(args, dtype), accelerator.device, plugin)
@@ -1275,12 +1282,6 @@ def main(args: argparse.Namespace) -> None:
     vae = AutoencoderKL.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant
     )
-    transformer = SD3Transformer2DModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision, variant=args.variant
-    )
-    transformer.requires_grad_(False)
-    vae.requires_grad_(False)
-
     # The frozen transformer is only used for inference: half precision when mixed precision is on.
     weight_dtype = torch.float32
     if accelerator.mixed_precision == "fp16":
@@ -1289,10 +1290,19 @@ def main(args: argparse.Namespace) -> None:
         weight_dtype = torch.bfloat16
     if torch.backends.mps.is_available() and weight_dtype == torch.bfloat16:
         raise SetupError("bf16 mixed precision is not supported on MPS; use fp16 or no")
+    # loaded in its training dtype: a conversion after loading would hold a second, converted copy in host memory
+    transformer = SD3Transformer2DModel.from_pretrained(
+        args.pretrained_model_name_or_path,
+        subfolder="transformer",
+        revision=args.revision,
+        variant=args.variant,
+        dtype=weight_dtype,
+    )
+    transformer.requires_grad_(False)
+    vae.requires_grad_(False)
 
     # SD3's VAE is kept in fp32: it overflows in fp16 and it is small.
     vae.to(accelerator.device, dtype=torch.float32)
-    transformer.to(dtype=weight_dtype)
 
     transformer_lora_config = LoraConfig(
         r=args.rank,

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 ALIGNMENT = 256  # bytes; keeps every view aligned for vectorised kernels
+_LIVE: weakref.WeakSet[BlockWeights] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,11 @@ class _Slot:
     dtype: torch.dtype
     shape: torch.Size
     piece: int
+
+
+def live_block_weights() -> list[BlockWeights]:
+    """The streamed blocks' host buffers still alive: after a job's teardown, none."""
+    return list(_LIVE)
 
 
 class BlockWeights:
@@ -68,6 +74,7 @@ class BlockWeights:
         if any(len(pieces) > 1 for pieces in pieces_by_tensor.values()) or 1 not in piece_of or 0 not in piece_of:
             piece_of = [0] * len(frozen)  # a tensor in both pieces, or one piece empty: keep the block whole
 
+        _LIVE.add(self)
         self._slots: list[_Slot] = []
         sources: list[torch.Tensor | None] = []
         offsets: dict[int, int] = {}  # a tensor shared by two modules is stored once

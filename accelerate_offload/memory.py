@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .block_weights import live_block_weights
 from .planner import parse_memory
 
 GPU_CAP_VARIABLE = "OFFLOAD_JOB_GPU_CAP"
@@ -38,9 +39,7 @@ def host_memory(pid: int | str = "self") -> dict[str, int]:
 
 def streamed_host_buffers() -> tuple[int, int]:
     """How many streamed-block host buffers are alive, and their bytes: after a job's teardown, none."""
-    from .block_weights import BlockWeights
-
-    buffers = [obj for obj in gc.get_objects() if isinstance(obj, BlockWeights)]
+    buffers = live_block_weights()
     return len(buffers), sum(weights.nbytes for weights in buffers)
 
 

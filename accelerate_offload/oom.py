@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -54,8 +56,17 @@ def memory_figures(device: torch.device) -> str:
     )
 
 
-def explain_phase_out_of_memory(phase: str, device: torch.device, fixes: list[str], kept: str) -> str:
+def requested(error: BaseException) -> str:
+    """' asking for 2.00 GiB' from torch's out-of-memory message (the allocation that failed), else ''."""
+    found = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", str(error))
+    return f" asking for {found.group(1)}" if found else ""
+
+
+def explain_phase_out_of_memory(
+    phase: str, device: torch.device, fixes: list[str], kept: str, error: BaseException | None = None
+) -> str:
     """One line for an out-of-memory error outside a training step: the phase, its peak, the fixes, what is kept."""
     fix_text = " To fit: " + "; ".join(fixes) + "." if fixes else ""
     kept_text = f" Kept on disk: {kept}." if kept else ""
-    return f"{phase}: CUDA ran out of memory{memory_figures(torch.device(device))}.{fix_text}{kept_text}"
+    asked = requested(error) if error is not None else ""
+    return f"{phase}: CUDA ran out of memory{asked}{memory_figures(torch.device(device))}.{fix_text}{kept_text}"

@@ -65,10 +65,10 @@ class JobPhases:
         start = time.time()
         try:
             yield
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as error:
             self._record(name, start, False, step)
             raise PhaseOutOfMemoryError(
-                explain_phase_out_of_memory(name, self.device, fixes or [], self.kept())
+                explain_phase_out_of_memory(name, self.device, fixes or [], self.kept(), error)
             ) from None
         except BaseException:
             self._record(name, start, False, step)

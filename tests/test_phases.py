@@ -27,7 +27,7 @@ def test_out_of_memory_in_a_phase_is_one_line(name: str, tmp_path: Path) -> None
     phases = JobPhases("cpu", kept=lambda: kept_outputs(tmp_path))
     message = fail_inside(phases, name, [STREAM_MORE, "lower --resolution (now 2048)"])
     assert "\n" not in message
-    assert message.startswith(f"error: {name}: CUDA ran out of memory.")
+    assert message.startswith(f"error: {name}: CUDA ran out of memory asking for 2.00 GiB.")
     assert f"To fit: {STREAM_MORE}; lower --resolution (now 2048)." in message
     kept = message.split("Kept on disk: ")[1]
     assert kept == f"{tmp_path / 'pytorch_lora_weights.safetensors'}, {tmp_path / 'checkpoint-10'}."
