@@ -888,9 +888,9 @@ def generate(
     num_inference_steps: int = 28,
 ) -> list[Image.Image]:
     """`count` images, one per call; the VAE decodes whole, per image or in tiles, as the GPU budget allows."""
-    from accelerate_offload.inference import fit_vae_to_budget
+    from accelerate_offload.inference import plan_vae_passes
 
-    fit_vae_to_budget(pipeline.vae, device, size, size, 1, "decode", max_vram)
+    plan_vae_passes(pipeline.vae, device, max_vram)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     sequence, pooled = embeddings.sequence[None].to(device, dtype), embeddings.pooled[None].to(device, dtype)
     # autocast as in training: the fp32 LoRA makes fp32 latents that a bf16/fp16 VAE would refuse
@@ -1565,7 +1565,7 @@ def main(args: argparse.Namespace) -> None:
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from accelerate_offload.inference import fit_vae_to_budget
+    from accelerate_offload.inference import plan_vae_passes
     from accelerate_offload.phases import STREAM_MORE, JobPhases, kept_outputs
 
     quiet_libraries(accelerator)
@@ -1614,14 +1614,13 @@ def main(args: argparse.Namespace) -> None:
 
     # 4. VAE: latents encoded now (and the VAE moved off the GPU) or at every step.
     vae = load_vae(args, device, dtype)
+    plan_vae_passes(vae, device, offload_plugin.max_vram)  # each pass fits what is left of the budget as it starts
     latent_space = LatentSpace.from_vae(vae)
     latent_cache = None
-    largest_bucket = max(set(dataset.buckets), key=lambda bucket: bucket[0] * bucket[1])
     if args.cache_latents:
         if args.random_flip or not args.center_crop:
             logger.info("--cache_latents: each image keeps the crop and flip it was cached with")
         with phases.phase("latents", [resolution_fix]):
-            fit_vae_to_budget(vae, device, *largest_bucket, 1, "encode", offload_plugin.max_vram)
             latent_cache = cache_latent_distributions(vae, dataset)
             vae.to("cpu")  # needed again only to decode validation images
             if args.validation_prompt is None:
@@ -1654,8 +1653,6 @@ def main(args: argparse.Namespace) -> None:
     transformer, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         transformer, optimizer, dataloader, lr_scheduler
     )
-    if latent_cache is None:  # encoded at every step, beside what training keeps on the GPU
-        fit_vae_to_budget(vae, device, *largest_bucket, args.train_batch_size, "encode", offload_plugin.max_vram)
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     if not max_steps_given:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch

@@ -76,7 +76,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from accelerate_offload import LayerOffloadPlugin, OffloadConfigError
-from accelerate_offload.inference import fit_vae_to_budget, load_lora_file, place_pipeline
+from accelerate_offload.inference import load_lora_file, place_pipeline, plan_vae_passes
 from accelerate_offload.oom import explain_out_of_memory
 from accelerate_offload.phases import STREAM_MORE, JobPhases, kept_outputs
 from accelerate_offload.training_utils import (
@@ -905,6 +905,7 @@ def generate_class_images(
     dtype = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     # frozen and streamed as training streams: from_pretrained's trainable weights would all stay on the GPU
     pipeline = place_pipeline(pipeline_from_pretrained(args, dtype), accelerator.device, plugin)
+    plan_vae_passes(pipeline.vae, accelerator.device, plugin.max_vram)
     pipeline.set_progress_bar_config(disable=True)
     class_row = embeddings.row("class", args.class_prompt, "--class_prompt")
     negative = embeddings.row("negative", "")
@@ -912,9 +913,6 @@ def generate_class_images(
     for start in tqdm(range(0, missing, args.sample_batch_size), desc="Generating class images"):
         count = min(args.sample_batch_size, missing - start)
         kwargs = embedding_args(embeddings, class_row, negative, count, accelerator.device, dtype)
-        fit_vae_to_budget(
-            pipeline.vae, accelerator.device, args.resolution, args.resolution, count, "decode", plugin.max_vram
-        )
         images = pipeline(
             **kwargs, height=args.resolution, width=args.resolution, num_inference_steps=args.num_inference_steps
         ).images
@@ -1303,6 +1301,7 @@ def main(args: argparse.Namespace) -> None:
 
     # SD3's VAE is kept in fp32: it overflows in fp16 and it is small.
     vae.to(accelerator.device, dtype=torch.float32)
+    plan_vae_passes(vae, accelerator.device, offload_plugin.max_vram)  # each pass fits the budget left as it starts
 
     transformer_lora_config = LoraConfig(
         r=args.rank,
@@ -1411,12 +1410,6 @@ def main(args: argparse.Namespace) -> None:
     transformer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         transformer, optimizer, train_dataloader, lr_scheduler
     )
-    # latents are encoded at every step, beside what training keeps on the GPU
-    encoded_batch = args.train_batch_size * (2 if args.with_prior_preservation else 1)
-    fit_vae_to_budget(
-        vae, accelerator.device, args.resolution, args.resolution, encoded_batch, "encode", offload_plugin.max_vram
-    )
-
     # The dataloader may have changed size in `prepare`: recompute the number of steps and epochs.
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if overrode_max_train_steps:
@@ -1615,9 +1608,6 @@ def main(args: argparse.Namespace) -> None:
             )
             transformer.eval()
             with phases.phase("validation", [STREAM_MORE, resolution_fix]):
-                fit_vae_to_budget(
-                    vae, accelerator.device, args.resolution, args.resolution, 1, "decode", offload_plugin.max_vram
-                )
                 log_validation(pipeline, args, accelerator, validation_pipeline_args(), epoch, weight_dtype)
             transformer.train()
             del pipeline
@@ -1648,9 +1638,6 @@ def main(args: argparse.Namespace) -> None:
                 load_lora_file(pipeline, args.output_dir, "pytorch_lora_weights.safetensors", accelerator.device)
                 transformer.eval()
                 place_pipeline(pipeline, accelerator.device, offload_plugin)
-                fit_vae_to_budget(
-                    vae, accelerator.device, args.resolution, args.resolution, 1, "decode", offload_plugin.max_vram
-                )
                 images = log_validation(
                     pipeline,
                     args,

@@ -18,7 +18,7 @@ from torch import nn
 
 from .memory import gpu_room
 from .offload import get_conductor, offload_model
-from .vae_memory import VaePlan, fit_vae
+from .vae_memory import VaePlan, plan_each_pass
 
 logger = logging.getLogger(__name__)
 
@@ -86,21 +86,21 @@ def load_lora_file(pipeline, folder: str | Path, weight_name: str, device: torch
                 param.data = param.data.to(device)
 
 
-def fit_vae_to_budget(
-    vae, device: torch.device | str, height: int, width: int, batch: int, kind: str, max_vram: str | None = None
-) -> VaePlan | None:
-    """On CUDA, chooses a whole, sliced or tiled VAE pass for what is left of the GPU budget; None elsewhere."""
+def plan_vae_passes(vae, device: torch.device | str, max_vram: str | None = None) -> None:
+    """On CUDA, makes every pass of `vae` run whole, sliced or tiled for what is left of the GPU budget as it starts."""
     device = torch.device(device)
     if device.type != "cuda":
-        return None
-    room = gpu_room(device, max_vram)
-    plan = fit_vae(vae, height, width, batch, room, kind)
-    if plan != VaePlan():
-        logger.info(
-            "accelerate-offload: VAE %s of %d x %dx%d in %.2f GB left: slicing %s, tiles %s",
-            kind, batch, height, width, room / 1e9, "on" if plan.slicing else "off", plan.tile_size or "none",
-        )
-    return plan
+        return
+
+    def report(kind: str, shape: tuple[int, int, int], plan: VaePlan, room: int) -> None:
+        if plan != VaePlan():
+            batch, height, width = shape
+            logger.info(
+                "accelerate-offload: VAE %s of %d x %dx%d in %.2f GB left: slicing %s, tiles %s",
+                kind, batch, height, width, room / 1e9, "on" if plan.slicing else "off", plan.tile_size or "none",
+            )
+
+    plan_each_pass(vae, lambda: gpu_room(device, max_vram), report)
 
 
 def _fraction(name: str, plugin) -> float:

@@ -4,20 +4,24 @@ A VAE pass peaks at its full-resolution stage: a few activations of the widest f
 (`block_out_channels[0]` channels at every pixel) are alive at once, and CUDA's group norm adds an fp32 copy of
 one. At 2048² that is gigabytes for a Flux or SD3 VAE, more than a small card has left beside a streamed
 transformer, so the pass splits into images (slicing) or overlapping tiles (tiling) only when it must: tiles
-blend at their seams, so a pass that fits stays whole.
+blend at their seams, so a pass that fits stays whole. The room is read as each pass starts, not before a
+pipeline runs: what streamed blocks and the pipeline's own tensors hold on the GPU changes in between.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-# Full-resolution activations alive at a pass's peak, counted on CPU for the Flux VAE (see benchmarks/NOTES.md).
-PASS_TENSORS = {"decode": 6, "encode": 5}
-NORM_SCRATCH_BYTES = 4  # group norm's fp32 copy of one full-resolution activation, per element
+# Full-resolution activations of `block_out_channels[0]` channels alive at a pass's peak, as measured on CUDA
+# (kernels' scratch included) for the Flux and SD3 VAEs in bf16 and fp32 (see benchmarks/NOTES.md).
+PASS_TENSORS = {"decode": 10, "encode": 6}
 IMAGE_COPIES = 3  # a tiled pass also holds the output image and its tiles, at 3 channels
 SMALLEST_TILE = 256
+ROOM_SHARE = 0.9  # the caching allocator cannot always place one large block in free memory split among segments
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class VaePlan:
 
 def pass_bytes(channels: int, height: int, width: int, batch: int, itemsize: int, kind: str) -> int:
     """Peak bytes of one VAE pass over `batch` images of `height` x `width` pixels."""
-    per_pixel = channels * (PASS_TENSORS[kind] * itemsize + NORM_SCRATCH_BYTES)
+    per_pixel = channels * PASS_TENSORS[kind] * itemsize
     return batch * height * width * per_pixel
 
 
@@ -38,6 +42,7 @@ def plan_vae_pass(
     channels: int, default_tile: int, height: int, width: int, batch: int, itemsize: int, room: int, kind: str
 ) -> VaePlan:
     """The least split pass that fits in `room` bytes: whole, then per image, then ever smaller tiles."""
+    room = int(room * ROOM_SHARE)
     if pass_bytes(channels, height, width, batch, itemsize, kind) <= room:
         return VaePlan()
     slicing = batch > 1
@@ -68,3 +73,33 @@ def fit_vae(vae: torch.nn.Module, height: int, width: int, batch: int, room: int
     )
     apply_vae_plan(vae, plan)
     return plan
+
+
+def plan_each_pass(vae: torch.nn.Module, room: Callable[[], int], on_plan: Callable[[str, tuple, VaePlan, int], None]):
+    """Makes every `encode` and `decode` of `vae` plan its pass for `room()` bytes as it starts.
+
+    The methods are wrapped on the instance (once), so pipelines and scripts that call `vae.decode` get the plan
+    without knowing of it; `on_plan(kind, (batch, height, width), plan, room)` hears of each plan that changed.
+    """
+    if getattr(vae, "_plans_each_pass", False):
+        return
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    last: dict[str, VaePlan] = {}
+
+    def planned(kind: str, method: Callable):
+        @functools.wraps(method)
+        def run(sample: torch.Tensor, *args, **kwargs):
+            factor = 1 if kind == "encode" else scale
+            batch, height, width = sample.shape[0], sample.shape[-2] * factor, sample.shape[-1] * factor
+            left = room()
+            plan = fit_vae(vae, height, width, batch, left, kind)
+            if last.get(kind) != plan:
+                last[kind] = plan
+                on_plan(kind, (batch, height, width), plan, left)
+            return method(sample, *args, **kwargs)
+
+        return run
+
+    for kind in ("encode", "decode"):
+        setattr(vae, kind, planned(kind, getattr(vae, kind)))
+    vae._plans_each_pass = True

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from accelerate_offload.vae_memory import SMALLEST_TILE, VaePlan, apply_vae_plan, fit_vae, pass_bytes, plan_vae_pass
+from accelerate_offload.vae_memory import (
+    SMALLEST_TILE,
+    VaePlan,
+    apply_vae_plan,
+    fit_vae,
+    pass_bytes,
+    plan_each_pass,
+    plan_vae_pass,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from live_memory import LiveTensorBytes  # noqa: E402
@@ -73,3 +81,25 @@ def test_the_estimate_covers_the_pass_and_a_planned_split_fits(kind: str) -> Non
     assert live_peak(vae, kind, size) <= room
     apply_vae_plan(vae, VaePlan())
     assert not vae.use_tiling and vae.tile_sample_min_size == 1024 and vae.tile_latent_min_size == 128
+
+
+def test_each_pass_is_planned_for_the_room_left_as_it_starts() -> None:
+    vae = small_vae()
+    whole = pass_bytes(32, 512, 512, 1, 4, "decode")
+    room = [whole * 2]
+    heard = []
+    plan_each_pass(vae, lambda: room[0], lambda kind, shape, plan, left: heard.append((kind, shape, plan, left)))
+    plan_each_pass(vae, lambda: 0, lambda *_: heard.append("wrapped twice"))  # once per VAE
+    latent = torch.randn(1, 16, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        vae.decode(latent)
+        assert not vae.use_tiling
+        room[0] = whole // 2  # something else took the GPU between two passes
+        tiled = vae.decode(latent).sample
+        assert vae.use_tiling and vae.tile_sample_min_size == SMALLEST_TILE
+        vae.decode(latent)  # the same plan again: not reported twice
+    assert heard == [
+        ("decode", (1, 512, 512), VaePlan(), whole * 2),
+        ("decode", (1, 512, 512), VaePlan(tile_size=SMALLEST_TILE), whole // 2),
+    ]
+    assert tiled.shape == (1, 3, 512, 512)
