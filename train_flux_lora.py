@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_training_feature_args(parser: argparse.ArgumentParser) -> None:
-    """Masked loss, shifted timesteps, caption dropout and shuffling, validation loss (the same flags in both scripts)."""
+    """Masked loss, shifted timesteps, caption dropout and shuffling, validation loss (SD3's script shares most)."""
     features = parser.add_argument_group("masks, timesteps, captions, validation loss")
     features.add_argument(
         "--mask_data_dir",
@@ -376,13 +376,13 @@ def check_training_features(args: argparse.Namespace) -> str | None:
         return f"--max_cached_captions must be at least 1, got {args.max_cached_captions}"
     if args.validation_loss_images is None:
         return None
-    share = validation_share(args)
+    share, folder = validation_share(args), Path(args.validation_loss_images)
     if share is not None and not 0.0 < share < 1.0:
         return f"--validation_loss_images {share:g}: give a share in (0, 1) such as 0.1, or a folder of images"
-    if share is None and not (Path(args.validation_loss_images).is_dir() and list_images(Path(args.validation_loss_images))):
-        return f"--validation_loss_images {args.validation_loss_images} is neither a share such as 0.1 nor a folder of images"
+    if share is None and not (folder.is_dir() and list_images(folder)):
+        return f"--validation_loss_images {folder} is neither a share such as 0.1 nor a folder of images"
     if share is None and args.instance_prompt is None:
-        return "--validation_loss_images as a folder needs --instance_prompt (its images' prompt); or give a share such as 0.1"
+        return "--validation_loss_images as a folder needs --instance_prompt (its images' prompt), or give a share"
     return None
 
 
@@ -1290,7 +1290,7 @@ def flow_matching_loss(
     mean, std = (part.to(device) for part in latent_distribution)
     latents = mean + std * torch.randn_like(mean)
     latents = ((latents - latent_space.shift_factor) * latent_space.scaling_factor).to(device, dtype)
-    batch_size, channels, height, width = latents.shape
+    batch_size, _, height, width = latents.shape
     noise = torch.randn_like(latents)
     timesteps, sigmas = sample_timesteps(args, noise_scheduler, batch_size, (height // 2) * (width // 2))
     timesteps, sigmas = timesteps.to(device), sigmas.to(device, dtype).view(-1, 1, 1, 1)
@@ -1680,7 +1680,8 @@ TRAINING_SETTINGS = (
     "resolution", "aspect_ratio_buckets", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
     "learning_rate", "lr_scheduler", "optimizer", "rank", "lora_alpha", "lora_layers", "mixed_precision",
     "weighting_scheme", "guidance_scale", "with_prior_preservation", "seed",
-    "timestep_sampling", "caption_dropout_rate", "shuffle_caption", "keep_tokens", "validation_loss_images",
+    "timestep_sampling", "caption_dropout_rate", "shuffle_caption", "keep_tokens", "mask_data_dir", "mask_column",
+    "validation_loss_images",
 )  # fmt: skip
 
 
@@ -1724,6 +1725,11 @@ trained with `train_flux_lora.py` from accelerate-offload (flow matching, diffus
 ## Trigger words
 
 {trigger}
+
+## Training curves
+
+`loss.png` draws the training loss of every step and, with `--validation_loss_images`, the loss of held-out images
+at fixed timesteps and noise (`validation_loss` in `metrics.jsonl`), comparable between runs of the same seed.
 
 ## Use it with diffusers
 

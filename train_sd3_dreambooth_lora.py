@@ -1128,6 +1128,9 @@ def save_model_card(
         "with_prior_preservation": args.with_prior_preservation,
         "class_prompt": args.class_prompt if args.with_prior_preservation else None,
         "seed": args.seed,
+        "timestep_sampling": args.timestep_sampling,
+        "caption_dropout_rate": args.caption_dropout_rate,
+        "masked_loss": args.mask_data_dir is not None or args.mask_column is not None,
     }
     settings_table = "\n".join(f"| {name} | {value} |" for name, value in settings.items())
     content = f"""---

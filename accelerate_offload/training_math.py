@@ -111,7 +111,7 @@ def mask_to_tensor(mask) -> torch.Tensor:
 
 
 def mask_to_latent_grid(mask: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:
-    """(..., H, W) pixel mask -> (..., H / f, W / f): each latent pixel weighted by the share of its pixels masked in."""
+    """(..., H, W) pixel mask -> (..., H / f, W / f): each latent pixel gets the share of its pixels masked in."""
     return F.avg_pool2d(mask, vae_scale_factor)
 
 

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_train_flux import INSTANCE_PROMPT, base_args, launch_command, launch_environment, load_script
+from test_train_flux import (
+    INSTANCE_PROMPT,
+    base_args,
+    launch_command,
+    launch_environment,
+    load_script,
+)
 
 from accelerate_offload.training_math import (
     caption_orderings,
@@ -118,7 +124,11 @@ class RecordingTransformer(torch.nn.Module):
 def test_flux_masked_loss_gives_no_gradient_outside_the_mask(
     tiny_flux_path: Path, sample_images: Path, tmp_path: Path
 ) -> None:
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
 
     script = load_script()
     args = script.parse_args(["--pretrained_model_name_or_path", str(tiny_flux_path), "--instance_prompt", "x",
@@ -130,7 +140,8 @@ def test_flux_masked_loss_gives_no_gradient_outside_the_mask(
     latent_space = script.LatentSpace(0.0, 1.0, 8)
     channels = model.config.in_channels // 4
     mean, std = torch.randn(2, channels, 4, 4), torch.full((2, channels, 4, 4), 0.1)
-    embeddings = (torch.randn(2, 8, model.config.joint_attention_dim), torch.randn(2, model.config.pooled_projection_dim))
+    sequence = torch.randn(2, 8, model.config.joint_attention_dim)
+    embeddings = (sequence, torch.randn(2, model.config.pooled_projection_dim))
     masks = torch.zeros(2, 1, 32, 32)
     masks[..., :16] = 1.0  # the left half trains: latent columns 0 and 1
     torch.manual_seed(0)
@@ -276,7 +287,8 @@ def test_flux_validation_loss_repeats_with_the_seed_and_moves_with_the_lora(feat
         return [record["validation_loss"] for record in metrics_of(feature_runs[name]) if "validation_loss" in record]
 
     assert validation_losses("first") == validation_losses("again")
-    assert [r["loss"] for r in metrics_of(feature_runs["first"])] == [r["loss"] for r in metrics_of(feature_runs["again"])]
+    losses = {name: [r["loss"] for r in metrics_of(feature_runs[name])] for name in ("first", "again")}
+    assert losses["first"] == losses["again"]
     assert all(a != b for a, b in zip(validation_losses("first"), validation_losses("other_lr"), strict=True))
 
 
