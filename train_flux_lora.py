@@ -34,9 +34,10 @@ import signal
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -45,6 +46,16 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import SafetensorError
 
+from accelerate_offload.loss_plot import plot_losses
+from accelerate_offload.training_math import (
+    TIMESTEP_SAMPLING,
+    caption_orderings,
+    mask_to_latent_grid,
+    mask_to_tensor,
+    masked_mean,
+    sample_shifted_sigmas,
+    shuffle_caption,
+)
 from accelerate_offload.training_utils import (
     CHECKPOINT_PREFIX,
     PARTIAL_SUFFIX,
@@ -75,6 +86,7 @@ OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy")
 TRACKERS = ("tensorboard", "wandb", "all", "none")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"  # the run's summary plot: training loss, and validation loss where measured
 TRACKER_PROJECT = "flux-lora"
 # FLUX.1 was trained with at most this many T5 tokens a prompt (FluxPipeline refuses more).
 MAX_T5_TOKENS = 512
@@ -230,13 +242,61 @@ def build_parser() -> argparse.ArgumentParser:
     validation.add_argument("--validation_epochs", type=int, default=50, help="Validate every N epochs.")
     validation.add_argument("--validation_steps", type=int, default=None, help="Also validate every N steps.")
     validation.add_argument("--report_to", default="tensorboard", choices=TRACKERS, help="Where to log.")
+    add_training_feature_args(parser)
     return parser
+
+
+def add_training_feature_args(parser: argparse.ArgumentParser) -> None:
+    """Masked loss, shifted timesteps, caption dropout and shuffling, validation loss (SD3's script shares most)."""
+    features = parser.add_argument_group("masks, timesteps, captions, validation loss")
+    features.add_argument(
+        "--mask_data_dir",
+        default=None,
+        help="Folder of loss masks: one per training image, same relative path and name, any image extension. White "
+        "trains, black is ignored; a training image without a mask is an error.",
+    )
+    features.add_argument("--mask_column", default=None, help="Dataset column of loss masks (with --dataset_name).")
+    features.add_argument(
+        "--timestep_sampling",
+        default="sigma",
+        choices=TIMESTEP_SAMPLING,
+        help="'sigma': the --weighting_scheme density on the scheduler's timesteps; 'shift': a logit-normal draw "
+        "shifted by --discrete_flow_shift; 'flux_shift': shifted by the image's token count, as Flux at inference.",
+    )
+    features.add_argument(
+        "--discrete_flow_shift", type=float, default=3.0, help="Shift of --timestep_sampling shift: s*t/(1+(s-1)*t)."
+    )
+    features.add_argument(
+        "--caption_dropout_rate",
+        type=float,
+        default=0.0,
+        help="Share of training images whose caption is replaced by the empty prompt (drawn from seed, epoch, image).",
+    )
+    features.add_argument(
+        "--shuffle_caption",
+        action="store_true",
+        help="Shuffle each caption's comma-separated tags, per epoch and image (the first --keep_tokens stay).",
+    )
+    features.add_argument("--keep_tokens", type=int, default=0, help="Leading tags that --shuffle_caption keeps.")
+    features.add_argument(
+        "--max_cached_captions",
+        type=int,
+        default=1024,
+        help="With --shuffle_caption: the most distinct captions embedded (each kept in CPU memory all run).",
+    )
+    features.add_argument(
+        "--validation_loss_images",
+        default=None,
+        help="A folder of held-out images, or a share of the training images such as 0.1: their loss at fixed "
+        "timesteps and noise is logged every --validation_steps and at the end (validation_loss in metrics.jsonl).",
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for check in (check_data_args, check_prior_args, check_numbers, check_optimizer, check_reporting, check_output):
+    checks = (check_data_args, check_prior_args, check_numbers, check_training_features, check_optimizer)
+    for check in (*checks, check_reporting, check_output):
         message = check(args)
         if message:  # a value that parses but cannot work: one line naming the fix
             parser.exit(2, f"error: {message}\n")
@@ -288,6 +348,41 @@ def check_prior_args(args: argparse.Namespace) -> str | None:
         return f"--class_data_dir {args.class_data_dir} is a file; give a folder"
     if args.num_class_images < 1:
         return "--num_class_images must be at least 1"
+    return None
+
+
+def validation_share(args: argparse.Namespace) -> float | None:
+    """--validation_loss_images as a share of the training images to hold out, or None where it names a folder."""
+    try:
+        return float(args.validation_loss_images)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_training_features(args: argparse.Namespace) -> str | None:
+    if args.mask_column is not None and args.dataset_name is None:
+        return "--mask_column needs --dataset_name; for a folder of images give --mask_data_dir"
+    if args.mask_column is not None and args.mask_data_dir is not None:
+        return "give one of --mask_data_dir or --mask_column"
+    if args.mask_data_dir is not None and not Path(args.mask_data_dir).is_dir():
+        return f"--mask_data_dir {args.mask_data_dir} is not a folder; point it at the folder of loss masks"
+    if not 0.0 < args.discrete_flow_shift < math.inf:
+        return f"--discrete_flow_shift must be a positive number, got {args.discrete_flow_shift}"
+    if not 0.0 <= args.caption_dropout_rate < 1.0:
+        return f"--caption_dropout_rate must be in [0, 1), got {args.caption_dropout_rate}"
+    if args.keep_tokens < 0:
+        return f"--keep_tokens cannot be negative, got {args.keep_tokens}"
+    if args.max_cached_captions < 1:
+        return f"--max_cached_captions must be at least 1, got {args.max_cached_captions}"
+    if args.validation_loss_images is None:
+        return None
+    share, folder = validation_share(args), Path(args.validation_loss_images)
+    if share is not None and not 0.0 < share < 1.0:
+        return f"--validation_loss_images {share:g}: give a share in (0, 1) such as 0.1, or a folder of images"
+    if share is None and not (folder.is_dir() and list_images(folder)):
+        return f"--validation_loss_images {folder} is neither a share such as 0.1 nor a folder of images"
+    if share is None and args.instance_prompt is None:
+        return "--validation_loss_images as a folder needs --instance_prompt (its images' prompt), or give a share"
     return None
 
 
@@ -517,6 +612,7 @@ class Example:
     image: Image.Image
     prompt: str
     name: str = ""
+    mask: Image.Image | None = None  # the loss mask, the image's size (white trains)
 
 
 def readable_images(paths: Sequence[Path], strict: bool, what: str) -> list[tuple[Path, Image.Image]]:
@@ -542,7 +638,44 @@ def readable_images(paths: Sequence[Path], strict: bool, what: str) -> list[tupl
 def load_folder_examples(args: argparse.Namespace) -> list[Example]:
     root = Path(args.instance_data_dir)
     images = readable_images(list_images(root), args.strict, "training images")
-    return [Example(image, args.instance_prompt, path.relative_to(root).as_posix()) for path, image in images]
+    examples = [Example(image, args.instance_prompt, path.relative_to(root).as_posix()) for path, image in images]
+    if args.mask_data_dir is not None:
+        for example in examples:
+            example.mask = load_mask(find_mask(Path(args.mask_data_dir), example.name), example)
+    return examples
+
+
+def find_mask(mask_dir: Path, name: str) -> Path:
+    """The mask of training image `name` (a relative path): the same path in `mask_dir`, with any image extension."""
+    relative = Path(name)
+    folder = mask_dir / relative.parent
+    found = sorted(
+        path for path in (folder.iterdir() if folder.is_dir() else ())
+        if path.stem == relative.stem and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+    )  # fmt: skip
+    if not found:
+        raise UsageError(
+            f"no mask for training image {name} in --mask_data_dir {mask_dir} (looked for "
+            f"{folder / relative.stem}.png or another image extension); add one: white trains, black is ignored"
+        )
+    return found[0]
+
+
+def load_mask(source: Path | Image.Image, example: Example) -> Image.Image:
+    """A loss mask as 8-bit grayscale; it must have its image's size and let something train."""
+    try:
+        mask = read_image(source) if isinstance(source, Path) else open_rgb(source)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot read the mask of training image {example.name} ({error}); replace it") from None
+    mask = mask.convert("L")
+    if mask.size != example.image.size:
+        raise UsageError(
+            f"the mask of training image {example.name} is {mask.width}x{mask.height}, the image "
+            f"{example.image.width}x{example.image.height}; give a mask of the image's size"
+        )
+    if mask.getextrema()[1] == 0:
+        raise UsageError(f"the mask of training image {example.name} is black everywhere: nothing would train; fix it")
+    return mask
 
 
 def load_dataset_examples(args: argparse.Namespace) -> list[Example]:
@@ -555,7 +688,7 @@ def load_dataset_examples(args: argparse.Namespace) -> list[Example]:
         raise UsageError(f"cannot load --dataset_name {args.dataset_name} ({error})") from None
     split = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
     columns = split.column_names
-    for flag in ("image_column", "caption_column"):
+    for flag in ("image_column", "caption_column", "mask_column"):
         column = getattr(args, flag)
         if column is not None and column not in columns:
             raise UsageError(f"--{flag} '{column}' is not in the dataset; its columns are: {', '.join(columns)}")
@@ -576,6 +709,10 @@ def load_dataset_examples(args: argparse.Namespace) -> list[Example]:
         if not prompt:
             raise UsageError(f"image {index} of {args.dataset_name} has no caption: add one or pass --instance_prompt")
         examples.append(Example(image, prompt, f"row {index}"))
+        if args.mask_column is not None:
+            if row[args.mask_column] is None:
+                raise UsageError(f"row {index} of {args.dataset_name} has no mask in --mask_column {args.mask_column}")
+            examples[-1].mask = load_mask(row[args.mask_column], examples[-1])
     if unreadable:
         logger.warning("Skipped %d unreadable rows: %s (--strict stops on them)", len(unreadable), ",".join(unreadable))
     if not examples:
@@ -583,9 +720,25 @@ def load_dataset_examples(args: argparse.Namespace) -> list[Example]:
     return examples
 
 
-def load_instance_examples(args: argparse.Namespace) -> list[Example]:
+def load_instance_examples(args: argparse.Namespace) -> tuple[list[Example], list[Example]]:
+    """The training examples (repeated) and the held-out ones whose loss --validation_loss_images measures."""
     examples = load_dataset_examples(args) if args.dataset_name else load_folder_examples(args)
-    return [example for example in examples for _ in range(args.repeats)]
+    held_out: list[Example] = []
+    share = validation_share(args)
+    if share is not None:
+        count = max(1, round(share * len(examples)))
+        if count >= len(examples):
+            raise UsageError(
+                f"--validation_loss_images {share:g} would hold out all {len(examples)} images; give a smaller share"
+            )
+        chosen = set(random.Random(args.seed or 0).sample(range(len(examples)), count))
+        held_out = [example for index, example in enumerate(examples) if index in chosen]
+        examples = [example for index, example in enumerate(examples) if index not in chosen]
+    elif args.validation_loss_images is not None:
+        root = Path(args.validation_loss_images)
+        images = readable_images(list_images(root), args.strict, "validation loss images")
+        held_out = [Example(image, args.instance_prompt, path.relative_to(root).as_posix()) for path, image in images]
+    return [example for example in examples for _ in range(args.repeats)], held_out
 
 
 def warn_about_small_images(examples: Sequence[Example], buckets: Sequence[tuple[int, int]]) -> None:
@@ -637,7 +790,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         center_crop: bool = False,
         random_flip: bool = False,
         seed: int = 0,
+        caption: Callable[[str, int, int], str] | None = None,
     ) -> None:
+        self.caption = caption  # (prompt, epoch, example index) -> the caption trained on: shuffled, dropped
         self.examples = examples
         self.buckets = [nearest_bucket(example.image.size, buckets) for example in examples]
         self.class_images = list(class_images)
@@ -662,13 +817,27 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_pixels(image)
 
+    def _mask(self, mask: Image.Image, bucket: tuple[int, int], crop_state: tuple) -> torch.Tensor:
+        """The mask cropped and flipped exactly as its image: the same draws, replayed from the image's rng state."""
+        rng = random.Random()
+        rng.setstate(crop_state)
+        mask = fit_to_bucket(mask, bucket, self.center_crop, rng)
+        if self.random_flip and rng.random() < 0.5:
+            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return mask_to_tensor(mask)
+
     def __getitem__(self, index: int) -> dict:
         # Crops and flips come from (seed, epoch, index), never a global stream: the data loader fetches ahead, so
         # the random state a checkpoint saves would already hold the next batch's draws.
         rng = random.Random(derived_seed(self.seed, self.epoch, index))
         example = self.examples[index % len(self.examples)]
         bucket = self.bucket_of(index)
+        crop_state = rng.getstate()
         item = {"index": index, "pixels": self._pixels(example.image, bucket, rng), "prompt": example.prompt}
+        if self.caption is not None:
+            item["prompt"] = self.caption(example.prompt, self.epoch, index % len(self.examples))
+        if example.mask is not None:
+            item["mask"] = self._mask(example.mask, bucket, crop_state)
         if self.class_images:
             class_image = read_image(self.class_images[index % len(self.class_images)])
             item["class_pixels"] = self._pixels(class_image, bucket, rng)
@@ -711,11 +880,59 @@ def collate(examples: list[dict]) -> dict:
     if "class_pixels" in examples[0]:
         pixels += [example["class_pixels"] for example in examples]
         prompts += [example["class_prompt"] for example in examples]
-    return {
+    batch = {
         "indices": [example["index"] for example in examples],
         "pixels": torch.stack(pixels).contiguous(),
         "prompts": prompts,
     }
+    if "mask" in examples[0]:  # class images train everywhere
+        masks = [example["mask"] for example in examples]
+        batch["masks"] = torch.stack(masks + [torch.ones_like(masks[0])] * (len(pixels) - len(masks)))
+    return batch
+
+
+def training_caption(args: argparse.Namespace, prompt: str, epoch: int, index: int) -> str:
+    """The caption example `index` trains with in `epoch`: its tags shuffled, or dropped to the empty prompt."""
+    if args.shuffle_caption:
+        prompt = shuffle_caption(prompt, args.keep_tokens, args.seed or 0, epoch, index)
+    dropout = random.Random(derived_seed(args.seed or 0, epoch, index, 1))
+    return "" if args.caption_dropout_rate and dropout.random() < args.caption_dropout_rate else prompt
+
+
+def planned_epochs(args: argparse.Namespace, examples: Sequence[Example], buckets, num_processes: int) -> int:
+    """At least the epochs this run trains (counted without class images, which only lengthen an epoch)."""
+    if args.max_train_steps is None:
+        return args.num_train_epochs
+    groups = defaultdict(int)
+    for example in examples:
+        groups[nearest_bucket(example.image.size, buckets)] += 1
+    batches = sum(math.ceil(size / args.train_batch_size) for size in groups.values())
+    steps_per_epoch = max(1, batches // num_processes // args.gradient_accumulation_steps)
+    return math.ceil(args.max_train_steps / steps_per_epoch)
+
+
+def training_captions(args: argparse.Namespace, examples: Sequence[Example], buckets, num_processes: int) -> set[str]:
+    """Every caption the run trains with, to embed once before the text encoders are freed.
+
+    With --shuffle_caption each epoch reorders the tags, so a caption of n shuffled tags can become n! strings:
+    more than --max_cached_captions stops here, in one line, before anything loads.
+    """
+    if not (args.shuffle_caption or args.caption_dropout_rate):
+        return {example.prompt for example in examples}
+    epochs = planned_epochs(args, examples, buckets, num_processes)
+    captions = {
+        training_caption(args, example.prompt, epoch, index)
+        for epoch in range(epochs)
+        for index, example in enumerate(examples)
+    }
+    if args.shuffle_caption and len(captions) > args.max_cached_captions:
+        orderings = max(caption_orderings(example.prompt, args.keep_tokens) for example in examples)
+        raise UsageError(
+            f"--shuffle_caption makes {len(captions)} distinct captions over {epochs} epochs (up to {orderings} "
+            f"orders of one caption's tags), more than --max_cached_captions {args.max_cached_captions}, each embedded "
+            "and kept in memory: raise --keep_tokens, train fewer epochs, or raise --max_cached_captions"
+        )
+    return captions | ({""} if args.caption_dropout_rate else set())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -960,6 +1177,19 @@ def cache_latent_distributions(vae, dataset: DreamBoothDataset) -> dict[int, tup
     return cache
 
 
+def cache_masks(dataset: DreamBoothDataset) -> dict[int, torch.Tensor]:
+    """Each item's instance mask as cached with its latents: the same crop and flip (epoch 0's) for the whole run."""
+    return {index: dataset[index]["mask"] for index in range(len(dataset))}
+
+
+def batch_masks(batch: dict, mask_cache: dict | None) -> torch.Tensor | None:
+    """The batch's pixel masks (class images all ones), from the cache when latents are cached."""
+    if "masks" not in batch or mask_cache is None:
+        return batch.get("masks")
+    instance = [mask_cache[index] for index in batch["indices"]]
+    return torch.stack(instance + [torch.ones_like(instance[0])] * (len(batch["masks"]) - len(instance)))
+
+
 def batch_latent_distribution(batch: dict, latent_cache: dict | None, vae) -> tuple[torch.Tensor, torch.Tensor]:
     if latent_cache is None:
         return encode_latent_distribution(vae, batch["pixels"])
@@ -975,6 +1205,29 @@ def batch_latent_distribution(batch: dict, latent_cache: dict | None, vae) -> tu
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def sample_timesteps(
+    args: argparse.Namespace, noise_scheduler, batch_size: int, image_seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps and noise levels of one batch, from --timestep_sampling (the global RNG, as the noise)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    if args.timestep_sampling == "sigma":
+        density = compute_density_for_timestep_sampling(
+            weighting_scheme=args.weighting_scheme,
+            batch_size=batch_size,
+            logit_mean=args.logit_mean,
+            logit_std=args.logit_std,
+            mode_scale=args.mode_scale,
+        )
+        indices = (density * noise_scheduler.config.num_train_timesteps).long()
+        return noise_scheduler.timesteps[indices], noise_scheduler.sigmas[indices]
+    sigmas = sample_shifted_sigmas(
+        args.timestep_sampling, batch_size, image_seq_len, noise_scheduler.config, args.discrete_flow_shift,
+        args.logit_mean, args.logit_std,
+    )  # fmt: skip
+    return sigmas * noise_scheduler.config.num_train_timesteps, sigmas
+
+
 @dataclass
 class LatentSpace:
     """What it takes to go from VAE latents to the transformer's packed tokens and back."""
@@ -988,6 +1241,34 @@ class LatentSpace:
         return cls(vae.config.shift_factor, vae.config.scaling_factor, 2 ** (len(vae.config.block_out_channels) - 1))
 
 
+def predict_velocity(
+    transformer,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    guidance: torch.Tensor | None,
+    embeddings: tuple[torch.Tensor, torch.Tensor],
+    latent_space: LatentSpace,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The transformer's prediction for latents `noisy` (B x C x h x w) at `timesteps` in [0, 1], unpacked to them."""
+    from diffusers import FluxPipeline
+
+    batch_size, channels, height, width = noisy.shape
+    device = noisy.device
+    prediction = transformer(
+        hidden_states=FluxPipeline._pack_latents(noisy, batch_size, channels, height, width),
+        timestep=timesteps,
+        guidance=guidance,
+        pooled_projections=embeddings[1],
+        encoder_hidden_states=embeddings[0],
+        txt_ids=torch.zeros(embeddings[0].shape[1], 3, device=device, dtype=dtype),
+        img_ids=FluxPipeline._prepare_latent_image_ids(batch_size, height // 2, width // 2, device, dtype),
+        return_dict=False,
+    )[0]
+    scale = latent_space.vae_scale_factor
+    return FluxPipeline._unpack_latents(prediction, height * scale, width * scale, scale)
+
+
 def flow_matching_loss(
     args: argparse.Namespace,
     transformer,
@@ -997,48 +1278,83 @@ def flow_matching_loss(
     embeddings: tuple[torch.Tensor, torch.Tensor],
     guidance_embeds: bool,
     dtype: torch.dtype,
+    masks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rectified-flow loss of one batch, as in diffusers' Flux trainers (plus the prior loss when asked)."""
-    from diffusers import FluxPipeline
-    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+    """Rectified-flow loss of one batch, as in diffusers' Flux trainers (plus the prior loss when asked).
+
+    With `masks` (pixel masks, B x 1 x H x W) each latent pixel's error is weighted by its share of masked-in pixels.
+    """
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     device = embeddings[0].device
     mean, std = (part.to(device) for part in latent_distribution)
     latents = mean + std * torch.randn_like(mean)
     latents = ((latents - latent_space.shift_factor) * latent_space.scaling_factor).to(device, dtype)
-    batch_size, channels, height, width = latents.shape
+    batch_size, _, height, width = latents.shape
     noise = torch.randn_like(latents)
-    density = compute_density_for_timestep_sampling(
-        weighting_scheme=args.weighting_scheme,
-        batch_size=batch_size,
-        logit_mean=args.logit_mean,
-        logit_std=args.logit_std,
-        mode_scale=args.mode_scale,
-    )
-    indices = (density * noise_scheduler.config.num_train_timesteps).long()
-    timesteps = noise_scheduler.timesteps[indices].to(device)
-    sigmas = noise_scheduler.sigmas[indices].to(device, dtype).view(-1, 1, 1, 1)
+    timesteps, sigmas = sample_timesteps(args, noise_scheduler, batch_size, (height // 2) * (width // 2))
+    timesteps, sigmas = timesteps.to(device), sigmas.to(device, dtype).view(-1, 1, 1, 1)
     noisy = (1.0 - sigmas) * latents + sigmas * noise
     guidance = torch.full((batch_size,), args.guidance_scale, device=device) if guidance_embeds else None
-    prediction = transformer(
-        hidden_states=FluxPipeline._pack_latents(noisy, batch_size, channels, height, width),
-        timestep=timesteps / noise_scheduler.config.num_train_timesteps,
-        guidance=guidance,
-        pooled_projections=embeddings[1],
-        encoder_hidden_states=embeddings[0],
-        txt_ids=torch.zeros(embeddings[0].shape[1], 3, device=device, dtype=dtype),
-        img_ids=FluxPipeline._prepare_latent_image_ids(batch_size, height // 2, width // 2, device, dtype),
-        return_dict=False,
-    )[0]
-    scale = latent_space.vae_scale_factor
-    prediction = FluxPipeline._unpack_latents(prediction, height * scale, width * scale, scale)
+    timesteps = timesteps / noise_scheduler.config.num_train_timesteps
+    prediction = predict_velocity(transformer, noisy, timesteps, guidance, embeddings, latent_space, dtype)
     weighting = compute_loss_weighting_for_sd3(weighting_scheme=args.weighting_scheme, sigmas=sigmas).float()
     squared_error = weighting * (prediction.float() - (noise - latents).float()) ** 2
-    per_image = squared_error.reshape(batch_size, -1).mean(dim=1)
+    if masks is None:
+        per_image = squared_error.reshape(batch_size, -1).mean(dim=1)
+    else:
+        per_image = masked_mean(squared_error, mask_to_latent_grid(masks.to(device), latent_space.vae_scale_factor))
     if not args.with_prior_preservation:
         return per_image.mean()
     instance_loss, prior_loss = per_image.chunk(2)
     return instance_loss.mean() + args.prior_loss_weight * prior_loss.mean()
+
+
+# Noise levels the validation loss is measured at, each with its own fixed noise: comparable from run to run.
+VALIDATION_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def encode_validation_latents(
+    args: argparse.Namespace, vae, examples: Sequence[Example], buckets, latent_space: LatentSpace
+) -> list[tuple[torch.Tensor, str]]:
+    """Each held-out image, center-cropped to its bucket, as scaled latents (the posterior mean) with its prompt."""
+    dataset = DreamBoothDataset(list(examples), buckets, center_crop=True)
+    encoded = []
+    for index, example in enumerate(examples):
+        mean, _ = encode_latent_distribution(vae, dataset[index]["pixels"][None])
+        encoded.append((((mean - latent_space.shift_factor) * latent_space.scaling_factor).cpu(), example.prompt))
+    return encoded
+
+
+def validation_loss(
+    args: argparse.Namespace,
+    accelerator,
+    model,
+    latent_space: LatentSpace,
+    validation_set: Sequence[tuple[torch.Tensor, str]],
+    embeddings: dict[str, PromptEmbeddings],
+    guidance_embeds: bool,
+    dtype: torch.dtype,
+) -> float:
+    """Mean flow-matching loss of the held-out images at VALIDATION_SIGMAS, with noise from one generator seeded
+    the same at every call: only the LoRA changes the number. No gradient; the model streams as in training."""
+    device = accelerator.device
+    generator = torch.Generator().manual_seed(derived_seed(args.seed or 0, 3))
+    guidance = torch.full((1,), args.guidance_scale, device=device) if guidance_embeds else None
+    losses = []
+    model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        for latents, prompt in validation_set:
+            latents = latents.to(device, dtype)
+            prompt_embeddings = stack_embeddings(embeddings, [prompt], device, dtype)
+            for sigma in VALIDATION_SIGMAS:
+                noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
+                noisy = (1.0 - sigma) * latents + sigma * noise
+                timestep = torch.full((1,), sigma, device=device, dtype=dtype)
+                prediction = predict_velocity(model, noisy, timestep, guidance, prompt_embeddings, latent_space, dtype)
+                losses.append(torch.mean((prediction.float() - (noise - latents).float()) ** 2).item())
+    model.train()
+    return sum(losses) / len(losses)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1317,6 +1633,9 @@ class MetricsLog:
                 file.flush()
                 os.fsync(file.fileno())
 
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
     def drop_after(self, step: int) -> None:
         """Keeps the records up to `step` (all of them when resuming there; none for a new run).
 
@@ -1341,6 +1660,11 @@ class MetricsLog:
         os.replace(partial, self.path)
 
 
+def validation_loss_due(args: argparse.Namespace, step: int) -> bool:
+    """The validation loss is measured every --validation_steps and at the last step."""
+    return step >= args.max_train_steps or (args.validation_steps is not None and step % args.validation_steps == 0)
+
+
 def peak_vram_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
@@ -1356,6 +1680,8 @@ TRAINING_SETTINGS = (
     "resolution", "aspect_ratio_buckets", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
     "learning_rate", "lr_scheduler", "optimizer", "rank", "lora_alpha", "lora_layers", "mixed_precision",
     "weighting_scheme", "guidance_scale", "with_prior_preservation", "seed",
+    "timestep_sampling", "caption_dropout_rate", "shuffle_caption", "keep_tokens", "mask_data_dir", "mask_column",
+    "validation_loss_images",
 )  # fmt: skip
 
 
@@ -1399,6 +1725,11 @@ trained with `train_flux_lora.py` from accelerate-offload (flow matching, diffus
 ## Trigger words
 
 {trigger}
+
+## Training curves
+
+`loss.png` draws the training loss of every step and, with `--validation_loss_images`, the loss of held-out images
+at fixed timesteps and noise (`validation_loss` in `metrics.jsonl`), comparable between runs of the same seed.
 
 ## Use it with diffusers
 
@@ -1559,7 +1890,7 @@ def main(args: argparse.Namespace) -> None:
     output_dir = Path(args.output_dir)
 
     # 1. Data first: a broken image fails here, in seconds (before diffusers is imported), and nothing is written.
-    examples = load_instance_examples(args)
+    examples, validation_examples = load_instance_examples(args)
     offload_plugin = make_offload_plugin(args)
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.optimization import get_scheduler
@@ -1573,6 +1904,7 @@ def main(args: argparse.Namespace) -> None:
     resolution_fix = f"lower --resolution (now {args.resolution})"
     image_fixes = [STREAM_MORE, resolution_fix]
     buckets = training_buckets(args)
+    captions = training_captions(args, examples, buckets, accelerator.num_processes)
     check_model(args, offload_plugin)
     if accelerator.is_main_process:
         try:
@@ -1585,7 +1917,7 @@ def main(args: argparse.Namespace) -> None:
 
     # 2. Every prompt is encoded once; the text encoders are freed before the transformer loads.
     final_prompt = args.validation_prompt or args.instance_prompt or examples[0].prompt
-    prompts = [example.prompt for example in examples] + [final_prompt]
+    prompts = [*captions, *(example.prompt for example in validation_examples), final_prompt]
     if args.with_prior_preservation:
         prompts.append(args.class_prompt)
     with phases.phase("prompts", ["stream T5: a launch config that streams blocks streams it too"]):
@@ -1599,7 +1931,8 @@ def main(args: argparse.Namespace) -> None:
         accelerator.wait_for_everyone()
         class_images = [path for path, _ in readable_images(class_image_paths(args), args.strict, "class images")]
     dataset = DreamBoothDataset(
-        examples, buckets, class_images, args.class_prompt, args.center_crop, args.random_flip, args.seed or 0
+        examples, buckets, class_images, args.class_prompt, args.center_crop, args.random_flip, args.seed or 0,
+        caption=partial(training_caption, args) if args.shuffle_caption or args.caption_dropout_rate else None,
     )
     warn_about_small_images(dataset.examples, dataset.buckets)
     batch_sampler = BucketBatchSampler(dataset, args.train_batch_size, args.seed or 0)
@@ -1616,12 +1949,14 @@ def main(args: argparse.Namespace) -> None:
     vae = load_vae(args, device, dtype)
     plan_vae_passes(vae, device, offload_plugin.max_vram)  # each pass fits what is left of the budget as it starts
     latent_space = LatentSpace.from_vae(vae)
-    latent_cache = None
+    latent_cache = mask_cache = None
+    validation_set = encode_validation_latents(args, vae, validation_examples, buckets, latent_space)
     if args.cache_latents:
         if args.random_flip or not args.center_crop:
             logger.info("--cache_latents: each image keeps the crop and flip it was cached with")
         with phases.phase("latents", [resolution_fix]):
             latent_cache = cache_latent_distributions(vae, dataset)
+            mask_cache = cache_masks(dataset) if args.mask_data_dir or args.mask_column else None
             vae.to("cpu")  # needed again only to decode validation images
             if args.validation_prompt is None:
                 del vae
@@ -1728,6 +2063,7 @@ def main(args: argparse.Namespace) -> None:
                         stack_embeddings(embeddings, batch["prompts"], device, dtype),
                         guidance_embeds,
                         dtype,
+                        batch_masks(batch, mask_cache),
                     )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
@@ -1760,7 +2096,14 @@ def main(args: argparse.Namespace) -> None:
                     postfix["peak_vram"] = f"{peak:.1f}GB"
                 progress.update(1)
                 progress.set_postfix(**postfix)
-                accelerator.log({key: record[key] for key in ("loss", "lr", "seconds_per_step")}, step=global_step)
+                logged = ("loss", "lr", "seconds_per_step")
+                if validation_set and accelerator.is_main_process and validation_loss_due(args, global_step):
+                    with phases.phase("validation loss", [STREAM_MORE]):
+                        record["validation_loss"] = validation_loss(
+                            args, accelerator, model, latent_space, validation_set, embeddings, guidance_embeds, dtype
+                        )
+                    logged += ("validation_loss",)
+                accelerator.log({key: record[key] for key in logged}, step=global_step)
                 metrics.write(record)
                 if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
                     with phases.phase("save"):
@@ -1820,6 +2163,8 @@ def main(args: argparse.Namespace) -> None:
                 global_step,
             )
         write_model_card(args, repo_id, images, final_prompt)
+        if metrics.path.exists():
+            plot_losses(metrics.records(), output_dir / LOSS_PLOT, f"{TRACKER_PROJECT}: {output_dir.name}")
         if args.push_to_hub:
             push_to_hub(args, repo_id)
     accelerator.end_training()

@@ -79,6 +79,7 @@ from accelerate_offload import LayerOffloadPlugin, OffloadConfigError
 from accelerate_offload.inference import load_lora_file, place_pipeline, plan_vae_passes
 from accelerate_offload.oom import explain_out_of_memory
 from accelerate_offload.phases import STREAM_MORE, JobPhases, kept_outputs
+from accelerate_offload.training_math import TIMESTEP_SAMPLING, mask_to_latent_grid, masked_mean, sample_shifted_sigmas
 from accelerate_offload.training_utils import (
     StopSignals,
     any_process,
@@ -392,6 +393,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             " without a converted copy), else fp16 on a GPU and fp32 elsewhere."
         ),
     )
+    add_training_feature_args(parser)
     args = parser.parse_args(input_args)
 
     if args.dataset_name is None and args.instance_data_dir is None:
@@ -403,13 +405,68 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             parser.error("--with_prior_preservation needs --class_data_dir")
         if args.class_prompt is None:
             parser.error("--with_prior_preservation needs --class_prompt")
-    for check in (check_numbers, check_paths, check_output_dir):
+    for check in (check_numbers, check_training_features, check_paths, check_output_dir):
         message = check(args)
         if message:  # a value that parses but cannot work: one line naming the fix
             parser.exit(2, f"error: {message}\n")
     if args.report_to == "none":
         args.report_to = None
     return args
+
+
+def add_training_feature_args(parser: argparse.ArgumentParser) -> None:
+    """Masked loss, shifted timesteps, caption dropout (the flags train_flux_lora.py has too)."""
+    parser.add_argument(
+        "--mask_data_dir",
+        type=str,
+        default=None,
+        help="Folder of loss masks: one per instance image, same relative path and name, any image extension. White "
+        "trains, black is ignored; an instance image without a mask is an error.",
+    )
+    parser.add_argument("--mask_column", type=str, default=None, help="Dataset column of loss masks.")
+    parser.add_argument(
+        "--timestep_sampling",
+        type=str,
+        default="sigma",
+        choices=TIMESTEP_SAMPLING,
+        help="'sigma': the --weighting_scheme density on the scheduler's (shifted) timesteps; 'shift': a logit-normal "
+        "draw shifted by --discrete_flow_shift; 'flux_shift': shifted by the image's token count, as Flux does.",
+    )
+    parser.add_argument(
+        "--discrete_flow_shift", type=float, default=3.0, help="Shift of --timestep_sampling shift: s*t/(1+(s-1)*t)."
+    )
+    parser.add_argument(
+        "--caption_dropout_rate",
+        type=float,
+        default=0.0,
+        help="Share of instance images trained with the empty prompt (its embedding is in every embeddings file).",
+    )
+    parser.add_argument(
+        "--shuffle_caption",
+        action="store_true",
+        help="Not available here: each shuffled caption needs its own embedding, and this script trains from the "
+        "fixed embeddings of compute_embeddings.py.",
+    )
+
+
+def check_training_features(args: argparse.Namespace) -> str | None:
+    if args.shuffle_caption:
+        return (
+            "--shuffle_caption needs every shuffled caption embedded, and this script trains from the fixed "
+            "embeddings of compute_embeddings.py: reorder the tags in your captions before computing them, or drop "
+            "--shuffle_caption"
+        )
+    if args.mask_column is not None and args.dataset_name is None:
+        return "--mask_column needs --dataset_name; for a folder of images give --mask_data_dir"
+    if args.mask_column is not None and args.mask_data_dir is not None:
+        return "give one of --mask_data_dir or --mask_column"
+    if args.mask_data_dir is not None and not Path(args.mask_data_dir).is_dir():
+        return f"--mask_data_dir {args.mask_data_dir} is not a folder; point it at the folder of loss masks"
+    if not 0.0 < args.discrete_flow_shift < math.inf:
+        return f"--discrete_flow_shift must be a positive number, got {args.discrete_flow_shift}"
+    if not 0.0 <= args.caption_dropout_rate < 1.0:
+        return f"--caption_dropout_rate must be in [0, 1), got {args.caption_dropout_rate}"
+    return None
 
 
 def check_numbers(args: argparse.Namespace) -> str | None:
@@ -729,6 +786,58 @@ def instance_rows(
     return rows
 
 
+def find_mask(mask_dir: Path, name: str) -> Path:
+    """The mask of instance image `name` (a relative path): the same path in `mask_dir`, with any image extension."""
+    relative = Path(name)
+    folder = mask_dir / relative.parent
+    extensions = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
+    found = sorted(
+        path
+        for path in (folder.iterdir() if folder.is_dir() else ())
+        if path.stem == relative.stem and path.suffix.lower() in extensions and path.is_file()
+    )
+    if not found:
+        raise SetupError(
+            f"no mask for instance image '{name}' in --mask_data_dir {mask_dir} (looked for "
+            f"{folder / relative.stem}.png or another image extension); add one: white trains, black is ignored"
+        )
+    return found[0]
+
+
+def load_masks(files: list[tuple[str, bytes]], args: argparse.Namespace) -> list[Image.Image] | None:
+    """The loss mask of each instance image (8-bit grayscale, the image's size), or None without masks."""
+    if args.mask_data_dir is None and args.mask_column is None:
+        return None
+    if args.mask_column is not None:
+        from datasets import load_dataset
+
+        dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
+        if args.mask_column not in dataset.column_names:
+            raise SetupError(f"--mask_column '{args.mask_column}' not in dataset {args.dataset_name}")
+        by_row = dict(enumerate(dataset[args.mask_column]))
+    masks = []
+    for name, data in files:
+        try:
+            source = find_mask(Path(args.mask_data_dir), name) if args.mask_column is None else by_row[int(name[:6])]
+            if source is None:
+                raise ValueError(f"its row has no {args.mask_column}")
+            with Image.open(source) if isinstance(source, Path) else nullcontext(source) as opened:
+                mask = to_rgb(opened).convert("L")
+        except (OSError, ValueError) as error:
+            raise SetupError(f"cannot read the mask of instance image '{name}' ({error}); replace it") from None
+        with Image.open(io.BytesIO(data)) as image:
+            size = ImageOps.exif_transpose(image).size
+        if mask.size != size:
+            raise SetupError(
+                f"the mask of instance image '{name}' is {mask.width}x{mask.height}, the image {size[0]}x{size[1]}; "
+                "give a mask of the image's size"
+            )
+        if mask.getextrema()[1] == 0:
+            raise SetupError(f"the mask of instance image '{name}' is black everywhere: nothing would train; fix it")
+        masks.append(mask)
+    return masks
+
+
 def derived_seed(*keys: int) -> int:
     """A seed for one use (a step's noise, an image's crop) from the run's seed: the same on resume, in any worker."""
     return int(np.random.SeedSequence(keys).generate_state(1)[0])
@@ -777,12 +886,16 @@ class DreamBoothDataset(Dataset):
         args: argparse.Namespace,
         class_files: list[tuple[str, bytes]] | None = None,
         class_row: int | None = None,
+        masks: list[Image.Image] | None = None,
+        dropout_row: int | None = None,
     ):
         self.instances = list(
             itertools.chain.from_iterable(
                 [item] * args.repeats for item in zip(instance_files, instance_rows, strict=True)
             )
         )
+        self.masks = None if masks is None else [mask for mask in masks for _ in range(args.repeats)]
+        self.dropout_row = dropout_row  # the empty prompt's row, for --caption_dropout_rate
         self.embeddings = embeddings
         self.class_files = class_files or []
         self.class_row = class_row
@@ -804,7 +917,17 @@ class DreamBoothDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         rng = random.Random(derived_seed(self.args.seed, 0, self.epoch, index))
         (_, data), row = self.instances[index % len(self.instances)]
+        dropout = random.Random(derived_seed(self.args.seed, 2, self.epoch, index)).random()
+        if self.dropout_row is not None and dropout < self.args.caption_dropout_rate:
+            row = self.dropout_row
+        crop_state = rng.getstate()
         example = {"instance": self._example(data, row, rng)}
+        if self.masks is not None:  # the same crop and flip as the image: its draws replayed
+            replay = random.Random()
+            replay.setstate(crop_state)
+            mask = self.masks[index % len(self.instances)].convert("RGB")
+            pixels = preprocess(mask, self.args.resolution, self.args.center_crop, self.args.random_flip, replay)
+            example["mask"] = (pixels[:1] + 1.0) / 2.0
         if self.class_files:
             _, class_data = self.class_files[index % len(self.class_files)]
             example["class"] = self._example(class_data, self.class_row, rng)
@@ -817,11 +940,15 @@ def collate_fn(examples: list[dict], with_prior_preservation: bool = False) -> d
     if with_prior_preservation:
         parts += [example["class"] for example in examples]
     pixel_values, prompt_embeds, pooled_prompt_embeds = (torch.stack(items) for items in zip(*parts, strict=True))
-    return {
+    batch = {
         "pixel_values": pixel_values.to(memory_format=torch.contiguous_format).float(),
         "prompt_embeds": prompt_embeds,
         "pooled_prompt_embeds": pooled_prompt_embeds,
     }
+    if "mask" in examples[0]:  # class images train everywhere
+        masks = [example["mask"] for example in examples]
+        batch["masks"] = torch.stack(masks + [torch.ones_like(masks[0])] * (len(parts) - len(masks)))
+    return batch
 
 
 @torch.no_grad()
@@ -834,23 +961,33 @@ def encode_latents(
 
 
 def flow_matching_loss(
-    model_pred: torch.Tensor, target: torch.Tensor, weighting: torch.Tensor, prior_loss_weight: float | None = None
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    weighting: torch.Tensor,
+    prior_loss_weight: float | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weighted MSE per sample, averaged; with a prior loss weight, the batch is instance half then class half.
 
-    The per-sample weighting is split with the batch, so prior preservation works at any batch size.
+    The per-sample weighting is split with the batch, so prior preservation works at any batch size. `mask`
+    (B x 1 x h x w, on the latent grid) weights each latent pixel, the loss divided by the mask's mean.
     """
 
-    def mse(pred: torch.Tensor, target: torch.Tensor, weighting: torch.Tensor) -> torch.Tensor:
-        per_sample = (weighting.float() * (pred.float() - target.float()) ** 2).reshape(target.shape[0], -1)
-        return per_sample.mean(1).mean()
+    def mse(pred: torch.Tensor, target: torch.Tensor, weighting: torch.Tensor, mask: torch.Tensor | None):
+        squared_error = weighting.float() * (pred.float() - target.float()) ** 2
+        if mask is not None:
+            return masked_mean(squared_error, mask).mean()
+        return squared_error.reshape(target.shape[0], -1).mean(1).mean()
 
     if prior_loss_weight is None:
-        return mse(model_pred, target, weighting)
+        return mse(model_pred, target, weighting, mask)
     model_pred, model_pred_prior = model_pred.chunk(2)
     target, target_prior = target.chunk(2)
     weighting, weighting_prior = weighting.chunk(2)
-    return mse(model_pred, target, weighting) + prior_loss_weight * mse(model_pred_prior, target_prior, weighting_prior)
+    mask, mask_prior = mask.chunk(2) if mask is not None else (None, None)
+    return mse(model_pred, target, weighting, mask) + prior_loss_weight * mse(
+        model_pred_prior, target_prior, weighting_prior, mask_prior
+    )
 
 
 def pipeline_from_pretrained(args: argparse.Namespace, dtype: torch.dtype) -> StableDiffusion3Pipeline:
@@ -996,6 +1133,9 @@ def save_model_card(
         "with_prior_preservation": args.with_prior_preservation,
         "class_prompt": args.class_prompt if args.with_prior_preservation else None,
         "seed": args.seed,
+        "timestep_sampling": args.timestep_sampling,
+        "caption_dropout_rate": args.caption_dropout_rate,
+        "masked_loss": args.mask_data_dir is not None or args.mask_column is not None,
     }
     settings_table = "\n".join(f"| {name} | {value} |" for name, value in settings.items())
     content = f"""---
@@ -1235,6 +1375,7 @@ def main(args: argparse.Namespace) -> None:
     instance_files, source = instance_image_files(args)
     instance_files = usable_images(instance_files, source, args)
     rows = instance_rows(instance_files, source, embeddings, args)
+    masks = load_masks(instance_files, args)
     class_row = negative_row = validation_row = None
     if args.with_prior_preservation:
         class_row = embeddings.row("class", args.class_prompt, "--class_prompt")
@@ -1382,8 +1523,10 @@ def main(args: argparse.Namespace) -> None:
     )
 
     train_dataset = DreamBoothDataset(
-        instance_files, rows, embeddings, args, class_files=class_files, class_row=class_row
-    )
+        instance_files, rows, embeddings, args, class_files=class_files, class_row=class_row,
+        masks=masks,
+        dropout_row=embeddings.row("negative", "") if args.caption_dropout_rate else None,
+    )  # fmt: skip
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
         batch_size=args.train_batch_size,
@@ -1479,20 +1622,29 @@ def main(args: argparse.Namespace) -> None:
             noise = torch.randn(model_input.shape, generator=generator).to(model_input)
             bsz = model_input.shape[0]
 
-            # Sample a random timestep for each image; non-uniform for the logit_normal and mode schemes.
-            u = compute_density_for_timestep_sampling(
-                weighting_scheme=args.weighting_scheme,
-                batch_size=bsz,
-                logit_mean=args.logit_mean,
-                logit_std=args.logit_std,
-                mode_scale=args.mode_scale,
-                generator=generator,
-            )
-            indices = (u * noise_scheduler_copy.config.num_train_timesteps).long()
-            timesteps = noise_scheduler_copy.timesteps[indices].to(device=model_input.device)
+            if args.timestep_sampling == "sigma":
+                # Sample a random timestep for each image; non-uniform for the logit_normal and mode schemes.
+                u = compute_density_for_timestep_sampling(
+                    weighting_scheme=args.weighting_scheme,
+                    batch_size=bsz,
+                    logit_mean=args.logit_mean,
+                    logit_std=args.logit_std,
+                    mode_scale=args.mode_scale,
+                    generator=generator,
+                )
+                indices = (u * noise_scheduler_copy.config.num_train_timesteps).long()
+                timesteps = noise_scheduler_copy.timesteps[indices].to(device=model_input.device)
+                sigmas = get_sigmas(timesteps, n_dim=model_input.ndim, dtype=model_input.dtype)
+            else:  # a logit-normal draw, shifted: fixed, or by the image's token count (2x2 patches)
+                image_seq_len = model_input.shape[-2] * model_input.shape[-1] // 4
+                sigmas = sample_shifted_sigmas(
+                    args.timestep_sampling, bsz, image_seq_len, noise_scheduler_copy.config, args.discrete_flow_shift,
+                    args.logit_mean, args.logit_std, generator,
+                )  # fmt: skip
+                timesteps = (sigmas * noise_scheduler_copy.config.num_train_timesteps).to(model_input.device)
+                sigmas = sigmas.to(model_input.device, model_input.dtype).view(-1, 1, 1, 1)
 
             # Add noise according to flow matching: zt = (1 - sigma) * x + sigma * noise.
-            sigmas = get_sigmas(timesteps, n_dim=model_input.ndim, dtype=model_input.dtype)
             noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
 
             prompt_embeds = batch["prompt_embeds"].to(device=accelerator.device, dtype=weight_dtype)
@@ -1512,7 +1664,10 @@ def main(args: argparse.Namespace) -> None:
             target = model_input if args.precondition_outputs else noise - model_input
 
             prior_loss_weight = args.prior_loss_weight if args.with_prior_preservation else None
-            loss = flow_matching_loss(model_pred, target, weighting, prior_loss_weight)
+            mask = batch.get("masks")
+            if mask is not None:  # pixels to the latent grid: each latent pixel by its share of masked-in pixels
+                mask = mask_to_latent_grid(mask.to(accelerator.device), 2 ** (len(vae.config.block_out_channels) - 1))
+            loss = flow_matching_loss(model_pred, target, weighting, prior_loss_weight, mask)
 
             accelerator.backward(loss)
             grad_norm, finite = None, True

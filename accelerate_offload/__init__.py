@@ -25,6 +25,8 @@ Modules, each importing only those above it (`tests/test_imports.py` checks it):
 - `phases`: a job's phases: one line for an out-of-memory error in any of them, a record of each one's peaks.
 - `inference`: a pipeline placed for inference (frozen, streamed like training), a saved LoRA loaded onto it.
 - `training_utils`: what the scripts share: atomic checkpoints, finite checks, stop signals, file modes.
+- `training_math`: shifted timestep draws, shuffled captions, masks on the latent grid.
+- `loss_plot`: the run's summary plot, training and validation loss.
 - `plugin`: `LayerOffloadPlugin`, the settings read from the launch config; `cli`: `accelerate-offload`.
 - `testing.tiny_pipelines`: tiny random pipelines and drawn images for tests and the demo.
 """
