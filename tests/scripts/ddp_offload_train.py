@@ -11,7 +11,7 @@ from accelerate import Accelerator
 
 _here = __import__("pathlib").Path(__file__).resolve()
 sys.path[:0] = [str(_here.parents[1]), str(_here.parents[2])]
-from accelerate_offload import offload_model  # noqa: E402
+from accelerate_offload import get_conductor, offload_model  # noqa: E402
 from test_models import flux_inputs, tiny_flux, with_lora  # noqa: E402
 from toy_models import ToyTransformer, add_lora  # noqa: E402
 
@@ -71,6 +71,7 @@ result = {
     "ranks_agree": bool(torch.equal(gathered[0], gathered[-1])),
     "trained": any(not torch.equal(actual[name].cpu(), initial[name]) for name in initial),
     "chunked_flux_error": flux_error,
+    "shared_host": get_conductor(offloaded).shared_host and get_conductor(chunked).shared_host,  # "auto": on
 }
 if accelerator.is_main_process:
     with open(sys.argv[1], "w") as handle:
