@@ -119,11 +119,9 @@ def worker(args: argparse.Namespace) -> None:
     rows = []
     for resolution in args.resolutions:
         inputs, target = make_batch("flux", model, resolution, device)
-        inputs = {k: v.expand(args.batch_size, *v.shape[1:]) if k in ("hidden_states", "encoder_hidden_states",
-                  "pooled_projections") else v for k, v in inputs.items()}
-        inputs["timestep"] = inputs["timestep"].expand(args.batch_size)
-        inputs["guidance"] = inputs["guidance"].expand(args.batch_size)
-        target = target.expand(args.batch_size, *target.shape[1:])
+        # tensors of one sample (a leading 1) repeated to the batch; the position ids have no batch dimension
+        inputs = {k: v.repeat_interleave(args.batch_size, 0) if v.shape[0] == 1 else v for k, v in inputs.items()}
+        target = target.repeat_interleave(args.batch_size, 0)
         losses, times, streamed = [], [], 0
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -149,17 +147,17 @@ def worker(args: argparse.Namespace) -> None:
                 "resolution": resolution,
                 "seconds_per_step": round(seconds, 4),
                 "images_per_second": round(len(ranks) * args.batch_size / seconds, 4),
-                "streamed_gb_per_step_per_rank": round(streamed / GB, 3),
+                "streamed_gb_per_step_per_rank": round(streamed / GB, 4),
                 "copy_gb_per_s_per_rank": round(rate, 2) if rate else None,
-                "copy_floor_seconds": round(streamed / GB / rate, 4) if rate and streamed else None,
+                "copy_floor_seconds": round(streamed / GB / rate, 5) if rate and streamed else None,
                 "peak_allocated_gb": round(max(r["peak"] for r in ranks) / GB, 3),
                 "resident_blocks": ranks[0]["resident"],
                 "shared_host": all(r["shared"] for r in ranks),
                 "losses_rank0": [round(loss, 5) for loss in ranks[0]["losses"]],
-                "host_rss_anon_gb_sum": round(sum(r["memory"].get("RssAnon", 0) for r in ranks) / GB, 3),
-                "host_rss_shmem_gb_sum": round(sum(r["memory"].get("RssShmem", 0) for r in ranks) / GB, 3),
-                "host_shared_copy_gb": round(shared_copy / GB, 3),
-                "machine_shmem_growth_gb": round(shmem_growth / GB, 3),
+                "host_rss_anon_gb_sum": round(sum(r["memory"].get("RssAnon", 0) for r in ranks) / GB, 4),
+                "host_rss_shmem_gb_sum": round(sum(r["memory"].get("RssShmem", 0) for r in ranks) / GB, 4),
+                "host_shared_copy_gb": round(shared_copy / GB, 4),
+                "machine_shmem_growth_gb": round(shmem_growth / GB, 4),
             })
     if rank == 0:
         Path(args.worker_result).write_text(json.dumps(rows))
@@ -234,8 +232,8 @@ def main() -> None:
     print(f"\n{'setting':16} {'res':>5} {'N':>2} {'s/step':>7} {'img/s':>7} {'eff':>5} {'floor s':>7} "
           f"{'GB/s/rk':>7} {'anon GB':>8} {'shmem GB':>8} {'copy GB':>7} shared")
     for r in rows:
-        floor = f"{r['copy_floor_seconds']:.3f}" if r["copy_floor_seconds"] else "-"
-        rate = f"{r['copy_gb_per_s_per_rank']:.1f}" if r["copy_gb_per_s_per_rank"] else "-"
+        floor = "-" if r["copy_floor_seconds"] is None else f"{r['copy_floor_seconds']:.3f}"
+        rate = "-" if r["copy_gb_per_s_per_rank"] is None else f"{r['copy_gb_per_s_per_rank']:.1f}"
         print(f"{r['setting']:16} {r['resolution']:5} {r['processes']:2} {r['seconds_per_step']:7.3f} "
               f"{r['images_per_second']:7.3f} {r['efficiency']:5.2f} {floor:>7} {rate:>7} "
               f"{r['host_rss_anon_gb_sum']:8.2f} {r['host_rss_shmem_gb_sum']:8.2f} {r['host_shared_copy_gb']:7.2f} "
