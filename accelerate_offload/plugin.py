@@ -149,7 +149,7 @@ class LayerOffloadPlugin:
     share_host_weights: bool | str | None = field(
         default=None,
         metadata={"help": "One host copy of the streamed weights per machine (true, false or auto).",
-                  "default": _DEFAULTS.share_host_weights},
+                  "default": "auto"},  # the runtime's default is off: the plugin offloads in every process
     )
 
     def __post_init__(self) -> None:

@@ -9,7 +9,7 @@ nothing behind: the kernel frees the pages when the last process mapping them en
 has made resident (`max_vram`) is freed as the last one unmaps it. Each process page-locks its mapping
 (`cudaHostRegister`), as it would a private buffer.
 
-The ranks meet in four small collectives of the default process group, in every process's `offload_model`.
+The ranks meet in five small collectives of the default process group, in every process's `offload_model`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Several processes: DistributedDataParallel over an offloaded model (CPU, gloo) trains like over a plain one, its
-streamed weights in one host copy shared by both processes (`share_host_weights: auto`)."""
+streamed weights in one host copy shared by both processes (`share_host_weights="auto"`)."""
 
 from __future__ import annotations
 
