@@ -8,6 +8,7 @@ Modules, each importing only those above it (`tests/test_imports.py` checks it):
 - `timeline`: a traced step's events and its VRAM picture.
 - `streams`: host<->device copies on side CUDA streams.
 - `block_weights`: one host buffer per streamed block, parameters re-pointed at it.
+- `shared_weights`: one host copy of the streamed blocks per machine, shared by the processes training on it.
 - `disk_tier`: `max_ram`, the streamed blocks past a host budget, read from a block file through a staging ring.
 - `planner`: `max_vram`, the resident blocks chosen from the first step's peak.
 - `activations`: checkpointed block inputs shuttled to host memory.

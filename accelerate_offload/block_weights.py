@@ -56,9 +56,11 @@ class BlockWeights:
     """Owns a block's frozen parameters and buffers and points them at host or device storage.
 
     `late_modules` (submodules of the block) go into a second piece when no tensor is shared across the two.
+    Construction lays the buffer out only; `place_in_private_memory` (or `attach`, `fill_from_sources` and
+    `settle`, for a buffer shared between processes) gives it memory and takes the tensors over.
     """
 
-    def __init__(self, block: nn.Module, pin_memory: bool, late_modules: tuple[nn.Module, ...] = ()) -> None:
+    def __init__(self, block: nn.Module, late_modules: tuple[nn.Module, ...] = ()) -> None:
         late = {id(module) for root in late_modules for module in root.modules()}
         frozen = [
             (prefix, module, is_parameter, name, tensor)
@@ -101,18 +103,47 @@ class BlockWeights:
         self.late_piece: int | None = 1 if len(self.pieces) > 1 else None  # the feed-forward's, if split
         self.early_pieces: tuple[int, ...] = (0,)  # what a backward prefetch copies before the late piece
         self.nbytes = offset
-        self._memory = np.zeros(offset + ALIGNMENT, dtype=np.uint8)  # padding too: block files compare alike
+        self.memory_nbytes = offset + ALIGNMENT  # room to align the start; the padding is zeros too
+        self._sources = sources  # the model's own tensors, until `settle`
+
+    def place_in_private_memory(self, pin_memory: bool) -> None:
+        """Copies the block's tensors into a buffer of this process and points them at it."""
+        self.attach(np.zeros(self.memory_nbytes, dtype=np.uint8), pin_memory)  # zeros: block files compare alike
+        self.fill_from_sources()
+        self.settle()
+
+    def attach(self, memory: np.ndarray, pin_memory: bool) -> None:
+        """Lays the host buffer and its views over `memory` (`memory_nbytes` bytes), page-locked if asked."""
+        self._memory = memory
         self._base = -self._memory.ctypes.data % ALIGNMENT
-        self.host = self._host_tensor(torch.uint8, offset, 0)
+        self.host = self._host_tensor(torch.uint8, self.nbytes, 0)
         if pin_memory:
             pin_in_place(self._memory, self.host)
         self._host_views = [
             self._host_tensor(slot.dtype, slot.nbytes // slot.dtype.itemsize, slot.offset).view(slot.shape)
             for slot in self._slots
         ]
-        for view, source in zip(self._host_views, sources):
+
+    def fill_from_sources(self) -> None:
+        """Copies the model's own tensors into the host buffer."""
+        for view, source in zip(self._host_views, self._sources):
             if source is not None:
                 view.copy_(source)
+
+    def first_difference(self, samples: int = 64) -> str | None:
+        """The name of the first tensor whose sampled elements differ from the host buffer's, or None: a cheap
+        check that a buffer filled by another process holds this process's weights."""
+        for slot, view, source in zip(self._slots, self._host_views, self._sources):
+            if source is None or source.numel() == 0:
+                continue
+            picks = torch.linspace(0, source.numel() - 1, min(samples, source.numel())).long()
+            if not torch.equal(source.reshape(-1)[picks].view(torch.uint8), view.reshape(-1)[picks].view(torch.uint8)):
+                return slot.qualified_name
+        return None
+
+    def settle(self) -> None:
+        """Points the tensors at their host views; the model's own copies are let go."""
+        self._sources = []
         self.point_at_host()
 
     def drop_host(self) -> None:

@@ -26,6 +26,7 @@ from .activations import ActivationShuttle
 from .block_weights import BlockWeights, guard_device_moves
 from .disk_tier import DiskTier
 from .planner import VramPlanner
+from .shared_weights import share_host_buffers
 from .streams import CopyStreams
 from .timeline import StepTrace
 
@@ -57,6 +58,7 @@ class LayerOffloadConductor:
         pin_memory: bool,
         activations: ActivationShuttle | None = None,
         late_modules: dict[int, tuple[nn.Module, ...]] | None = None,
+        share_host_weights: bool | str = False,
     ) -> None:
         self.device = device
         self.streams = streams
@@ -67,10 +69,14 @@ class LayerOffloadConductor:
         resident_count = resident_block_count(len(blocks), layer_offload_fraction)
         late_modules = late_modules or {}
         self.weights: dict[int, BlockWeights] = {
-            index: BlockWeights(block, pin_memory, late_modules.get(index, ()))
+            index: BlockWeights(block, late_modules.get(index, ()))
             for index, block in enumerate(blocks)
             if index >= resident_count
         }
+        self.shared_host = share_host_buffers(self.weights, pin_memory, share_host_weights)
+        if not self.shared_host:
+            for weights in self.weights.values():
+                weights.place_in_private_memory(pin_memory)
         for index, weights in self.weights.items():
             guard_device_moves(blocks[index], weights)
         self.disk: DiskTier | None = None  # set for max_ram: the streamed blocks past the budget, read from disk

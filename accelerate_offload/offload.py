@@ -68,6 +68,11 @@ def offload_model(
         else None
     )
     feed_forwards = [late_feed_forward(block) for _, block in blocks]
+    if settings.max_ram is not None and settings.share_host_weights is True:
+        raise ValueError(
+            "share_host_weights: true and max_ram do not combine (the disk tier keeps a copy per process): set "
+            "share_host_weights: auto or false, or remove max_ram"
+        )
     conductor = LayerOffloadConductor(
         [block for _, block in blocks],
         device,
@@ -77,6 +82,7 @@ def offload_model(
         pinned,
         activations,
         late_modules={index: late for index, (_, late) in enumerate(feed_forwards) if late},
+        share_host_weights=settings.share_host_weights if settings.max_ram is None else False,
     )
     if settings.max_ram is not None:
         _spill_to_disk(model, conductor, settings, pinned)
@@ -102,12 +108,13 @@ def offload_model(
     streamed_gb = sum(weights.nbytes for weights in conductor.weights.values()) / 1e9
     _warn_if_mostly_trainable(blocks, conductor, streamed_gb)
     logger.info(
-        "accelerate-offload: %d of %d blocks resident on %s, %d streamed from %s memory (%.2f GB); "
+        "accelerate-offload: %d of %d blocks resident on %s, %d streamed from %s%s memory (%.2f GB); "
         "checkpointing %s, activation offloading %s, prefetch %d, token chunks %s",
         conductor.resident_count,
         len(blocks),
         device,
         len(conductor.weights),
+        "shared " if conductor.shared_host else "",
         "pinned" if pinned else "pageable",
         streamed_gb,
         "on" if settings.gradient_checkpointing else "off",

@@ -87,6 +87,10 @@ class LayerOffloadPlugin:
         block_names (`list[str]`, defaults to the model registry's lists, else the model's declared blocks):
             Dotted paths of the `nn.ModuleList`s that hold the model's sequential blocks, for models that neither the
             registry knows nor declare their repeated blocks (`_repeated_blocks`, `_no_split_modules`).
+        share_host_weights (`bool` or `"auto"`, defaults to `"auto"`):
+            The processes of one machine (`accelerate launch --multi_gpu`) share one pinned host copy of the streamed
+            weights instead of one each; "auto" when the machine runs more than one, true refuses a copy per
+            process if sharing fails. Not with `max_ram`.
     """
 
     layer_offload_fraction: float | None = field(
@@ -142,6 +146,12 @@ class LayerOffloadPlugin:
         metadata={"help": "Comma-separated paths of the block lists, for models not found.", "default": None},
     )
 
+    share_host_weights: bool | str | None = field(
+        default=None,
+        metadata={"help": "One host copy of the streamed weights per machine (true, false or auto).",
+                  "default": "auto"},  # the runtime's default is off: the plugin offloads in every process
+    )
+
     def __post_init__(self) -> None:
         check_environment()
         for spec in fields(self):
@@ -154,6 +164,7 @@ class LayerOffloadPlugin:
         self.pin_memory = parse_bool("pin_memory", self.pin_memory)
         self.prefetch_blocks = _parse_prefetch(self.prefetch_blocks)
         self.sequence_chunks = _parse_chunks(self.sequence_chunks)
+        self.share_host_weights = _parse_sharing(self.share_host_weights)
         self.offload_device = str(self.offload_device).strip().lower()
         if self.block_names is not None:
             self.block_names = _parse_names(self.block_names)
@@ -188,6 +199,11 @@ class LayerOffloadPlugin:
         if self.max_ram is not None and self.layer_offload_fraction == 0 and self.max_vram is None:
             raise OffloadConfigError(
                 "max_ram budgets the streamed blocks, and none stream: set layer_offload_fraction or max_vram"
+            )
+        if self.max_ram is not None and self.share_host_weights is True:
+            raise OffloadConfigError(
+                "share_host_weights: true and max_ram do not combine (the disk tier keeps a copy per process): set "
+                "share_host_weights: auto or false, or remove max_ram"
             )
         if self.offload_device != "cpu":
             raise OffloadConfigError(f"offload_device must be 'cpu', got {self.offload_device!r}")
@@ -253,6 +269,7 @@ class LayerOffloadPlugin:
             max_ram=self.max_ram if streaming else None,
             offload_dir=self.offload_dir,
             sequence_chunks=self.sequence_chunks,
+            share_host_weights=self.share_host_weights,
         )
 
     def prepare_model(self, model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
@@ -317,6 +334,15 @@ def _parse_chunks(value: Any) -> int | str:
     if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
         raise OffloadConfigError(f"sequence_chunks must be a whole number >= 1 or 'auto', got {value!r}")
     return int(text)
+
+
+def _parse_sharing(value: Any) -> bool | str:
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        return parse_bool("share_host_weights", value)
+    except OffloadConfigError:
+        raise OffloadConfigError(f"share_host_weights must be true, false or auto, got {value!r}") from None
 
 
 def _parse_budget(value: str, name: str = "max_vram") -> int:

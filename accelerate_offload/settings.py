@@ -39,6 +39,11 @@ class OffloadSettings:
             Run Flux and SD3 blocks in this many image-token chunks ("auto": at most 4096 tokens a chunk).
         activation_min_bytes (`int`, defaults to 64 KiB):
             Saved tensors smaller than this stay on the device under activation offloading.
+        share_host_weights (`bool` or `"auto"`, defaults to `False`):
+            The processes of one machine share one host copy of the streamed weights ("auto": when the machine
+            runs more than one; true also refuses to fall back to a copy per process). Not with `max_ram`. Every
+            process of the job must then offload the model at the same time (they meet in collectives), so it is
+            off here, for models placed by one process alone (validation images), and "auto" in the plugin.
     """
 
     layer_offload_fraction: float = 0.0
@@ -53,3 +58,4 @@ class OffloadSettings:
     offload_dir: str | None = None
     sequence_chunks: int | str = 1
     activation_min_bytes: int = ACTIVATION_MIN_BYTES
+    share_host_weights: bool | str = False

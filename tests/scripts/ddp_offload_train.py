@@ -11,7 +11,7 @@ from accelerate import Accelerator
 
 _here = __import__("pathlib").Path(__file__).resolve()
 sys.path[:0] = [str(_here.parents[1]), str(_here.parents[2])]
-from accelerate_offload import offload_model  # noqa: E402
+from accelerate_offload import get_conductor, offload_model  # noqa: E402
 from test_models import flux_inputs, tiny_flux, with_lora  # noqa: E402
 from toy_models import ToyTransformer, add_lora  # noqa: E402
 
@@ -55,14 +55,14 @@ plain = add_lora(ToyTransformer(16, 4), ["to_q", "to_out"])
 offloaded = copy.deepcopy(plain)
 initial = {n: p.detach().clone() for n, p in plain.named_parameters() if p.requires_grad}
 offload_model(offloaded, accelerator.device, block_names=["blocks"], layer_offload_fraction=0.5,
-              activation_offloading=True, activation_min_bytes=0)
+              activation_offloading=True, activation_min_bytes=0, share_host_weights="auto")
 expected, actual = train(plain, accelerator, toy_batch), train(offloaded, accelerator, toy_batch)
 gathered = accelerator.gather(torch.cat([p.flatten() for p in actual.values()])[None])
 # token-chunked Flux blocks hand their LoRA gradients to autograd once per step, as DDP's hooks require
 flux = with_lora(tiny_flux())
 chunked = copy.deepcopy(flux)
 offload_model(chunked, accelerator.device, layer_offload_fraction=1.0, activation_offloading=True,
-              activation_min_bytes=0, sequence_chunks=2)
+              activation_min_bytes=0, sequence_chunks=2, share_host_weights="auto")
 flux_error = largest_relative_error(train(chunked, accelerator, flux_batch), train(flux, accelerator, flux_batch))
 result = {
     "processes": accelerator.num_processes,
@@ -71,6 +71,7 @@ result = {
     "ranks_agree": bool(torch.equal(gathered[0], gathered[-1])),
     "trained": any(not torch.equal(actual[name].cpu(), initial[name]) for name in initial),
     "chunked_flux_error": flux_error,
+    "shared_host": get_conductor(offloaded).shared_host and get_conductor(chunked).shared_host
 }
 if accelerator.is_main_process:
     with open(sys.argv[1], "w") as handle:
