@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from accelerate_offload.block_weights import ALIGNMENT, _pin_in_place
+from accelerate_offload.block_weights import ALIGNMENT, pin_in_place
 
 PIECE_BYTES = 377_600_000
 INPUT_BYTES = 28_000_000
@@ -46,7 +46,7 @@ def host_buffer(kind: str, nbytes: int) -> tuple[torch.Tensor, object]:
         libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(nbytes), MADV_HUGEPAGE)
     tensor = torch.from_numpy(memory[start:start + nbytes])
     tensor.fill_(1)  # touch every page before it is locked
-    _pin_in_place(memory, tensor)
+    pin_in_place(memory, tensor)
     return tensor, memory
 
 
