@@ -125,6 +125,8 @@ def read_adapter_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]
     with safe_open(path, "pt") as file:
         header = file.metadata() or {}
     metadata = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else None
+    if metadata is not None:  # diffusers keeps each model's config under its prefix
+        metadata = {key.removeprefix("transformer."): value for key, value in metadata.items()}
     tensors = {key.removeprefix("transformer."): value for key, value in load_file(path).items()}
     return tensors, metadata
 
