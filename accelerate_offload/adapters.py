@@ -157,15 +157,16 @@ def adapter_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The parameters of every PEFT adapter layer in `model` (LoRA, DoRA magnitude, LoKr, LoHa), with their names."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    found = []
+    found: dict[int, tuple[str, nn.Parameter]] = {}  # by identity: a DoRA layer is reached twice
     for module_name, module in model.named_modules():
         if not isinstance(module, BaseTunerLayer):
             continue
         for attribute in module.adapter_layer_names:
             container = getattr(module, attribute, None)
             if isinstance(container, nn.Module):
-                found += [(f"{module_name}.{attribute}.{name}", param) for name, param in container.named_parameters()]
-    return found
+                for name, param in container.named_parameters():
+                    found.setdefault(id(param), (f"{module_name}.{attribute}.{name}", param))
+    return list(found.values())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """An exponential moving average of the adapter, kept in CPU memory so that it costs no GPU memory.
 
-Modelled on diffusers' `EMAModel` (same decay schedule: `min(decay, (1 + n) / (10 + n))` at update n), but for
-the trainable tensors only, in fp32 host memory. Each update copies the adapter into pinned staging buffers with
-non-blocking copies and records an event; the average itself is taken at the next update (or when the average is
-read), so the GPU never waits for the host. The state dict holds the average and the update count: saved in
-every checkpoint through accelerate's `register_for_checkpointing`, it resumes bit for bit.
+Modelled on diffusers' `EMAModel` (same decay schedule: 0 at the first update n = 1, then
+`min(decay, n / (9 + n))`), but for the trainable tensors only, in fp32 host memory. Each update copies the adapter
+into pinned staging buffers with non-blocking copies and records an event; the average itself is taken at the next
+update (or when the average is read), so the GPU never waits for the host. The state dict holds the average and the
+update count: saved in every checkpoint through accelerate's `register_for_checkpointing`, it resumes bit for bit.
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ class AdapterEMA:
         self._staging = {name: torch.empty_like(value, pin_memory=pin) for name, value in self.shadow.items()}
         self._pending: tuple[torch.cuda.Event | None, float] | None = None
 
-    def current_decay(self, step: int) -> float:
-        """The decay of update `step` (counted from 1), as EMAModel's without warm-up."""
-        return min(self.decay, (1 + step) / (10 + step))
+    def current_decay(self, optimization_step: int) -> float:
+        """The decay of update `optimization_step` (counted from 1), as EMAModel's without warm-up: the first
+        update takes the adapter as it is, later ones approach `decay`."""
+        step = optimization_step - 1
+        return 0.0 if step <= 0 else min(self.decay, (1 + step) / (10 + step))
 
     @torch.no_grad()
     def step(self, model: nn.Module) -> None:
