@@ -186,5 +186,6 @@ def write_kohya_file(model: torch.nn.Module, family: str, path: Path) -> Path:
 
     config = model.peft_config["default"]
     tensors = to_kohya(adapter_state_dict(model), config.lora_alpha / config.r, family, linear_out_features(model))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path, metadata={"format": "pt"})
     return path
