@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument(
         "--lora_layers", default=DEFAULT_LORA_LAYERS, help="Comma-separated transformer modules that get a LoRA."
     )
+    add_adapter_args(parser)
 
     memory = parser.add_argument_group("memory")
     memory.add_argument("--cache_latents", action="store_true", help="Encode the images once; frees the VAE.")
@@ -296,7 +297,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     checks = (check_data_args, check_prior_args, check_numbers, check_training_features, check_optimizer)
-    for check in (*checks, check_reporting, check_output):
+    for check in (*checks, check_reporting, check_output, check_adapter_args):
         message = check(args)
         if message:  # a value that parses but cannot work: one line naming the fix
             parser.exit(2, f"error: {message}\n")
@@ -508,6 +509,8 @@ def checkpoint_problem(checkpoint: Path, args: argparse.Namespace) -> str | None
     """
     from safetensors import safe_open
 
+    from accelerate_offload.adapters import module_of
+
     try:
         with safe_open(checkpoint / LORA_WEIGHT_NAME, "pt") as lora:
             shapes = {key: lora.get_slice(key).get_shape() for key in lora.keys()}
@@ -517,7 +520,10 @@ def checkpoint_problem(checkpoint: Path, args: argparse.Namespace) -> str | None
     if ranks and ranks != [args.rank]:
         found = ", ".join(map(str, ranks)) or "none"
         return f"its LoRA has rank {found}, --rank is {args.rank} (pass --rank {found} to continue it)"
-    modules = {key.removeprefix("transformer.").partition(".lora_")[0] for key in shapes}
+    problem = adapter_checkpoint_problem(checkpoint, shapes, args)
+    if problem:
+        return problem
+    modules = {module_of(key) for key in shapes if not key.endswith(".alpha")}
     targets = lora_targets(args)
     covered = {target for target in targets for module in modules if module == target or module.endswith(f".{target}")}
     stray = sorted(module for module in modules if not any(module == t or module.endswith(f".{t}") for t in targets))
@@ -1050,27 +1056,19 @@ def load_vae(args: argparse.Namespace, device: torch.device, dtype: torch.dtype)
 
 
 def load_transformer_with_lora(args: argparse.Namespace, dtype: torch.dtype):
-    """The frozen transformer in `dtype` on the CPU, with a fresh fp32 LoRA adapter."""
+    """The frozen transformer in `dtype` on the CPU, with a fresh fp32 adapter (--adapter)."""
     from diffusers import FluxTransformer2DModel
     from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
 
     transformer = FluxTransformer2DModel.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="transformer", dtype=dtype, **pretrained_kwargs(args)
     )
     transformer.requires_grad_(False)
-    targets = lora_targets(args)
-    lora_config = LoraConfig(
-        r=args.rank,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        init_lora_weights="gaussian",
-        target_modules=targets,
-    )
     try:
-        transformer.add_adapter(lora_config)
+        transformer.add_adapter(new_adapter_config(args))
     except ValueError as error:
         raise UsageError(f"--lora_layers {args.lora_layers}: {error}") from None
+    check_kohya_names(args, transformer)
     cast_training_params(transformer, dtype=torch.float32)
     return transformer
 
@@ -1390,22 +1388,14 @@ def resolve_checkpoint(args: argparse.Namespace) -> Path | None:
     return None
 
 
-def write_lora(model, folder: Path) -> None:
-    """The LoRA in diffusers' format (`pytorch_lora_weights.safetensors`), as `load_lora_weights` reads it."""
+def write_lora(model, folder: Path, weight_name: str = LORA_WEIGHT_NAME) -> None:
+    """The adapter in diffusers' file layout (`pytorch_lora_weights.safetensors`), as its loader reads it."""
     from diffusers import FluxPipeline
-    from peft.utils import get_peft_model_state_dict
 
-    FluxPipeline.save_lora_weights(
-        folder,
-        transformer_lora_layers=get_peft_model_state_dict(model),
-        transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
-    )
-    give_default_modes(folder / LORA_WEIGHT_NAME)
+    from accelerate_offload.adapters import write_adapter_file
 
-
-def save_final_lora(model, output_dir: Path) -> None:
-    """Written beside the final name and renamed over it: a crash never leaves a half-written LoRA."""
-    write_aside(lambda folder: write_lora(model, folder), output_dir, LORA_WEIGHT_NAME)
+    write_adapter_file(FluxPipeline, model, folder, weight_name)
+    give_default_modes(folder / weight_name)
 
 
 def remove_partial_checkpoints(output_dir: Path) -> None:
@@ -1500,10 +1490,9 @@ def out_of_memory_explained(model, device: torch.device, batch_size: int, resolu
 
 def register_lora_checkpoint_hooks(accelerator, transformer_class: type) -> None:
     """Makes save_state/load_state store only the LoRA (in diffusers format), not the 12B base weights."""
-    from diffusers import FluxPipeline
     from diffusers.training_utils import cast_training_params
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft import set_peft_model_state_dict
+
+    from accelerate_offload.adapters import read_adapter_file, set_adapter_state
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         if not accelerator.is_main_process:
@@ -1519,15 +1508,128 @@ def register_lora_checkpoint_hooks(accelerator, transformer_class: type) -> None
             model = models.pop()
             if not isinstance(model, transformer_class):
                 raise TypeError(f"unexpected model to load: {model.__class__.__name__}")
-            state_dict = FluxPipeline.lora_state_dict(input_dir)
-            lora = {key.removeprefix("transformer."): value for key, value in state_dict.items()}
-            result = set_peft_model_state_dict(model, convert_unet_state_dict_to_peft(lora), adapter_name="default")
-            if getattr(result, "unexpected_keys", None):
-                logger.warning("Checkpoint LoRA keys not in the model: %s", result.unexpected_keys)
+            unexpected = set_adapter_state(model, read_adapter_file(Path(input_dir) / LORA_WEIGHT_NAME)[0])
+            if unexpected:
+                logger.warning("Checkpoint LoRA keys not in the model: %s", unexpected)
             cast_training_params(model, dtype=torch.float32)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Adapters (LoRA, DoRA, LoKr, LoHa), file formats, EMA
+# ----------------------------------------------------------------------------------------------------------------
+
+ADAPTER_SETTINGS = ("adapter", "use_dora", "lokr_factor", "save_format", "use_ema", "ema_decay")
+
+
+def add_adapter_args(parser: argparse.ArgumentParser) -> None:
+    from accelerate_offload.adapters import ADAPTER_TYPES
+
+    adapter = parser.add_argument_group("adapter type, file formats, EMA")
+    adapter.add_argument(
+        "--adapter", default="lora", choices=ADAPTER_TYPES, help="PEFT adapter type (--rank and --lora_alpha apply)."
+    )
+    adapter.add_argument("--use_dora", action="store_true", help="DoRA: a LoRA with a trained magnitude per output.")
+    adapter.add_argument(
+        "--lokr_factor", type=int, default=-1, help="LoKr: Kronecker factor of each layer's sizes (-1: near square)."
+    )
+    adapter.add_argument(
+        "--save_format",
+        default="diffusers",
+        help="Comma list of diffusers (always written) and kohya (also pytorch_lora_weights_kohya.safetensors, "
+        "kohya keys for ComfyUI, Forge and sd-scripts).",
+    )
+    adapter.add_argument(
+        "--use_ema", action="store_true", help="Keep an average of the adapter in CPU memory; validate and save it."
+    )
+    adapter.add_argument("--ema_decay", type=float, default=0.999, help="Decay of the adapter's average.")
+
+
+def check_adapter_args(args: argparse.Namespace) -> str | None:
+    from accelerate_offload.adapters import flag_problem
+
+    return flag_problem(
+        args.adapter, args.use_dora, args.save_format, args.lora_dropout, args.lokr_factor, args.ema_decay
+    )
+
+
+def new_adapter_config(args: argparse.Namespace):
+    from accelerate_offload.adapters import adapter_config
+
+    return adapter_config(
+        args.adapter, args.rank, args.lora_alpha, lora_targets(args), dropout=args.lora_dropout,
+        use_dora=args.use_dora, lokr_factor=args.lokr_factor,
+    )  # fmt: skip
+
+
+def check_kohya_names(args: argparse.Namespace, transformer) -> None:
+    from accelerate_offload.adapters import save_formats
+    from accelerate_offload.lora_formats import kohya_problem
+
+    problem = kohya_problem(transformer, "flux") if "kohya" in save_formats(args.save_format) else None
+    if problem:
+        raise UsageError(problem)
+
+
+def adapter_checkpoint_problem(checkpoint: Path, keys, args: argparse.Namespace) -> str | None:
+    """A checkpoint of another adapter type, or one without the EMA that --use_ema resumes."""
+    from accelerate_offload.adapters import adapter_type_of_keys
+
+    found = adapter_type_of_keys(keys)
+    if found is not None and found != args.adapter:
+        return f"its adapter is {found}, --adapter is {args.adapter} (pass --adapter {found} to continue it)"
+    if args.use_ema and not list(checkpoint.glob("custom_checkpoint_*.pkl")):
+        return "it has no EMA of the adapter (trained without --use_ema); drop --use_ema to continue it"
+    return None
+
+
+def make_ema(args: argparse.Namespace, accelerator, model):
+    """The adapter's average in CPU memory, saved in every checkpoint (None without --use_ema)."""
+    if not args.use_ema:
+        return None
+    from accelerate_offload.ema import AdapterEMA
+
+    ema = AdapterEMA(model, args.ema_decay)
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+@contextmanager
+def ema_weights(ema, model):
+    """The model holds the adapter's average inside the block (validation), its trained weights after it."""
+    if ema is None:
+        yield
+        return
+    with ema.averaged(model):
+        yield
+
+
+def final_weight_name(args: argparse.Namespace) -> str:
+    """The file the final images are drawn with: the average's under --use_ema."""
+    from accelerate_offload.adapters import ema_weight_name
+
+    return ema_weight_name(LORA_WEIGHT_NAME) if args.use_ema else LORA_WEIGHT_NAME
+
+
+def save_final_adapter(args: argparse.Namespace, model, output_dir: Path, ema) -> None:
+    """Every file the run ends with, each written aside and renamed (a crash never leaves a half-written one): the
+    adapter, its kohya-keyed copy with --save_format kohya, and the same for the EMA under --use_ema."""
+    from accelerate_offload.adapters import KOHYA_WEIGHT_NAME, ema_weight_name, save_formats
+    from accelerate_offload.lora_formats import write_kohya_file
+
+    def write_all(suffix: str = "") -> None:
+        name = ema_weight_name(LORA_WEIGHT_NAME) if suffix else LORA_WEIGHT_NAME
+        write_aside(lambda folder: write_lora(model, folder, name), output_dir, name)
+        if "kohya" in save_formats(args.save_format):
+            kohya = ema_weight_name(KOHYA_WEIGHT_NAME) if suffix else KOHYA_WEIGHT_NAME
+            write_aside(lambda folder: write_kohya_file(model, "flux", folder / kohya), output_dir, kohya)
+
+    write_all()
+    if ema is not None:
+        with ema.averaged(model):
+            write_all("ema")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1606,7 +1708,7 @@ def final_inference(
     from accelerate_offload.inference import load_lora_file, place_pipeline
 
     pipeline = inference_pipeline(args, dtype, transformer=model, vae=vae or load_vae(args, accelerator.device, dtype))
-    load_lora_file(pipeline, args.output_dir, LORA_WEIGHT_NAME, accelerator.device)
+    load_lora_file(pipeline, args.output_dir, final_weight_name(args), accelerator.device)
     model.eval()
     place_pipeline(pipeline, accelerator.device, offload_plugin)
     count = max(1, args.num_validation_images)
@@ -1689,6 +1791,8 @@ def write_model_card(args: argparse.Namespace, repo_id: str, images: list[Path],
     """README.md with the Hub metadata (base model, tags, widget) and how the LoRA was trained and is used."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    from accelerate_offload.adapters import formats_note, save_formats, usage_snippet
+
     base = args.pretrained_model_name_or_path
     is_hub_model = not Path(base).exists()
     card_data = ModelCardData(
@@ -1707,11 +1811,13 @@ def write_model_card(args: argparse.Namespace, repo_id: str, images: list[Path],
         ],
         widget=[{"text": prompt or "", "output": {"url": path.name}} for path in images],
     )
-    settings = "\n".join(f"| `{name}` | `{getattr(args, name)}` |" for name in TRAINING_SETTINGS)
+    names = (*TRAINING_SETTINGS, *ADAPTER_SETTINGS)
+    settings = "\n".join(f"| `{name}` | `{getattr(args, name)}` |" for name in names)
     trigger = (
         f"Use `{args.instance_prompt}` in the prompt to trigger it." if args.instance_prompt else "No trigger words."
     )
     usage_prompt = (prompt or "").replace("'", "\\'")
+    adapter_name = args.adapter.upper() + (" with DoRA" if args.use_dora else "")
     body = f"""
 # Flux LoRA - {repo_id}
 
@@ -1720,7 +1826,7 @@ def write_model_card(args: argparse.Namespace, repo_id: str, images: list[Path],
 ## Model description
 
 LoRA weights for {f"[{base}](https://huggingface.co/{base})" if is_hub_model else f"the local model `{base}`"},
-trained with `train_flux_lora.py` from accelerate-offload (flow matching, diffusers format).
+trained with `train_flux_lora.py` from accelerate-offload (flow matching, adapter: {adapter_name}).
 
 ## Trigger words
 
@@ -1733,12 +1839,10 @@ at fixed timesteps and noise (`validation_loss` in `metrics.jsonl`), comparable 
 
 ## Use it with diffusers
 
-```py
-import torch
-from diffusers import FluxPipeline
+{formats_note(args.adapter, save_formats(args.save_format), args.use_ema, LORA_WEIGHT_NAME)}
 
-pipeline = FluxPipeline.from_pretrained("{base}", dtype=torch.bfloat16).to("cuda")
-pipeline.load_lora_weights("{repo_id}", weight_name="{LORA_WEIGHT_NAME}")
+```py
+{usage_snippet(args.adapter, "FluxPipeline", base, repo_id, LORA_WEIGHT_NAME)}
 image = pipeline('{usage_prompt}').images[0]
 ```
 
@@ -1988,6 +2092,7 @@ def main(args: argparse.Namespace) -> None:
     transformer, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         transformer, optimizer, dataloader, lr_scheduler
     )
+    ema = make_ema(args, accelerator, accelerator.unwrap_model(transformer))
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     if not max_steps_given:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
@@ -2077,6 +2182,8 @@ def main(args: argparse.Namespace) -> None:
                 if not accelerator.sync_gradients:
                     continue
                 global_step += 1
+                if ema is not None:
+                    ema.step(model)
                 now = time.perf_counter()
                 record = {
                     "step": global_step,
@@ -2115,7 +2222,7 @@ def main(args: argparse.Namespace) -> None:
                     and args.validation_steps
                     and global_step % args.validation_steps == 0
                 ):
-                    with phases.phase("validation", image_fixes):
+                    with phases.phase("validation", image_fixes), ema_weights(ema, model):
                         run_validation(
                             args, accelerator, transformer, vae, embeddings[args.validation_prompt], global_step,
                             dtype, offload_plugin.max_vram,
@@ -2136,7 +2243,7 @@ def main(args: argparse.Namespace) -> None:
                 and args.num_validation_images
                 and epoch % args.validation_epochs == 0
             ):
-                with phases.phase("validation", image_fixes):
+                with phases.phase("validation", image_fixes), ema_weights(ema, model):
                     run_validation(
                         args, accelerator, transformer, vae, embeddings[args.validation_prompt], global_step, dtype,
                         offload_plugin.max_vram,
@@ -2153,7 +2260,7 @@ def main(args: argparse.Namespace) -> None:
     if accelerator.is_main_process:
         check_finite_lora(model, global_step, args)
         with phases.phase("save"):
-            save_final_lora(model, output_dir)
+            save_final_adapter(args, model, output_dir, ema)
         logger.info("Saved the LoRA to %s", output_dir / LORA_WEIGHT_NAME)
         del transformer, optimizer, lr_scheduler  # the trained model draws the final images with the saved file
         accelerator.free_memory()

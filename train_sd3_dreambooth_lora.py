@@ -27,7 +27,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -65,18 +65,32 @@ from diffusers.training_utils import (
     compute_density_for_timestep_sampling,
     compute_loss_weighting_for_sd3,
 )
-from diffusers.utils import convert_unet_state_dict_to_peft
 from diffusers.utils.torch_utils import is_compiled_module
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from huggingface_hub.errors import HfHubHTTPError
-from peft import LoraConfig, set_peft_model_state_dict
-from peft.utils import get_peft_model_state_dict
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from accelerate_offload import LayerOffloadPlugin, OffloadConfigError
+from accelerate_offload.adapters import (
+    ADAPTER_TYPES,
+    KOHYA_WEIGHT_NAME,
+    adapter_config,
+    adapter_type_of_keys,
+    ema_weight_name,
+    flag_problem,
+    formats_note,
+    module_of,
+    read_adapter_file,
+    save_formats,
+    set_adapter_state,
+    usage_snippet,
+    write_adapter_file,
+)
+from accelerate_offload.ema import AdapterEMA
 from accelerate_offload.inference import load_lora_file, place_pipeline, plan_vae_passes
+from accelerate_offload.lora_formats import kohya_problem, write_kohya_file
 from accelerate_offload.oom import explain_out_of_memory
 from accelerate_offload.phases import STREAM_MORE, JobPhases, kept_outputs
 from accelerate_offload.training_math import TIMESTEP_SAMPLING, mask_to_latent_grid, masked_mean, sample_shifted_sigmas
@@ -108,6 +122,7 @@ EMBEDDINGS_COLUMNS = (
     "pooled_prompt_embeds",
     "pooled_prompt_embeds_shape",
 )
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Written last into a checkpoint folder: a `checkpoint-N` without it was cut short and is never resumed from.
 CHECKPOINT_MARKER = "training_state.json"
 DEFAULT_LORA_LAYERS = (
@@ -394,6 +409,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         ),
     )
     add_training_feature_args(parser)
+    add_adapter_args(parser)
     args = parser.parse_args(input_args)
 
     if args.dataset_name is None and args.instance_data_dir is None:
@@ -405,7 +421,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             parser.error("--with_prior_preservation needs --class_data_dir")
         if args.class_prompt is None:
             parser.error("--with_prior_preservation needs --class_prompt")
-    for check in (check_numbers, check_training_features, check_paths, check_output_dir):
+    for check in (check_numbers, check_training_features, check_paths, check_output_dir, check_adapter_args):
         message = check(args)
         if message:  # a value that parses but cannot work: one line naming the fix
             parser.exit(2, f"error: {message}\n")
@@ -1119,6 +1135,7 @@ def save_model_card(
         widget=widget,
     )
     settings = {
+        "adapter": args.adapter + (" (DoRA)" if args.use_dora else ""),
         "rank": args.rank,
         "lora_alpha": args.lora_alpha or args.rank,
         "lora_layers": args.lora_layers,
@@ -1136,6 +1153,9 @@ def save_model_card(
         "timestep_sampling": args.timestep_sampling,
         "caption_dropout_rate": args.caption_dropout_rate,
         "masked_loss": args.mask_data_dir is not None or args.mask_column is not None,
+        "save_format": args.save_format,
+        "use_ema": args.use_ema,
+        "ema_decay": args.ema_decay if args.use_ema else None,
     }
     settings_table = "\n".join(f"| {name} | {value} |" for name, value in settings.items())
     content = f"""---
@@ -1157,12 +1177,10 @@ You should use `{args.instance_prompt}` to trigger the image generation.
 
 ## Use it with diffusers
 
-```py
-import torch
-from diffusers import StableDiffusion3Pipeline
+{formats_note(args.adapter, save_formats(args.save_format), args.use_ema, LORA_WEIGHT_NAME)}
 
-pipeline = StableDiffusion3Pipeline.from_pretrained("{args.pretrained_model_name_or_path}", dtype=torch.bfloat16)
-pipeline.load_lora_weights("{repo_id}", weight_name="pytorch_lora_weights.safetensors")
+```py
+{usage_snippet(args.adapter, "StableDiffusion3Pipeline", args.pretrained_model_name_or_path, repo_id, LORA_WEIGHT_NAME)}
 image = pipeline("{args.instance_prompt}").images[0]
 ```
 
@@ -1228,7 +1246,10 @@ def checkpoint_problem(checkpoint: Path, args: argparse.Namespace) -> str | None
     if ranks and ranks != [args.rank]:
         found = ", ".join(map(str, ranks))
         return f"its LoRA has rank {found}, --rank is {args.rank} (pass --rank {found} to continue it)"
-    modules = {key.removeprefix("transformer.").partition(".lora_")[0] for key in shapes}
+    problem = adapter_checkpoint_problem(checkpoint, shapes, args)
+    if problem:
+        return problem
+    modules = {module_of(key) for key in shapes if not key.endswith(".alpha")}
     targets = [layer.strip() for layer in args.lora_layers.split(",") if layer.strip()]
     covered = {target for target in targets for module in modules if module == target or module.endswith(f".{target}")}
     stray = sorted(module for module in modules if not any(module == t or module.endswith(f".{t}") for t in targets))
@@ -1295,17 +1316,99 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, args:
     return final
 
 
-def save_lora(output_dir: Path, lora_layers: dict[str, torch.Tensor], lora_config: LoraConfig) -> None:
-    """Writes pytorch_lora_weights.safetensors beside and renames it, so an earlier LoRA is never half overwritten."""
-    def write(folder: Path) -> None:
-        StableDiffusion3Pipeline.save_lora_weights(
-            save_directory=folder,
-            transformer_lora_layers=lora_layers,
-            transformer_lora_adapter_metadata=lora_config.to_dict(),
-        )
+# ----------------------------------------------------------------------------------------------------------------
+# Adapters (LoRA, DoRA, LoKr, LoHa), file formats, EMA
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def add_adapter_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--adapter", default="lora", choices=ADAPTER_TYPES, help="PEFT adapter type (--rank and --lora_alpha apply)."
+    )
+    parser.add_argument("--use_dora", action="store_true", help="DoRA: a LoRA with a trained magnitude per output.")
+    parser.add_argument(
+        "--lokr_factor", type=int, default=-1, help="LoKr: Kronecker factor of each layer's sizes (-1: near square)."
+    )
+    parser.add_argument(
+        "--save_format",
+        default="diffusers",
+        help="Comma list of diffusers (always written) and kohya (also pytorch_lora_weights_kohya.safetensors, "
+        "kohya keys for ComfyUI and sd-scripts).",
+    )
+    parser.add_argument(
+        "--use_ema", action="store_true", help="Keep an average of the adapter in CPU memory; validate and save it."
+    )
+    parser.add_argument("--ema_decay", type=float, default=0.999, help="Decay of the adapter's average.")
+
+
+def check_adapter_args(args: argparse.Namespace) -> str | None:
+    return flag_problem(args.adapter, args.use_dora, args.save_format, 0.0, args.lokr_factor, args.ema_decay)
+
+
+def new_adapter_config(args: argparse.Namespace):
+    targets = [layer.strip() for layer in args.lora_layers.split(",") if layer.strip()]
+    return adapter_config(
+        args.adapter, args.rank, args.lora_alpha or args.rank, targets, use_dora=args.use_dora,
+        lokr_factor=args.lokr_factor,
+    )  # fmt: skip
+
+
+def check_kohya_names(args: argparse.Namespace, transformer: torch.nn.Module) -> None:
+    problem = kohya_problem(transformer, "sd3") if "kohya" in save_formats(args.save_format) else None
+    if problem:
+        raise SetupError(problem)
+
+
+def adapter_checkpoint_problem(checkpoint: Path, keys, args: argparse.Namespace) -> str | None:
+    """A checkpoint of another adapter type, or one without the EMA that --use_ema resumes."""
+    found = adapter_type_of_keys(keys)
+    if found is not None and found != args.adapter:
+        return f"its adapter is {found}, --adapter is {args.adapter} (pass --adapter {found} to continue it)"
+    if args.use_ema and not list(checkpoint.glob("custom_checkpoint_*.pkl")):
+        return "it has no EMA of the adapter (trained without --use_ema); drop --use_ema to continue it"
+    return None
+
+
+def make_ema(args: argparse.Namespace, accelerator: Accelerator, model: torch.nn.Module) -> AdapterEMA | None:
+    """The adapter's average in CPU memory, saved in every checkpoint (None without --use_ema)."""
+    if not args.use_ema:
+        return None
+    ema = AdapterEMA(model, args.ema_decay)
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+@contextmanager
+def ema_weights(ema: AdapterEMA | None, model: torch.nn.Module):
+    """The model holds the adapter's average inside the block (validation), its trained weights after it."""
+    if ema is None:
+        yield
+        return
+    with ema.averaged(model):
+        yield
+
+
+def final_weight_name(args: argparse.Namespace) -> str:
+    """The file the final images are drawn with: the average's under --use_ema."""
+    return ema_weight_name(LORA_WEIGHT_NAME) if args.use_ema else LORA_WEIGHT_NAME
+
+
+def save_final_adapter(args: argparse.Namespace, model: torch.nn.Module, output_dir: Path, ema) -> None:
+    """Every file the run ends with, each written aside and renamed, so an earlier one is never half overwritten:
+    the adapter, its kohya-keyed copy with --save_format kohya, and the same for the EMA under --use_ema."""
+
+    def write_all(suffix: str = "") -> None:
+        name = ema_weight_name(LORA_WEIGHT_NAME) if suffix else LORA_WEIGHT_NAME
+        write_aside(lambda folder: write_adapter_file(StableDiffusion3Pipeline, model, folder, name), output_dir, name)
+        if "kohya" in save_formats(args.save_format):
+            kohya = ema_weight_name(KOHYA_WEIGHT_NAME) if suffix else KOHYA_WEIGHT_NAME
+            write_aside(lambda folder: write_kohya_file(model, "sd3", folder / kohya), output_dir, kohya)
 
     try:
-        write_aside(write, output_dir, "pytorch_lora_weights.safetensors")
+        write_all()
+        if ema is not None:
+            with ema.averaged(model):
+                write_all("ema")
     except OSError as error:
         raise TrainingStopped(
             f"could not write the LoRA to {output_dir} ({error.strerror or error}): free space and rerun with "
@@ -1444,13 +1547,8 @@ def main(args: argparse.Namespace) -> None:
     vae.to(accelerator.device, dtype=torch.float32)
     plan_vae_passes(vae, accelerator.device, offload_plugin.max_vram)  # each pass fits the budget left as it starts
 
-    transformer_lora_config = LoraConfig(
-        r=args.rank,
-        lora_alpha=args.lora_alpha or args.rank,
-        init_lora_weights="gaussian",
-        target_modules=[layer.strip() for layer in args.lora_layers.split(",") if layer.strip()],
-    )
-    transformer.add_adapter(transformer_lora_config)
+    transformer.add_adapter(new_adapter_config(args))
+    check_kohya_names(args, transformer)
     if weight_dtype != torch.float32:
         # only upcast trainable parameters (LoRA) into fp32
         cast_training_params([transformer], dtype=torch.float32)
@@ -1463,25 +1561,15 @@ def main(args: argparse.Namespace) -> None:
         model = accelerator.unwrap_model(model)
         return model._orig_mod if is_compiled_module(model) else model
 
-    def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(model).items()}
-
     def save_model_hook(models: list, weights: list, output_dir: str) -> None:
         if accelerator.is_main_process:
-            transformer_lora_layers_to_save = None
             for model in models:
-                if isinstance(model, type(unwrap_model(transformer))):
-                    transformer_lora_layers_to_save = lora_state_dict(model)
-                else:
+                if not isinstance(model, type(unwrap_model(transformer))):
                     raise ValueError(f"unexpected save model: {model.__class__}")
+                write_adapter_file(StableDiffusion3Pipeline, model, Path(output_dir), LORA_WEIGHT_NAME)
                 # make sure to pop weight so that corresponding model is not saved again
                 weights.pop()
-            StableDiffusion3Pipeline.save_lora_weights(
-                output_dir,
-                transformer_lora_layers=transformer_lora_layers_to_save,
-                transformer_lora_adapter_metadata=transformer_lora_config.to_dict(),
-            )
-            give_default_modes(Path(output_dir) / "pytorch_lora_weights.safetensors")
+            give_default_modes(Path(output_dir) / LORA_WEIGHT_NAME)
 
     def load_model_hook(models: list, input_dir: str) -> None:
         transformer_ = None
@@ -1491,13 +1579,7 @@ def main(args: argparse.Namespace) -> None:
                 transformer_ = model
             else:
                 raise ValueError(f"unexpected save model: {model.__class__}")
-        lora_state = StableDiffusion3Pipeline.lora_state_dict(input_dir)
-        transformer_state_dict = {
-            k.replace("transformer.", ""): v for k, v in lora_state.items() if k.startswith("transformer.")
-        }
-        transformer_state_dict = convert_unet_state_dict_to_peft(transformer_state_dict)
-        incompatible_keys = set_peft_model_state_dict(transformer_, transformer_state_dict, adapter_name="default")
-        unexpected_keys = getattr(incompatible_keys, "unexpected_keys", None)
+        unexpected_keys = set_adapter_state(transformer_, read_adapter_file(Path(input_dir) / LORA_WEIGHT_NAME)[0])
         if unexpected_keys:
             logger.warning(f"Loading adapter weights led to unexpected keys not found in the model: {unexpected_keys}")
         if weight_dtype != torch.float32:
@@ -1553,6 +1635,8 @@ def main(args: argparse.Namespace) -> None:
     transformer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         transformer, optimizer, train_dataloader, lr_scheduler
     )
+    ema = make_ema(args, accelerator, unwrap_model(transformer))
+
     # The dataloader may have changed size in `prepare`: recompute the number of steps and epochs.
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if overrode_max_train_steps:
@@ -1722,6 +1806,8 @@ def main(args: argparse.Namespace) -> None:
                 step_started = time.perf_counter()
                 progress_bar.update(1)
                 global_step += 1
+                if ema is not None:
+                    ema.step(unwrap_model(transformer))
 
                 stop = any_process(accelerator, stop_request.received is not None)
                 if global_step % args.checkpointing_steps == 0 or stop:
@@ -1762,7 +1848,7 @@ def main(args: argparse.Namespace) -> None:
                 tokenizer_3=None,
             )
             transformer.eval()
-            with phases.phase("validation", [STREAM_MORE, resolution_fix]):
+            with phases.phase("validation", [STREAM_MORE, resolution_fix]), ema_weights(ema, unwrap_model(transformer)):
                 log_validation(pipeline, args, accelerator, validation_pipeline_args(), epoch, weight_dtype)
             transformer.train()
             del pipeline
@@ -1772,7 +1858,7 @@ def main(args: argparse.Namespace) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with phases.phase("save"):
-            save_lora(Path(args.output_dir), lora_state_dict(unwrap_model(transformer)), transformer_lora_config)
+            save_final_adapter(args, unwrap_model(transformer), Path(args.output_dir), ema)
 
         # Final inference: the saved LoRA file, loaded by the pipeline's load_lora_weights onto the transformer
         # that trained (its adapter swapped for the file's), which checks that the file loads.
@@ -1790,7 +1876,7 @@ def main(args: argparse.Namespace) -> None:
                     text_encoder_3=None,
                     tokenizer_3=None,
                 )
-                load_lora_file(pipeline, args.output_dir, "pytorch_lora_weights.safetensors", accelerator.device)
+                load_lora_file(pipeline, args.output_dir, final_weight_name(args), accelerator.device)
                 transformer.eval()
                 place_pipeline(pipeline, accelerator.device, offload_plugin)
                 images = log_validation(

@@ -24,6 +24,9 @@ Modules, each importing only those above it (`tests/test_imports.py` checks it):
 - `oom`: the out-of-memory explanation.
 - `vae_memory`: a whole, sliced or tiled VAE pass, chosen from the image size and the room left.
 - `phases`: a job's phases: one line for an out-of-memory error in any of them, a record of each one's peaks.
+- `adapters`: PEFT adapters (LoRA, DoRA, LoKr, LoHa): configs, their saved files and loaders, the scripts' flag checks.
+- `lora_formats`: a LoRA rewritten with kohya keys (`lora_unet_...`) for ComfyUI, Forge and sd-scripts.
+- `ema`: the adapter's moving average in CPU memory.
 - `inference`: a pipeline placed for inference (frozen, streamed like training), a saved LoRA loaded onto it.
 - `training_utils`: what the scripts share: atomic checkpoints, finite checks, stop signals, file modes.
 - `training_math`: shifted timestep draws, shuffled captions, masks on the latent grid.

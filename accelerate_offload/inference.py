@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapters import adapter_parameters, load_adapter_file
 from .memory import gpu_room
 from .offload import get_conductor, offload_model
 from .vae_memory import VaePlan, plan_each_pass
@@ -65,24 +66,24 @@ def place_pipeline(pipeline, device: torch.device | str, plugin=None, *, stream:
 
 
 def load_lora_file(pipeline, folder: str | Path, weight_name: str, device: torch.device | str) -> None:
-    """Replaces the transformer's adapters by the LoRA in `folder`/`weight_name`, read by the pipeline's own reader.
+    """Replaces the transformer's adapters by the adapter in `folder`/`weight_name`, loaded as its users load it.
 
-    The pipeline's `lora_state_dict` reads the file as `load_lora_weights` would; only the transformer's loader is
-    called, since `load_lora_weights` also offers the file to every text encoder and warns for each one it has no
-    keys for. The new adapter's weights are created beside the base weights they wrap, which for a streamed block
-    are in host memory: they are moved to `device`, where the block computes.
+    LoRA, DoRA and LoKr files go through diffusers' `load_lora_adapter` (only the transformer's loader is called,
+    since `load_lora_weights` also offers the file to every text encoder and warns for each one it has no keys
+    for); LoHa, which diffusers does not read, through PEFT. The new adapter's weights are created beside the base
+    weights they wrap, which for a streamed block are in host memory: they are moved to `device`, where the block
+    computes.
     """
     transformer = pipeline.transformer
     adapters = list(getattr(transformer, "peft_config", {}) or {})
     if adapters:
         transformer.delete_adapters(adapters)
-    state_dict, metadata = pipeline.lora_state_dict(str(folder), weight_name=weight_name, return_lora_metadata=True)
-    transformer.load_lora_adapter(state_dict, prefix=pipeline.transformer_name, metadata=metadata, _pipeline=pipeline)
+    load_adapter_file(transformer, Path(folder) / weight_name)
     transformer.requires_grad_(False)
     device = torch.device(device)
     with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if "lora_" in name and param.device != device:
+        for _, param in adapter_parameters(transformer):
+            if param.device != device:
                 param.data = param.data.to(device)
 
 
