@@ -52,7 +52,9 @@ class BlockWeights:
     `late_modules` (submodules of the block) go into a second piece when no tensor is shared across the two.
     """
 
-    def __init__(self, block: nn.Module, pin_memory: bool, late_modules: tuple[nn.Module, ...] = ()) -> None:
+    def __init__(
+        self, block: nn.Module, pin_memory: bool, late_modules: tuple[nn.Module, ...] = (), fill: bool = True
+    ) -> None:
         late = {id(module) for root in late_modules for module in root.modules()}
         frozen = [
             (prefix, module, is_parameter, name, tensor)
@@ -94,18 +96,30 @@ class BlockWeights:
         self.late_piece: int | None = 1 if len(self.pieces) > 1 else None  # the feed-forward's, if split
         self.early_pieces: tuple[int, ...] = (0,)  # what a backward prefetch copies before the late piece
         self.nbytes = offset
-        self._memory = np.zeros(offset + ALIGNMENT, dtype=np.uint8)  # padding too: block files compare alike
+        self.host = torch.empty(0, dtype=torch.uint8)
+        self._sources = sources
+        if fill:
+            self.fill(pin_memory)
+
+    def fill(self, pin_memory: bool) -> None:
+        """Copies the block's tensors into its host buffer and points them at it, so the model's own copies go.
+
+        Layout first, memory second: `max_ram` sizes every block before any buffer exists, and fills the blocks
+        bound for disk one at a time (each written, then dropped), so setup never holds the whole model.
+        """
+        self._memory = np.zeros(self.nbytes + ALIGNMENT, dtype=np.uint8)  # padding too: block files compare alike
         self._base = -self._memory.ctypes.data % ALIGNMENT
-        self.host = self._host_tensor(torch.uint8, offset, 0)
+        self.host = self._host_tensor(torch.uint8, self.nbytes, 0)
         if pin_memory:
             pin_in_place(self._memory, self.host)
         self._host_views = [
             self._host_tensor(slot.dtype, slot.nbytes // slot.dtype.itemsize, slot.offset).view(slot.shape)
             for slot in self._slots
         ]
-        for view, source in zip(self._host_views, sources):
+        for view, source in zip(self._host_views, self._sources):
             if source is not None:
                 view.copy_(source)
+        self._sources = []
         self.point_at_host()
 
     def drop_host(self) -> None:

@@ -1,8 +1,9 @@
 """`max_ram`: streamed blocks past a host memory budget live in one block-ordered file and are read back per use.
 
-The file holds each block's host buffer, 4 KiB aligned, in block order, written once from the model's weights and
-reused while its key (the blocks' tensor names, shapes and dtypes, a sample of their bytes, and the model files'
-sizes and modification times where known) still matches. Reads go into a small ring of staging buffers (pinned on
+The file holds each block's host buffer, 4 KiB aligned, in block order, written once from the model's weights
+(block by block, each synced and dropped from the page cache before the next is filled) and reused while its key
+(the blocks' tensor names, shapes and dtypes, a sample of their bytes, and the model files' sizes and modification
+times where known) still matches. Reads go into a small ring of staging buffers (pinned on
 CUDA), ahead of use on a worker thread, with O_DIRECT where the filesystem allows it and
 `posix_fadvise(DONTNEED)` after every read either way: the page cache must not grow, or it would push the pinned
 buffers toward swap and defeat the budget.
@@ -61,7 +62,11 @@ class _Staged:
 
 
 class DiskTier:
-    """The block file of the streamed blocks past the budget, and the staging ring they are read through."""
+    """The block file of the streamed blocks past the budget, and the staging ring they are read through.
+
+    Built from the blocks' layouts (no host buffers yet); `store` then takes each block's bytes in block order,
+    writing those the file on disk does not already hold, and `open` readies the reads once all are stored.
+    """
 
     def __init__(
         self,
@@ -81,33 +86,10 @@ class DiskTier:
         layout = [[index, weights[index].names(), [str(d) for d in sorted(weights[index].dtypes(), key=str)],
                    weights[index].nbytes] for index in sorted(weights)]
         name = hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
-        key = {"layout": layout, "source": source_identity(source),
-               "content": [_fingerprint(weights[index].host) for index in sorted(weights)]}
+        self._key = {"layout": layout, "source": source_identity(source), "content": []}
         folder = Path(folder)
         self.path = folder / f"blocks-{name}.bin"
-        self.written = self._write_unless_valid(weights, folder, key)
-        self.bytes_read = 0
-        self._direct = hasattr(os, "O_DIRECT")
-        self._fds = [self._open()]  # one holder, so a reopen is what the finalizer closes
-        slot_bytes = max(_aligned(n) for n in self.sizes.values())
-        self._memory = np.empty(ring_size * slot_bytes + PAGE, dtype=np.uint8)
-        base = -self._memory.ctypes.data % PAGE
-        ring = torch.frombuffer(self._memory, dtype=torch.uint8, count=ring_size * slot_bytes, offset=base)
-        if pin_memory:
-            pin_in_place(self._memory, ring)
-        self.staging_nbytes = ring_size * slot_bytes
-        self.slots = [ring[i * slot_bytes : (i + 1) * slot_bytes] for i in range(ring_size)]
-        self._free = list(range(ring_size))
-        self._staged: dict[int, _Staged] = {}
-        self._last_copy: dict[int, torch.cuda.Event | None] = {}
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="accelerate-offload-disk")
-        weakref.finalize(self, _close, self._reader, self._fds)
-
-    def _write_unless_valid(self, weights: dict[int, BlockWeights], folder: Path, key: dict) -> bool:
-        sidecar = self.path.with_suffix(".json")
-        if (self.path.is_file() and self.path.stat().st_size == self.nbytes and sidecar.is_file()
-                and json.loads(sidecar.read_text()) == key):
-            return False
+        self._previous = self._stored_content()
         folder.mkdir(parents=True, exist_ok=True)
         reclaimable = self.path.stat().st_size if self.path.is_file() else 0
         free = shutil.disk_usage(folder).free + reclaimable
@@ -116,17 +98,65 @@ class DiskTier:
                 f"offload_dir {folder} has {free / 1e9:.2f} GB free but the block file needs {self.nbytes / 1e9:.2f} "
                 "GB: free space there, point offload_dir at a larger disk, or raise max_ram"
             )
-        sidecar.unlink(missing_ok=True)  # a file cut short by a crash is never taken as valid
-        with open(self.path, "wb") as file:
-            for index in sorted(weights):
-                file.seek(self.offsets[index])
-                file.write(memoryview(weights[index].host.numpy()))
-            file.truncate(self.nbytes)
-            file.flush()
-            os.fsync(file.fileno())
-            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        sidecar.write_text(json.dumps(key))
-        return True
+        self._ring_size, self._pin_memory = ring_size, pin_memory
+        self._writer: int | None = None
+        self.written = False
+        self.bytes_read = 0
+
+    def _stored_content(self) -> list[str] | None:
+        """The blocks' fingerprints in a complete file of this layout and source, else None."""
+        sidecar = self.path.with_suffix(".json")
+        if not (self.path.is_file() and self.path.stat().st_size == self.nbytes and sidecar.is_file()):
+            return None
+        stored = json.loads(sidecar.read_text())
+        if [stored.get("layout"), stored.get("source")] != [self._key["layout"], self._key["source"]]:
+            return None
+        return stored["content"]
+
+    def store(self, index: int, host: torch.Tensor) -> None:
+        """Takes one block's host bytes (blocks in order): written unless the file holds them already."""
+        position = len(self._key["content"])
+        fingerprint = _fingerprint(host)
+        self._key["content"].append(fingerprint)
+        if self._previous is not None and self._previous[position] == fingerprint:
+            return
+        if self._writer is None:
+            self.path.with_suffix(".json").unlink(missing_ok=True)  # a file cut short is never taken as valid
+            self._writer = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        view, offset = memoryview(host.numpy()), self.offsets[index]
+        while view:
+            done = os.pwrite(self._writer, view, offset)
+            view, offset = view[done:], offset + done
+        os.fdatasync(self._writer)  # written back now, so its pages can leave the page cache now
+        os.posix_fadvise(self._writer, self.offsets[index], _aligned(self.sizes[index]), os.POSIX_FADV_DONTNEED)
+        self.written = True
+
+    def open(self) -> None:
+        """Completes the file (its key beside it) once every block is stored, and readies the staging ring."""
+        if len(self._key["content"]) != len(self.sizes):
+            raise RuntimeError(f"{len(self._key['content'])} of {len(self.sizes)} blocks stored before open")
+        if self._writer is not None:
+            os.ftruncate(self._writer, self.nbytes)
+            os.fsync(self._writer)
+            os.posix_fadvise(self._writer, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(self._writer)
+            self._writer = None
+            self.path.with_suffix(".json").write_text(json.dumps(self._key))
+        self._direct = hasattr(os, "O_DIRECT")
+        self._fds = [self._open()]  # one holder, so a reopen is what the finalizer closes
+        slot_bytes = max(_aligned(n) for n in self.sizes.values())
+        self._memory = np.empty(self._ring_size * slot_bytes + PAGE, dtype=np.uint8)
+        base = -self._memory.ctypes.data % PAGE
+        ring = torch.frombuffer(self._memory, dtype=torch.uint8, count=self._ring_size * slot_bytes, offset=base)
+        if self._pin_memory:
+            pin_in_place(self._memory, ring)
+        self.staging_nbytes = self._ring_size * slot_bytes
+        self.slots = [ring[i * slot_bytes : (i + 1) * slot_bytes] for i in range(self._ring_size)]
+        self._free = list(range(self._ring_size))
+        self._staged: dict[int, _Staged] = {}
+        self._last_copy: dict[int, torch.cuda.Event | None] = {}
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="accelerate-offload-disk")
+        weakref.finalize(self, _close, self._reader, self._fds)
 
     def _open(self) -> int:
         if self._direct:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import torch
 from accelerate_offload import get_conductor
 from accelerate_offload.disk_tier import DiskRoomError, RamBudgetError
 from test_runtime import lora_grads, offload, step, toy_inputs, toy_pair
+from toy_models import ToyTransformer, add_lora
 
 DEPTH = 16  # toy blocks are 4.5 KiB: enough of them to outgrow the page-aligned staging ring
 
@@ -134,3 +137,53 @@ def test_plugin_reads_max_ram_and_offload_dir_from_the_environment(monkeypatch: 
         LayerOffloadPlugin(layer_offload_fraction=1.0)
     with pytest.raises(OffloadConfigError, match="max_ram must look like"):
         LayerOffloadPlugin(layer_offload_fraction=1.0, max_ram="lots", offload_dir="blocks")
+
+
+SETUP_PROBE = """
+import sys, threading, time
+import torch
+from accelerate_offload import get_conductor, offload_model
+from accelerate_offload.memory import host_memory
+from toy_models import ToyTransformer, add_lora
+
+width, depth, in_ram, folder, weights_file = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+with torch.device("meta"):
+    model = add_lora(ToyTransformer(width, depth), ["to_q"])
+model.load_state_dict(torch.load(weights_file, mmap=True, weights_only=True), assign=True)  # file-backed pages
+block = sum(-(-t.numel() * t.element_size() // 256) * 256 for name, t in model.blocks[0].state_dict().items()
+            if "lora" not in name)
+ring = 4 * -(-block // 4096) * 4096
+budget = ring + in_ram * block
+peak, before, done = [0], host_memory()["RssAnon"], threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], host_memory()["RssAnon"])
+        time.sleep(0.0005)
+
+sampler = threading.Thread(target=sample)
+sampler.start()
+offload_model(model, "cpu", block_names=["blocks"], layer_offload_fraction=1.0, max_ram=budget, offload_dir=folder)
+done.set()
+sampler.join()
+print(peak[0] - before, budget, block, len(get_conductor(model).disk.offsets))
+"""
+
+
+def test_setup_holds_no_more_than_the_budget_and_one_block(tmp_path: Path) -> None:
+    """Blocks bound for disk are filled, written and dropped one at a time: the whole model never sits in host
+    memory, here with weights memory-mapped from their file, as a low-memory load leaves them."""
+    width, depth, in_ram = 1024, 16, 2
+    torch.manual_seed(0)
+    weights_file = tmp_path / "weights.pt"
+    torch.save(add_lora(ToyTransformer(width, depth), ["to_q"]).state_dict(), weights_file)
+    tests = Path(__file__).resolve().parent
+    probe = subprocess.run(
+        [sys.executable, "-c", SETUP_PROBE, str(width), str(depth), str(in_ram), str(tmp_path / "blocks"),
+         str(weights_file)],
+        capture_output=True, text=True, check=True, cwd=tests, env={**os.environ, "PYTHONPATH": str(tests)},
+    )
+    growth, budget, block, on_disk = map(int, probe.stdout.split())
+    assert on_disk == depth - in_ram
+    assert growth <= budget + 2 * block  # the budget, the block being written, and allocator slack
+    assert growth < depth * block / 2  # far below the whole model, which filling every buffer first would hold
