@@ -242,19 +242,18 @@ class RamBudgetError(ValueError):
 
 
 def blocks_past_budget(weights: dict[int, BlockWeights], budget: int, ring_size: int) -> list[int]:
-    """The streamed blocks left for disk when the first ones fill `budget` bytes of host memory (the staging ring
-    counted in when any block spills)."""
+    """The streamed blocks left for disk when the first ones fill `budget` bytes of host memory, the staging ring
+    counted in when any block spills. The ring's slots hold the largest block on disk (Flux's single blocks are
+    0.4x its double blocks), so the split that keeps the most blocks in host memory is searched for."""
     order = sorted(weights)
-    if sum(weights[i].nbytes for i in order) <= budget:
+    sizes = [weights[i].nbytes for i in order]
+    if sum(sizes) <= budget:
         return []
-    ring = ring_size * max(_aligned(weights[i].nbytes) for i in order)
-    if ring > budget:
-        raise RamBudgetError(
-            f"max_ram {budget / 1e9:.2f} GB is below the {ring / 1e9:.2f} GB staging ring that disk blocks are read "
-            "through: raise max_ram or lower prefetch_blocks"
-        )
-    room, in_ram = budget - ring, 0
-    while in_ram < len(order) and weights[order[in_ram]].nbytes <= room:
-        room -= weights[order[in_ram]].nbytes
-        in_ram += 1
-    return order[in_ram:]
+    for in_ram in range(len(order) - 1, -1, -1):
+        ring = ring_size * max(_aligned(n) for n in sizes[in_ram:])
+        if sum(sizes[:in_ram]) + ring <= budget:
+            return order[in_ram:]
+    raise RamBudgetError(
+        f"max_ram {budget / 1e9:.2f} GB is below the {ring / 1e9:.2f} GB staging ring that disk blocks are read "
+        "through: raise max_ram or lower prefetch_blocks"
+    )

@@ -187,3 +187,21 @@ def test_setup_holds_no_more_than_the_budget_and_one_block(tmp_path: Path) -> No
     assert on_disk == depth - in_ram
     assert growth <= budget + 2 * block  # the budget, the block being written, and allocator slack
     assert growth < depth * block / 2  # far below the whole model, which filling every buffer first would hold
+
+
+def test_the_ring_is_sized_by_the_blocks_on_disk() -> None:
+    """Large blocks first, small ones after (Flux's double, then single blocks): a budget that cannot hold a ring of
+    large slots beside the large blocks still keeps them all when only small blocks spill."""
+    from accelerate_offload.block_weights import BlockWeights
+    from accelerate_offload.disk_tier import blocks_past_budget
+
+    layers = [torch.nn.Linear(64, 64) for _ in range(4)] + [torch.nn.Linear(16, 16) for _ in range(16)]
+    weights = {i: BlockWeights(layer.requires_grad_(False), False) for i, layer in enumerate(layers)}
+    large, small = weights[0].nbytes, weights[4].nbytes
+    ring_size = 4
+    budget = 4 * large + 2 * small + ring_size * 4096  # small blocks fit a page each; a large one takes five
+    assert large > 4096 >= small
+    assert blocks_past_budget(weights, budget, ring_size) == list(range(6, 20))
+    assert blocks_past_budget(weights, budget - 1, ring_size) == list(range(5, 20))
+    with pytest.raises(RamBudgetError):
+        blocks_past_budget(weights, ring_size * 4096 - 1, ring_size)
