@@ -177,6 +177,15 @@ class BlockWeights:
     def dtypes(self) -> set[torch.dtype]:
         return {slot.dtype for slot in self._slots}
 
+    def tensors(self) -> list[tuple[str, int, int, torch.dtype, torch.Size]]:
+        """(name relative to the block, offset, bytes, dtype, shape) of each stored tensor, a shared one once."""
+        seen, stored = set(), []
+        for slot in self._slots:
+            if slot.offset not in seen:
+                seen.add(slot.offset)
+                stored.append((slot.qualified_name, slot.offset, slot.nbytes, slot.dtype, slot.shape))
+        return stored
+
     def names(self) -> list[str]:
         """Names of the managed tensors relative to the block."""
         return [slot.qualified_name for slot in self._slots]

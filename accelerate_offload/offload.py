@@ -78,13 +78,17 @@ def offload_model(
         pinned,
         activations,
         late_modules={index: late for index, (_, late) in enumerate(feed_forwards) if late},
-        disk_tier=None if settings.max_ram is None else lambda weights: _disk_tier(model, weights, settings, pinned),
+        disk_tier=None if settings.max_ram is None else lambda weights: _disk_tier(
+            model, weights, settings, pinned, {index: name for index, (name, _) in enumerate(blocks)}
+        ),
     )
     if conductor.disk is not None:
         logger.info(
-            "accelerate-offload: max_ram %s: %d streamed blocks in host memory, %d read from %s (%.2f GB, %s)",
+            "accelerate-offload: max_ram %s: %d streamed blocks in host memory, %d read from disk (%.2f GB), %d of "
+            "them in place from the model's files, the rest from %s (%s)",
             settings.max_ram, len(conductor.weights) - len(conductor.disk.offsets), len(conductor.disk.offsets),
-            conductor.disk.path, conductor.disk.nbytes / 1e9, "written" if conductor.disk.written else "reused",
+            conductor.disk.nbytes / 1e9, len(conductor.disk.in_place), conductor.disk.path,
+            "written" if conductor.disk.written else "reused",
         )
     hooks = [
         OffloadBlockHook(block, index, conductor, settings.gradient_checkpointing, activations, attention, len(late))
@@ -125,9 +129,10 @@ def offload_model(
 
 
 def _disk_tier(
-    model: nn.Module, weights: dict[int, BlockWeights], settings: OffloadSettings, pinned: bool
+    model: nn.Module, weights: dict[int, BlockWeights], settings: OffloadSettings, pinned: bool, names: dict[int, str]
 ) -> DiskTier | None:
-    """The block file for the streamed blocks past `max_ram` (the first ones that fit stay in host memory)."""
+    """The block file for the streamed blocks past `max_ram` (the first ones that fit stay in host memory), and the
+    model's files, where `names` (the blocks' paths in the model) find their tensors there."""
     ring_size = settings.prefetch_blocks + 1 + DISK_LOOKAHEAD
     on_disk = blocks_past_budget(weights, parse_memory(settings.max_ram, "max_ram"), ring_size)
     if not on_disk:
@@ -139,7 +144,8 @@ def _disk_tier(
         )
     config = getattr(base_model(model), "config", None)
     source = getattr(config, "_name_or_path", None) if config is not None else None
-    return DiskTier({i: weights[i] for i in on_disk}, settings.offload_dir, ring_size, pinned, source)
+    return DiskTier({i: weights[i] for i in on_disk}, settings.offload_dir, ring_size, pinned, source,
+                    {i: names[i] for i in on_disk})
 
 
 def remove_offload(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from accelerate_offload import get_conductor
+from accelerate_offload import get_conductor, offload_model
 from accelerate_offload.disk_tier import DiskRoomError, RamBudgetError
+from test_models import flux_inputs, tiny_flux, with_lora
 from test_runtime import lora_grads, offload, step, toy_inputs, toy_pair
 from toy_models import ToyTransformer, add_lora
 
@@ -205,3 +206,53 @@ def test_the_ring_is_sized_by_the_blocks_on_disk() -> None:
     assert blocks_past_budget(weights, budget - 1, ring_size) == list(range(5, 20))
     with pytest.raises(RamBudgetError):
         blocks_past_budget(weights, ring_size * 4096 - 1, ring_size)
+
+
+def flux_from_files(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """The Flux transformer as `from_pretrained` loads it from `folder`, with a LoRA (the same each time)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(1)
+    return with_lora(FluxTransformer2DModel.from_pretrained(folder, torch_dtype=dtype))
+
+
+def flux_step(model: torch.nn.Module) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=model.dtype == torch.bfloat16):  # LoRA is fp32
+        loss = model(**flux_inputs(), return_dict=False)[0].float().square().mean()
+    loss.backward()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("change", ["none", "one block edited", "another dtype"])
+def test_blocks_the_model_files_hold_are_read_in_place(tmp_path: Path, change: str) -> None:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    files = tmp_path / "transformer"
+    FluxTransformer2DModel(**{**tiny_flux().config, "num_single_layers": 8}).save_pretrained(files)
+    dtype = torch.bfloat16 if change == "another dtype" else torch.float32
+    reference, on_disk = flux_from_files(files, dtype), flux_from_files(files, dtype)
+    if change == "one block edited":  # as a fused or merged weight would be: the files no longer hold it
+        with torch.no_grad():
+            for model in (reference, on_disk):
+                model.single_transformer_blocks[-1].proj_out.weight.add_(1.0)
+    offload_model(reference, "cpu", layer_offload_fraction=1.0)
+    budget = sum(w.nbytes for w in get_conductor(reference).weights.values()) - 1
+    folder = tmp_path / "offload"
+    offload_model(on_disk, "cpu", layer_offload_fraction=1.0, prefetch_blocks=0, max_ram=budget,
+                  offload_dir=str(folder))
+    disk = get_conductor(on_disk).disk
+    last = len(get_conductor(on_disk).blocks) - 1
+    expected = {"none": sorted(disk.offsets), "one block edited": sorted(disk.offsets)[:-1], "another dtype": []}
+    assert len(disk.offsets) >= 2 and last in disk.offsets and sorted(disk.in_place) == expected[change]
+    copied = sum(-(-disk.sizes[i] // 4096) * 4096 for i in disk.offsets if i not in disk.in_place)
+    assert disk.path.stat().st_size == disk.nbytes and disk.path.stat().st_blocks * 512 <= copied + 4096
+    for _ in range(2):
+        assert torch.equal(flux_step(on_disk), flux_step(reference))
+    expected_grads, actual = lora_grads(reference), lora_grads(on_disk)
+    assert expected_grads and all(torch.equal(actual[name], expected_grads[name]) for name in expected_grads)
+    assert disk.bytes_read >= 2 * sum(disk.sizes[i] for i in disk.in_place)
+    again = offload_model(flux_from_files(files, dtype), "cpu", layer_offload_fraction=1.0, prefetch_blocks=0,
+                          max_ram=budget, offload_dir=str(folder)).disk
+    if change != "one block edited":  # a fresh load holds the file's bytes, no longer the edited ones: rewritten
+        assert not again.written and sorted(again.in_place) == expected[change]
