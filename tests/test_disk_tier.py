@@ -256,3 +256,25 @@ def test_blocks_the_model_files_hold_are_read_in_place(tmp_path: Path, change: s
                           max_ram=budget, offload_dir=str(folder)).disk
     if change != "one block edited":  # a fresh load holds the file's bytes, no longer the edited ones: rewritten
         assert not again.written and sorted(again.in_place) == expected[change]
+
+
+def test_t5_blocks_past_the_budget_give_the_same_embeddings(tmp_path: Path) -> None:
+    """T5 under `max_ram`, as `compute_embeddings.py --t5_mode stream --max_ram` places it: in place from its file."""
+    from transformers import T5Config, T5EncoderModel
+
+    from accelerate_offload.inference import place_pipeline
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=8, num_heads=4)
+    T5EncoderModel(config).save_pretrained(tmp_path / "t5")
+    plain = T5EncoderModel.from_pretrained(tmp_path / "t5").requires_grad_(False)
+    streamed = T5EncoderModel.from_pretrained(tmp_path / "t5")
+    block = sum(p.numel() * 4 for p in plain.encoder.block[1].parameters())
+    pipeline = type("Pipeline", (), {"components": {"text_encoder_3": streamed}})()
+    place_pipeline(pipeline, "cpu", stream=True, max_ram=6 * block, offload_dir=str(tmp_path / "offload"))
+    disk = get_conductor(streamed).disk
+    assert len(disk.offsets) >= 2 and sorted(disk.in_place) == sorted(disk.offsets)
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(streamed(tokens).last_hidden_state, plain(tokens).last_hidden_state)
+    assert disk.bytes_read == sum(nbytes for plan in disk.in_place.values() for *_, nbytes in plan)  # each once
