@@ -166,6 +166,18 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         ),
     )
     parser.add_argument(
+        "--max_ram",
+        type=str,
+        default=None,
+        help=(
+            "With --t5_mode stream: a host memory budget for T5's blocks, e.g. '4GB'; the blocks past it are read"
+            " from --offload_dir (or in place from the model's safetensors files) each time they run."
+        ),
+    )
+    parser.add_argument(
+        "--offload_dir", type=str, default=None, help="Folder for the T5 block file that --max_ram spills to."
+    )
+    parser.add_argument(
         "--dtype",
         type=str,
         default=None,
@@ -222,6 +234,17 @@ def check_args(args: argparse.Namespace) -> str | None:
     existing = next(folder for folder in output_path.parents if folder.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         return f"--output_path {output_path} cannot be written: {existing} is not a writable folder"
+    if args.max_ram is not None:
+        from accelerate_offload.planner import parse_memory
+
+        if args.t5_mode != "stream":
+            return "--max_ram budgets T5's streamed blocks: add --t5_mode stream"
+        try:
+            parse_memory(args.max_ram, "--max_ram")
+        except ValueError as error:
+            return str(error)
+        if args.offload_dir is None:
+            return "--max_ram spills T5's blocks past it to disk: set --offload_dir to a folder for them"
     if args.device is not None:
         try:
             device = torch.device(args.device)
@@ -474,7 +497,9 @@ def load_text_encoders(args: argparse.Namespace, device: torch.device, dtype: to
     from accelerate_offload.inference import place_pipeline
 
     # streamed: T5-XXL goes block by block from its file's memory map into one host buffer a block
-    return place_pipeline(pipeline, device, stream=args.t5_mode == "stream")
+    return place_pipeline(
+        pipeline, device, stream=args.t5_mode == "stream", max_ram=args.max_ram, offload_dir=args.offload_dir
+    )
 
 
 @torch.no_grad()

@@ -105,6 +105,7 @@ class BlockWeights:
         self.nbytes = offset
         self.memory_nbytes = offset + ALIGNMENT  # room to align the start; the padding is zeros too
         self._sources = sources  # the model's own tensors, until `settle`
+        self.host = torch.empty(0, dtype=torch.uint8)  # no memory yet
 
     def place_in_private_memory(self, pin_memory: bool) -> None:
         """Copies the block's tensors into a buffer of this process and points them at it."""
@@ -200,6 +201,15 @@ class BlockWeights:
 
     def dtypes(self) -> set[torch.dtype]:
         return {slot.dtype for slot in self._slots}
+
+    def tensors(self) -> list[tuple[str, int, int, torch.dtype, torch.Size]]:
+        """(name relative to the block, offset, bytes, dtype, shape) of each stored tensor, a shared one once."""
+        seen, stored = set(), []
+        for slot in self._slots:
+            if slot.offset not in seen:
+                seen.add(slot.offset)
+                stored.append((slot.qualified_name, slot.offset, slot.nbytes, slot.dtype, slot.shape))
+        return stored
 
     def names(self) -> list[str]:
         """Names of the managed tensors relative to the block."""

@@ -17,6 +17,7 @@ has its neighbour prefetched whole, so the first step peaks no higher than the o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,7 @@ class LayerOffloadConductor:
         activations: ActivationShuttle | None = None,
         late_modules: dict[int, tuple[nn.Module, ...]] | None = None,
         share_host_weights: bool | str = False,
+        disk_tier: Callable[[dict[int, BlockWeights]], DiskTier | None] | None = None,
     ) -> None:
         self.device = device
         self.streams = streams
@@ -73,13 +75,21 @@ class LayerOffloadConductor:
             for index, block in enumerate(blocks)
             if index >= resident_count
         }
+        # max_ram: the streamed blocks past the budget, read from disk; chosen from the layouts, before any buffer
+        self.disk: DiskTier | None = disk_tier(self.weights) if disk_tier is not None else None
         self.shared_host = share_host_buffers(self.weights, pin_memory, share_host_weights)
         if not self.shared_host:
-            for weights in self.weights.values():
-                weights.place_in_private_memory(pin_memory)
+            for index, weights in self.weights.items():
+                if self.is_on_disk(index):  # one disk block in host memory at a time: filled, stored, dropped
+                    weights.place_in_private_memory(pin_memory=False)
+                    self.disk.store(index, weights.host)
+                    weights.drop_host()
+                else:
+                    weights.place_in_private_memory(pin_memory)
         for index, weights in self.weights.items():
             guard_device_moves(blocks[index], weights)
-        self.disk: DiskTier | None = None  # set for max_ram: the streamed blocks past the budget, read from disk
+        if self.disk is not None:
+            self.disk.open()
         self.planner: VramPlanner | None = None  # set for max_vram: picks resident blocks after the first step
         self.trace: StepTrace | None = None  # set while a step is traced for the VRAM timeline
         self.log: list[tuple[str, int]] | None = None  # ("load" | "evict" | "load late" | "evict late", block)

@@ -31,13 +31,22 @@ def streams_for_inference(plugin) -> bool:
     return plugin is not None and (plugin.layer_offload_fraction > 0 or plugin.max_vram is not None)
 
 
-def place_pipeline(pipeline, device: torch.device | str, plugin=None, *, stream: bool | None = None):
+def place_pipeline(
+    pipeline,
+    device: torch.device | str,
+    plugin=None,
+    *,
+    stream: bool | None = None,
+    max_ram: str | None = None,
+    offload_dir: str | None = None,
+):
     """Puts every model of `pipeline` on `device` for inference and returns the pipeline.
 
     The denoiser and T5 encoders are frozen (a model with a PEFT adapter keeps its flags: its base is frozen
     already and the adapter may be training) and, where the plugin streams (on CUDA; `stream=True` forces it,
     on CPU too), streamed block by block with the plugin's fraction and prefetch; everything else is frozen
-    and moved whole. A component already streamed is left streamed, its adapter moved to `device`.
+    and moved whole. A component already streamed is left streamed, its adapter moved to `device`. `max_ram` and
+    `offload_dir` budget each streamed component's host memory, as the plugin's do in training.
     """
     device = torch.device(device)
     if stream is None:
@@ -60,6 +69,8 @@ def place_pipeline(pipeline, device: torch.device | str, plugin=None, *, stream:
                 pin_memory=plugin.pin_memory if plugin is not None else True,
                 async_offloading=plugin.async_offloading if plugin is not None else device.type == "cuda",
                 block_names=plugin.block_names if plugin is not None and name == "transformer" else None,
+                max_ram=max_ram,
+                offload_dir=offload_dir,
             )
         component.to(device)
     return pipeline

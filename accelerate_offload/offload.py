@@ -12,6 +12,7 @@ from torch import nn
 
 from .activations import ActivationShuttle
 from .block_hook import OffloadBlockHook
+from .block_weights import BlockWeights
 from .chunking import chunkable, chunked_block_forward
 from .conductor import LayerOffloadConductor
 from .disk_tier import DISK_LOOKAHEAD, DiskTier, blocks_past_budget
@@ -83,9 +84,18 @@ def offload_model(
         activations,
         late_modules={index: late for index, (_, late) in enumerate(feed_forwards) if late},
         share_host_weights=settings.share_host_weights if settings.max_ram is None else False,
+        disk_tier=None if settings.max_ram is None else lambda weights: _disk_tier(
+            model, weights, settings, pinned, {index: name for index, (name, _) in enumerate(blocks)}
+        ),
     )
-    if settings.max_ram is not None:
-        _spill_to_disk(model, conductor, settings, pinned)
+    if conductor.disk is not None:
+        logger.info(
+            "accelerate-offload: max_ram %s: %d streamed blocks in host memory, %d read from disk (%.2f GB), %d of "
+            "them in place from the model's files, the rest from %s (%s)",
+            settings.max_ram, len(conductor.weights) - len(conductor.disk.offsets), len(conductor.disk.offsets),
+            conductor.disk.nbytes / 1e9, len(conductor.disk.in_place), conductor.disk.path,
+            "written" if conductor.disk.written else "reused",
+        )
     hooks = [
         OffloadBlockHook(block, index, conductor, settings.gradient_checkpointing, activations, attention, len(late))
         for index, ((_, block), (attention, late)) in enumerate(zip(blocks, feed_forwards))
@@ -125,14 +135,15 @@ def offload_model(
     return conductor
 
 
-def _spill_to_disk(
-    model: nn.Module, conductor: LayerOffloadConductor, settings: OffloadSettings, pinned: bool
-) -> None:
-    """Keeps the first streamed blocks that fit `max_ram` in host memory and moves the rest to the block file."""
+def _disk_tier(
+    model: nn.Module, weights: dict[int, BlockWeights], settings: OffloadSettings, pinned: bool, names: dict[int, str]
+) -> DiskTier | None:
+    """The block file for the streamed blocks past `max_ram` (the first ones that fit stay in host memory), and the
+    model's files, where `names` (the blocks' paths in the model) find their tensors there."""
     ring_size = settings.prefetch_blocks + 1 + DISK_LOOKAHEAD
-    on_disk = blocks_past_budget(conductor.weights, parse_memory(settings.max_ram, "max_ram"), ring_size)
+    on_disk = blocks_past_budget(weights, parse_memory(settings.max_ram, "max_ram"), ring_size)
     if not on_disk:
-        return
+        return None
     if settings.offload_dir is None:
         raise ValueError(
             f"max_ram {settings.max_ram} leaves {len(on_disk)} streamed blocks for disk: set offload_dir to a folder "
@@ -140,14 +151,8 @@ def _spill_to_disk(
         )
     config = getattr(base_model(model), "config", None)
     source = getattr(config, "_name_or_path", None) if config is not None else None
-    conductor.disk = DiskTier({i: conductor.weights[i] for i in on_disk}, settings.offload_dir, ring_size, pinned, source)
-    for index in on_disk:
-        conductor.weights[index].drop_host()
-    logger.info(
-        "accelerate-offload: max_ram %s: %d streamed blocks in host memory, %d read from %s (%.2f GB, %s)",
-        settings.max_ram, len(conductor.weights) - len(on_disk), len(on_disk), conductor.disk.path,
-        conductor.disk.nbytes / 1e9, "written" if conductor.disk.written else "reused",
-    )
+    return DiskTier({i: weights[i] for i in on_disk}, settings.offload_dir, ring_size, pinned, source,
+                    {i: names[i] for i in on_disk})
 
 
 def remove_offload(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:

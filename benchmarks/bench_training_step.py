@@ -74,10 +74,11 @@ class Result:
     settings: dict = field(default_factory=dict)
 
 
-def build_model(name: str, device: torch.device) -> torch.nn.Module:
+def build_model(name: str, device: torch.device, config_overrides: dict | None = None) -> torch.nn.Module:
     """Random bf16 weights created directly on `device` (initialising 12B parameters on a CPU takes minutes)."""
     class_name, config_file = MODELS[name]
     config = {k: v for k, v in json.loads((CONFIGS / config_file).read_text()).items() if not k.startswith("_")}
+    config.update(config_overrides or {})
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
