@@ -1859,6 +1859,8 @@ def main(args: argparse.Namespace) -> None:
     if accelerator.is_main_process:
         with phases.phase("save"):
             save_final_adapter(args, unwrap_model(transformer), Path(args.output_dir), ema)
+        del optimizer, lr_scheduler  # the optimizer's state is freed before the final images are drawn
+        accelerator.free_memory()
 
         # Final inference: the saved LoRA file, loaded by the pipeline's load_lora_weights onto the transformer
         # that trained (its adapter swapped for the file's), which checks that the file loads.

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_parameters, load_adapter_file
-from .memory import gpu_room
+from .memory import gpu_room, release_host_memory
 from .offload import get_conductor, offload_model
 from .vae_memory import VaePlan, plan_each_pass
 
@@ -89,6 +89,7 @@ def load_lora_file(pipeline, folder: str | Path, weight_name: str, device: torch
     adapters = list(getattr(transformer, "peft_config", {}) or {})
     if adapters:
         transformer.delete_adapters(adapters)
+    release_host_memory()  # the deleted adapter, and an optimizer let go just before, often sit in reference cycles
     load_adapter_file(transformer, Path(folder) / weight_name)
     transformer.requires_grad_(False)
     device = torch.device(device)
