@@ -3,6 +3,7 @@
 Modules, each importing only those above it (`tests/test_imports.py` checks it):
 
 - `quiet`: dependencies' import-time notes silenced at their loggers (entry points call it first).
+- `script_errors`: `UsageError` and `TrainingFault`, the one-line errors the scripts stop with.
 - `recompute`: whether the code running is a checkpoint's recomputation.
 - `settings`: `OffloadSettings`, the one object the settings travel in.
 - `timeline`: a traced step's events and its VRAM picture.
@@ -24,7 +25,8 @@ Modules, each importing only those above it (`tests/test_imports.py` checks it):
 - `vae_memory`: a whole, sliced or tiled VAE pass, chosen from the image size and the room left.
 - `phases`: a job's phases: one line for an out-of-memory error in any of them, a record of each one's peaks.
 - `inference`: a pipeline placed for inference (frozen, streamed like training), a saved LoRA loaded onto it.
-- `training_utils`: what the scripts share: atomic checkpoints, finite checks, stop signals, file modes.
+- `training_utils`: what the scripts share: atomic checkpoints and their resume checks, finite checks, stop
+  signals, file modes.
 - `plugin`: `LayerOffloadPlugin`, the settings read from the launch config; `cli`: `accelerate-offload`.
 - `testing.tiny_pipelines`: tiny random pipelines and drawn images for tests and the demo.
 """
