@@ -31,6 +31,7 @@ Modules, each importing only those above it (`tests/test_imports.py` checks it):
 - `testing.tiny_pipelines`: tiny random pipelines and drawn images for tests and the demo.
 """
 
+from .inference import place_pipeline
 from .offload import get_conductor, offload_model, remove_offload, trace_step
 from .oom import explain_out_of_memory
 from .planner import VramBudgetError
@@ -49,6 +50,7 @@ __all__ = [
     "find_blocks",
     "get_conductor",
     "offload_model",
+    "place_pipeline",
     "plot_timeline",
     "remove_offload",
     "trace_step",

@@ -37,6 +37,19 @@ def place_pipeline(pipeline, device: torch.device | str, plugin=None, *, stream:
     already and the adapter may be training) and, where the plugin streams (on CUDA; `stream=True` forces it,
     on CPU too), streamed block by block with the plugin's fraction and prefetch; everything else is frozen
     and moved whole. A component already streamed is left streamed, its adapter moved to `device`.
+
+    Args:
+        pipeline (`DiffusionPipeline`):
+            A diffusers pipeline, its models on the CPU (or already streamed); components that are not
+            `torch.nn.Module`s (schedulers, tokenizers, `None`) are left as they are.
+        device (`torch.device` or `str`):
+            The device inference runs on, usually `accelerator.device`.
+        plugin (`LayerOffloadPlugin`, *optional*):
+            The launch config's settings: the transformer streams its `layer_offload_fraction` (every block under
+            `max_vram`) with its prefetch, pinning, copy streams and `block_names`; T5 streams whole. Defaults to
+            `None`: nothing streams unless `stream=True`, which then streams every block.
+        stream (`bool`, *optional*):
+            Whether to stream the transformer and T5; defaults to `None`, meaning on CUDA when the plugin streams.
     """
     device = torch.device(device)
     if stream is None:
