@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from typing import NoReturn
 
@@ -12,7 +13,13 @@ class ScriptError(Exception):
     exit_code = 1
 
     def exit(self) -> NoReturn:
-        """Prints `error: <message>` on stderr and ends the process with this error's exit status."""
+        """Prints `error: <message>` on stderr and ends the process with this error's exit status.
+
+        The frames the error passed through are released first, so that the progress bars they held close before
+        the line is printed and it stays the last one.
+        """
+        self.__traceback__ = None
+        gc.collect()
         print(f"error: {self}", file=sys.stderr, flush=True)
         sys.exit(self.exit_code)
 
