@@ -18,7 +18,9 @@ class ScriptError(Exception):
         The frames the error passed through are released first, so that the progress bars they held close before
         the line is printed and it stays the last one.
         """
-        self.__traceback__ = None
+        error: BaseException | None = self
+        while error is not None:  # the error it replaced (`raise ... from None` keeps it as the context) holds frames
+            error.__traceback__, error = None, error.__context__
         gc.collect()
         print(f"error: {self}", file=sys.stderr, flush=True)
         sys.exit(self.exit_code)

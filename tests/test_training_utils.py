@@ -2,6 +2,8 @@
 the scripts' one-line errors."""
 
 import errno
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -175,3 +177,26 @@ def test_resume_checks_name_the_problem_and_the_next_usable_checkpoint(tmp_path)
     assert problem.endswith(f"the next usable earlier checkpoint is {two}: resume with --resume_from_checkpoint {two}")
     assert tu.last_checkpoint_note(tmp_path).startswith(f"the last good checkpoint is {four}; continue from it")
     assert tu.last_checkpoint_note(tmp_path / "new") == "no checkpoint was saved yet"
+
+
+def test_the_error_line_comes_after_the_progress_bar_of_the_failed_run(tmp_path):
+    """The bar a failed run held closes before `exit` prints, also when the error replaced another one."""
+    script = tmp_path / "fails.py"
+    script.write_text(
+        "from tqdm.auto import tqdm\n"
+        "from accelerate_offload.script_errors import ScriptError, TrainingFault\n"
+        "def main():\n"
+        "    bar = tqdm(range(4))\n"
+        "    try:\n"
+        "        raise torch_error\n"
+        "    except RuntimeError:\n"
+        "        raise TrainingFault('step 1: out of memory') from None\n"
+        "torch_error = RuntimeError('CUDA out of memory')\n"
+        "try:\n"
+        "    main()\n"
+        "except ScriptError as error:\n"
+        "    error.exit()\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "error: step 1: out of memory"
