@@ -43,6 +43,8 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from transformers import AutoConfig
 
+from accelerate_offload.script_errors import ScriptError, UsageError
+
 FORMAT_NAME = "sd3-prompt-embeddings"
 FORMAT_VERSION = 1
 METADATA_KEY = b"sd3_prompt_embeddings"
@@ -66,10 +68,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # SD3 embeds at most this many T5 tokens a prompt (StableDiffusion3Pipeline refuses more).
 MAX_T5_TOKENS = 512
-
-
-class EmbeddingsError(Exception):
-    """A problem the user fixes by changing the command or the files; reported as one line, without a traceback."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -283,9 +281,9 @@ def folder_captions(root: Path, caption_column: str) -> dict[str, str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise EmbeddingsError(f"{metadata} line {number} is not JSON: {error}") from None
+                raise UsageError(f"{metadata} line {number} is not JSON: {error}") from None
             if "file_name" not in record or caption_column not in record:
-                raise EmbeddingsError(f"{metadata} line {number} needs the keys 'file_name' and '{caption_column}'")
+                raise UsageError(f"{metadata} line {number} needs the keys 'file_name' and '{caption_column}'")
             if record[caption_column] is not None:  # null: no caption, the image uses --instance_prompt
                 captions[Path(record["file_name"]).as_posix()] = str(record[caption_column])
     for path in list_images(root):
@@ -307,7 +305,7 @@ def read_image(path: Path) -> bytes:
 def folder_images(root: Path, caption_column: str | None, strict: bool) -> list[tuple[str, str | None]]:
     """(key, caption or None) for every image in a folder; unreadable ones are skipped and counted, or fatal."""
     if not root.is_dir():
-        raise EmbeddingsError(f"image folder {root} does not exist")
+        raise UsageError(f"image folder {root} does not exist")
     captions = folder_captions(root, caption_column or "text")
     paths = list_images(root)
     images, unreadable = [], []
@@ -317,14 +315,14 @@ def folder_images(root: Path, caption_column: str | None, strict: bool) -> list[
             images.append((image_key(name, read_image(path)), captions.get(name)))
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             if strict:
-                raise EmbeddingsError(
+                raise UsageError(
                     f"cannot read image {path} ({error}): fix or remove it, or drop --strict"
                 ) from None
             unreadable.append(f"{name} ({error})")
     if not paths:
-        raise EmbeddingsError(f"no images found in {root}")
+        raise UsageError(f"no images found in {root}")
     if not images:
-        raise EmbeddingsError(f"none of the {len(paths)} images in {root} can be read: {'; '.join(unreadable)}")
+        raise UsageError(f"none of the {len(paths)} images in {root} can be read: {'; '.join(unreadable)}")
     if unreadable:
         print(
             f"Skipped {len(unreadable)} of {len(paths)} images in {root} that cannot be read: "
@@ -342,7 +340,7 @@ def dataset_images(args: argparse.Namespace) -> list[tuple[str, str | None]]:
     dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
     for column in (args.image_column, args.caption_column):
         if column is not None and column not in dataset.column_names:
-            raise EmbeddingsError(
+            raise UsageError(
                 f"column '{column}' not in dataset {args.dataset_name}; its columns: {', '.join(dataset.column_names)}"
             )
     dataset = dataset.cast_column(args.image_column, ImageFeature(decode=False))
@@ -389,7 +387,7 @@ def check_pipeline_class(args: argparse.Namespace) -> None:
         return  # no model_index.json: model_identity says what is missing
     family = index.get("_class_name", "")
     if not family.startswith("StableDiffusion3"):
-        raise EmbeddingsError(
+        raise UsageError(
             f"{args.pretrained_model_name_or_path} is a {family or 'pipeline of unknown class'}, not an SD3 diffusers"
             " pipeline" + (" (train FLUX.1 LoRAs with train_flux_lora.py)" if family.startswith("Flux") else "")
         )
@@ -405,7 +403,7 @@ def model_identity(args: argparse.Namespace) -> dict:
             for subfolder in ("text_encoder", "text_encoder_2", "text_encoder_3")
         )
     except (OSError, ValueError) as error:
-        raise EmbeddingsError(
+        raise UsageError(
             f"cannot read the text encoder configs of {args.pretrained_model_name_or_path} "
             f"({str(error).splitlines()[0]}): pass --pretrained_model_name_or_path a folder or Hub id of an SD3"
             " diffusers pipeline"
@@ -433,18 +431,18 @@ def read_embeddings(path: Path) -> tuple[dict, list[dict]]:
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as error:
-        raise EmbeddingsError(
+        raise UsageError(
             f"{path} is not a readable Parquet file (truncated or corrupt: {str(error).splitlines()[0]});"
             " delete it and rerun compute_embeddings.py"
         ) from None
     raw = (table.schema.metadata or {}).get(METADATA_KEY)
     metadata = json.loads(raw) if raw else {}
     if metadata.get("format") != FORMAT_NAME or not set(SCHEMA.names) <= set(table.column_names):
-        raise EmbeddingsError(f"{path} is not an SD3 embeddings file written by compute_embeddings.py")
+        raise UsageError(f"{path} is not an SD3 embeddings file written by compute_embeddings.py")
     if metadata.get("version") != FORMAT_VERSION:
-        raise EmbeddingsError(f"{path} has format version {metadata.get('version')}, not {FORMAT_VERSION}")
+        raise UsageError(f"{path} has format version {metadata.get('version')}, not {FORMAT_VERSION}")
     if metadata.get("num_rows") != table.num_rows:
-        raise EmbeddingsError(
+        raise UsageError(
             f"{path} has {table.num_rows} rows but was written with {metadata.get('num_rows')}; delete it and rerun"
         )
     rows = table.select(SCHEMA.names).to_pylist()
@@ -452,7 +450,7 @@ def read_embeddings(path: Path) -> tuple[dict, list[dict]]:
         for column in ("prompt_embeds", "pooled_prompt_embeds"):
             row[column] = np.asarray(row[column], dtype=np.float32)
             if row[column].size != math.prod(row[f"{column}_shape"]):
-                raise EmbeddingsError(f"{path}: the {column} of prompt {row['prompt']!r} do not match their shape")
+                raise UsageError(f"{path}: the {column} of prompt {row['prompt']!r} do not match their shape")
     return metadata, rows
 
 
@@ -544,11 +542,11 @@ def main(args: argparse.Namespace) -> None:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.t5_mode == "8bit":
         if device.type != "cuda":
-            raise EmbeddingsError("--t5_mode 8bit needs a CUDA GPU (bitsandbytes); use --t5_mode stream or plain")
+            raise UsageError("--t5_mode 8bit needs a CUDA GPU (bitsandbytes); use --t5_mode stream or plain")
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise EmbeddingsError("--t5_mode 8bit needs bitsandbytes: pip install bitsandbytes") from None
+            raise UsageError("--t5_mode 8bit needs bitsandbytes: pip install bitsandbytes") from None
 
     output_path = Path(args.output_path)
     identity = model_identity(args)
@@ -557,7 +555,7 @@ def main(args: argparse.Namespace) -> None:
     if output_path.exists():
         metadata, existing = read_embeddings(output_path)
         if any(metadata.get(key) != identity[key] for key in IDENTITY_KEYS):
-            raise EmbeddingsError(
+            raise UsageError(
                 f"{output_path} holds embeddings of {describe(metadata)}, not of {describe(identity)}:"
                 " pass another --output_path or delete the file"
             )
@@ -605,8 +603,8 @@ if __name__ == "__main__":
     arguments = parse_args()
     try:
         main(arguments)
-    except EmbeddingsError as error:
-        sys.exit(f"error: {error}")
+    except ScriptError as error:
+        error.exit()
     except KeyboardInterrupt:
         print(f"error: interrupted; {arguments.output_path} was not changed", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)

@@ -44,7 +44,6 @@ from typing import NoReturn
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from safetensors import SafetensorError
 
 from accelerate_offload.loss_plot import plot_losses
 from accelerate_offload.training_math import (
@@ -56,20 +55,21 @@ from accelerate_offload.training_math import (
     sample_shifted_sigmas,
     shuffle_caption,
 )
+from accelerate_offload.script_errors import ScriptError, TrainingFault, UsageError
 from accelerate_offload.training_utils import (
     CHECKPOINT_PREFIX,
+    LORA_WEIGHT_NAME,
     PARTIAL_SUFFIX,
     StopSignals,
-    checkpoint_dirs,
     checkpoint_step,
     give_default_modes,
-    latest_checkpoint,
-    partial_checkpoint,
-    prune_checkpoints,
-    publish_checkpoint,
+    last_checkpoint_note,
+    output_dir_problem,
+    remove_unfinished_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
     step_is_finite,
     trainable_is_finite,
-    unfinished_checkpoints,
     write_aside,
 )
 
@@ -84,7 +84,6 @@ DEFAULT_LORA_LAYERS = (
 )
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy")
 TRACKERS = ("tensorboard", "wandb", "all", "none")
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"  # the run's summary plot: training loss, and validation loss where measured
 TRACKER_PROJECT = "flux-lora"
@@ -92,20 +91,6 @@ TRACKER_PROJECT = "flux-lora"
 MAX_T5_TOKENS = 512
 # Prompts encoded per text-encoder call; small enough for T5-XXL at 512 tokens on any GPU.
 TEXT_ENCODING_BATCH = 8
-
-
-class UsageError(SystemExit):
-    """Bad input: the run stops with one line that names the fix, no traceback, before anything is written."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"error: {message}")
-
-
-class TrainingFault(SystemExit):
-    """A fault mid-run (NaN, out of memory, failed save): one line naming the step; earlier checkpoints stay usable."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"error: {message}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -452,13 +437,8 @@ def check_reporting(args: argparse.Namespace) -> str | None:
     return None
 
 
-def earlier_run_files(output_dir: Path) -> list[str]:
-    """What an earlier run left in `output_dir` (any entry at all): a new run never writes over or beside it."""
-    return sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
-
-
 def check_output(args: argparse.Namespace) -> str | None:
-    """One rule for an --output_dir that holds another run: continue it from a checkpoint, or use a new folder."""
+    """An --output_dir that can be created, and holds no other run unless a checkpoint of it that fits resumes."""
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         return f"--output_dir {output_dir} is a file; give a folder"
@@ -467,76 +447,17 @@ def check_output(args: argparse.Namespace) -> str | None:
         return f"--output_dir {output_dir} cannot be created: {existing} is a file; give a folder path"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"--output_dir {output_dir} cannot be created: {existing} is not writable; give a folder you can write"
-    found = earlier_run_files(output_dir)
-    shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
-    if args.resume_from_checkpoint is None and found:
-        return (
-            f"--output_dir {output_dir} holds an earlier run ({shown}): add --resume_from_checkpoint latest to "
-            "continue it, or choose a new --output_dir"
-        )
-    if args.resume_from_checkpoint == "latest" and found and not checkpoint_dirs(output_dir):
-        return (
-            f"--output_dir {output_dir} holds an earlier run ({shown}) but no checkpoint to continue from: choose a "
-            "new --output_dir"
-        )
-    if args.resume_from_checkpoint not in (None, "latest") and resolve_checkpoint(args) is None:
-        return (
-            f"--resume_from_checkpoint {args.resume_from_checkpoint} not found; give a checkpoint-N folder or 'latest'"
-        )
-    checkpoint = resolve_checkpoint(args) if args.resume_from_checkpoint else None
-    problem = checkpoint_problem(checkpoint, args) if checkpoint else None
-    if problem:
-        step = checkpoint_step(checkpoint)
-        earlier = [path for path in checkpoint_dirs(checkpoint.parent) if checkpoint_step(path) < step]
-        usable = next((path for path in reversed(earlier) if checkpoint_problem(path, args) is None), None)
-        fallback = (
-            f"the next usable earlier checkpoint is {usable}: resume with --resume_from_checkpoint {usable}"
-            if usable
-            else "no earlier checkpoint is usable"
-        )
-        return f"cannot resume from {checkpoint}: {problem}; {fallback}"
-    return None
+    return output_dir_problem(
+        output_dir,
+        args.resume_from_checkpoint,
+        args.rank,
+        lora_targets(args),
+        lambda checkpoint, shapes: adapter_checkpoint_problem(checkpoint, shapes, args),
+    )
 
 
 def lora_targets(args: argparse.Namespace) -> list[str]:
     return [name.strip() for name in args.lora_layers.split(",") if name.strip()]
-
-
-def checkpoint_problem(checkpoint: Path, args: argparse.Namespace) -> str | None:
-    """What stops `checkpoint` from resuming this run (a file cut short, another --rank or --lora_layers), if any.
-
-    Read before anything is loaded, so a bad checkpoint costs seconds and one line, not a traceback after loading.
-    """
-    from safetensors import safe_open
-
-    from accelerate_offload.adapters import module_of
-
-    try:
-        with safe_open(checkpoint / LORA_WEIGHT_NAME, "pt") as lora:
-            shapes = {key: lora.get_slice(key).get_shape() for key in lora.keys()}
-    except (OSError, SafetensorError) as error:
-        return f"its {LORA_WEIGHT_NAME} cannot be read ({str(error).splitlines()[0]})"
-    ranks = sorted({shape[0] for key, shape in shapes.items() if ".lora_A." in key})
-    if ranks and ranks != [args.rank]:
-        found = ", ".join(map(str, ranks)) or "none"
-        return f"its LoRA has rank {found}, --rank is {args.rank} (pass --rank {found} to continue it)"
-    problem = adapter_checkpoint_problem(checkpoint, shapes, args)
-    if problem:
-        return problem
-    modules = {module_of(key) for key in shapes if not key.endswith(".alpha")}
-    targets = lora_targets(args)
-    covered = {target for target in targets for module in modules if module == target or module.endswith(f".{target}")}
-    stray = sorted(module for module in modules if not any(module == t or module.endswith(f".{t}") for t in targets))
-    if stray or covered != set(targets):
-        missing = sorted(set(targets) - covered)
-        detail = f"LoRA layers not in --lora_layers ({stray[0]}, ...)" if stray else f"no LoRA on {', '.join(missing)}"
-        return f"it has {detail}; pass the --lora_layers it was trained with"
-    for state in sorted([*checkpoint.glob("*.bin"), *checkpoint.glob("*.pkl")]):
-        try:
-            torch.load(state, map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
-            return f"its {state.name} cannot be read ({str(error).splitlines()[0][:120]}); it was cut short or damaged"
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1377,17 +1298,6 @@ def build_optimizer(args: argparse.Namespace, parameters: list[torch.nn.Paramete
     return torch.optim.AdamW(parameters, lr=args.learning_rate, eps=args.adam_epsilon, **common)
 
 
-def resolve_checkpoint(args: argparse.Namespace) -> Path | None:
-    """The checkpoint folder --resume_from_checkpoint names ('latest', a path, or a name inside output_dir)."""
-    output_dir = Path(args.output_dir)
-    if args.resume_from_checkpoint == "latest":
-        return latest_checkpoint(output_dir)
-    for candidate in (Path(args.resume_from_checkpoint), output_dir / args.resume_from_checkpoint):
-        if candidate.is_dir() and candidate.name[len(CHECKPOINT_PREFIX) :].isdigit():
-            return candidate
-    return None
-
-
 def write_lora(model, folder: Path, weight_name: str = LORA_WEIGHT_NAME) -> None:
     """The adapter in diffusers' file layout (`pytorch_lora_weights.safetensors`), as its loader reads it."""
     from diffusers import FluxPipeline
@@ -1398,50 +1308,9 @@ def write_lora(model, folder: Path, weight_name: str = LORA_WEIGHT_NAME) -> None
     give_default_modes(folder / weight_name)
 
 
-def remove_partial_checkpoints(output_dir: Path) -> None:
-    """Folders left by saves that a crash or a full disk interrupted; never resumed from."""
-    for unfinished in unfinished_checkpoints(output_dir):
-        logger.warning("Removing %s, left by a save that did not finish", unfinished)
-        shutil.rmtree(unfinished)
-
-
-def save_checkpoint(args: argparse.Namespace, accelerator, model, global_step: int) -> None:
-    """Writes checkpoint-<step>.tmp, renames it to checkpoint-<step>, then prunes to --checkpoints_total_limit.
-
-    A crash or a full disk during the write leaves every earlier checkpoint as it was.
-    """
-    check_finite_lora(model, global_step, args)
-    output_dir = Path(args.output_dir)
-    path = output_dir / f"{CHECKPOINT_PREFIX}{global_step}"
-    written = partial_checkpoint(output_dir, global_step)
-    if written.exists():
-        shutil.rmtree(written)
-    try:
-        accelerator.save_state(str(written))
-        path = publish_checkpoint(written)
-    except (OSError, RuntimeError, SafetensorError) as error:  # how a full disk shows in open, torch.save, safetensors
-        shutil.rmtree(written, ignore_errors=True)
-        previous = checkpoint_dirs(output_dir)
-        kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        raise TrainingFault(
-            f"could not save {path.name} at step {global_step} ({type(error).__name__}: {error}); {kept}. "
-            "Free disk space, then run the same command with --resume_from_checkpoint latest"
-        ) from None
-    logger.info("Saved state to %s", path)
-    for old in prune_checkpoints(output_dir, args.checkpoints_total_limit, path):
-        logger.info("Removed %s (--checkpoints_total_limit %d)", old, args.checkpoints_total_limit)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Faults and interruptions
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def last_checkpoint_note(output_dir: Path) -> str:
-    found = checkpoint_dirs(output_dir)
-    if not found:
-        return "no checkpoint was saved yet"
-    return f"the last good checkpoint is {found[-1]}; continue from it with --resume_from_checkpoint latest"
 
 
 def check_finite_step(loss: float, grad_norm: float | None, step: int, args: argparse.Namespace) -> None:
@@ -2106,7 +1975,7 @@ def main(args: argparse.Namespace) -> None:
 
     global_step = 0
     if args.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(args)
+        checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
         if checkpoint is None:
             logger.info("No checkpoint in %s: starting a new run", output_dir)
         else:
@@ -2121,7 +1990,7 @@ def main(args: argparse.Namespace) -> None:
                 ) from None
             global_step = checkpoint_step(checkpoint)
     if accelerator.is_main_process:
-        remove_partial_checkpoints(output_dir)
+        remove_unfinished_checkpoints(output_dir)
     first_epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -2212,9 +2081,10 @@ def main(args: argparse.Namespace) -> None:
                     logged += ("validation_loss",)
                 accelerator.log({key: record[key] for key in logged}, step=global_step)
                 metrics.write(record)
-                if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
+                if global_step % args.checkpointing_steps == 0:
                     with phases.phase("save"):
-                        save_checkpoint(args, accelerator, model, global_step)
+                        check_finite_lora(model, global_step, args)
+                        save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
                 if (
                     accelerator.is_main_process
                     and args.validation_prompt
@@ -2229,8 +2099,9 @@ def main(args: argparse.Namespace) -> None:
                         )
                 if stop.requested(accelerator):
                     stopped_by = stop.received or signal.SIGTERM  # a process that got none stops with the others
-                    if accelerator.is_main_process and global_step % args.checkpointing_steps:
-                        save_checkpoint(args, accelerator, model, global_step)
+                    if global_step % args.checkpointing_steps:
+                        check_finite_lora(model, global_step, args)
+                        save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
                     break
                 step_started = time.perf_counter()  # checkpoints and validation do not count as step time
                 if global_step >= args.max_train_steps:
@@ -2291,6 +2162,8 @@ if __name__ == "__main__":
     created_output_dir = not Path(arguments.output_dir).exists()
     try:
         main(arguments)
+    except ScriptError as error:
+        error.exit()
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: no checkpoint was written now
         print("Interrupted; nothing was saved by this run (earlier checkpoints are kept)", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)

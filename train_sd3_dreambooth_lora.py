@@ -94,16 +94,17 @@ from accelerate_offload.lora_formats import kohya_problem, write_kohya_file
 from accelerate_offload.oom import explain_out_of_memory
 from accelerate_offload.phases import STREAM_MORE, JobPhases, kept_outputs
 from accelerate_offload.training_math import TIMESTEP_SAMPLING, mask_to_latent_grid, masked_mean, sample_shifted_sigmas
+from accelerate_offload.script_errors import ScriptError, TrainingFault, UsageError
 from accelerate_offload.training_utils import (
     StopSignals,
     any_process,
-    checkpoint_dirs,
     checkpoint_step,
     give_default_modes,
-    partial_checkpoint,
-    publish_checkpoint,
-    remove_folder,
-    unfinished_checkpoints,
+    last_checkpoint_note,
+    output_dir_problem,
+    remove_unfinished_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
     write_aside,
 )
 
@@ -123,8 +124,8 @@ EMBEDDINGS_COLUMNS = (
     "pooled_prompt_embeds_shape",
 )
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-# Written last into a checkpoint folder: a `checkpoint-N` without it was cut short and is never resumed from.
-CHECKPOINT_MARKER = "training_state.json"
+# In every checkpoint: the seed a run drew without --seed, so that a resumed run draws the same numbers.
+TRAINING_STATE = "training_state.json"
 DEFAULT_LORA_LAYERS = (
     "attn.add_k_proj,attn.add_q_proj,attn.add_v_proj,attn.to_add_out,attn.to_k,attn.to_out.0,attn.to_q,attn.to_v"
 )
@@ -146,14 +147,6 @@ HUB_ERRORS = (HfHubHTTPError, httpx.HTTPError, OSError, ValueError)
 
 def hub_error_reason(error: Exception) -> str:
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
-
-
-class SetupError(Exception):
-    """A problem the user fixes by changing the command or the files; reported as one line, without a traceback."""
-
-
-class TrainingStopped(Exception):
-    """Training stopped early (a non-finite loss, out of memory, a failed save); reported as one line."""
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -539,23 +532,18 @@ def check_paths(args: argparse.Namespace) -> str | None:
 
 
 def check_output_dir(args: argparse.Namespace) -> str | None:
-    """One rule for an --output_dir that holds another run: continue it from a checkpoint, or use a new folder."""
+    """A folder that holds no other run, unless --resume_from_checkpoint names a checkpoint of it that fits."""
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         return f"--output_dir {output_dir} is a file, not a folder: pass a folder (created if missing)"
-    found = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
-    shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
-    if args.resume_from_checkpoint is None and found:
-        return (
-            f"--output_dir {output_dir} holds an earlier run ({shown}): add --resume_from_checkpoint latest to "
-            "continue it, or choose a new --output_dir"
-        )
-    if args.resume_from_checkpoint == "latest" and found and not complete_checkpoints(output_dir):
-        return (
-            f"--output_dir {output_dir} holds an earlier run ({shown}) but no checkpoint to continue from: choose a "
-            "new --output_dir"
-        )
-    return None
+    lora_layers = [layer.strip() for layer in args.lora_layers.split(",") if layer.strip()]
+    return output_dir_problem(
+        output_dir,
+        args.resume_from_checkpoint,
+        args.rank,
+        lora_layers,
+        lambda checkpoint, shapes: adapter_checkpoint_problem(checkpoint, shapes, args),
+    )
 
 
 def list_images(root: Path) -> list[Path]:
@@ -591,7 +579,7 @@ def instance_image_files(args: argparse.Namespace) -> tuple[list[tuple[str, byte
 
         dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
         if args.image_column not in dataset.column_names:
-            raise SetupError(
+            raise UsageError(
                 f"column '{args.image_column}' not in dataset {args.dataset_name}; its columns: "
                 f"{', '.join(dataset.column_names)}"
             )
@@ -603,10 +591,10 @@ def instance_image_files(args: argparse.Namespace) -> tuple[list[tuple[str, byte
         return files, f"--dataset_name {args.dataset_name}"
     root = Path(args.instance_data_dir)
     if not root.is_dir():
-        raise SetupError(f"instance image folder {root} does not exist")
+        raise UsageError(f"instance image folder {root} does not exist")
     files = [(path.relative_to(root).as_posix(), read_file(path)) for path in list_images(root)]
     if not files:
-        raise SetupError(f"no images found in {root}")
+        raise UsageError(f"no images found in {root}")
     return files, f"--instance_data_dir {root}"
 
 
@@ -625,12 +613,12 @@ def usable_images(
                     small.append(f"{name} {image.width}x{image.height}")
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             if args.strict:
-                raise SetupError(f"cannot read image '{name}' ({error}): fix or remove it, or drop --strict") from None
+                raise UsageError(f"cannot read image '{name}' ({error}): fix or remove it, or drop --strict") from None
             unreadable.append(f"{name} ({error})")
         else:
             usable.append((name, data))
     if not usable:
-        raise SetupError(f"none of the {len(files)} images of {source} can be read: {'; '.join(unreadable)}")
+        raise UsageError(f"none of the {len(files)} images of {source} can be read: {'; '.join(unreadable)}")
     if unreadable:
         logger.warning(
             f"Skipped {len(unreadable)} of {len(files)} images of {source} that cannot be read: "
@@ -659,7 +647,7 @@ class PromptEmbeddings:
         """The row of a prompt that training needs; `flag` is the compute_embeddings.py option that adds it."""
         if (role, prompt) not in self.rows:
             fix = f" with {flag} {prompt!r}" if flag else ""
-            raise SetupError(f"no embeddings for the {role} prompt {prompt!r}: rerun compute_embeddings.py{fix}")
+            raise UsageError(f"no embeddings for the {role} prompt {prompt!r}: rerun compute_embeddings.py{fix}")
         return self.rows[(role, prompt)]
 
 
@@ -678,20 +666,20 @@ def check_pipeline(args: argparse.Namespace, plugin: LayerOffloadPlugin) -> None
     try:
         index = DiffusionPipeline.load_config(model, revision=args.revision, cache_dir=args.cache_dir)
     except (OSError, ValueError) as error:
-        raise SetupError(
+        raise UsageError(
             f"cannot read the model_index.json of {model} ({str(error).splitlines()[0]}): pass "
             "--pretrained_model_name_or_path a folder or Hub id of an SD3 diffusers pipeline"
         ) from None
     family = index.get("_class_name", "")
     if not family.startswith("StableDiffusion3"):
         other = " (train FLUX.1 LoRAs with train_flux_lora.py)" if family.startswith("Flux") else ""
-        raise SetupError(f"{model} is a {family or 'pipeline of unknown class'}, not an SD3 diffusers pipeline{other}")
+        raise UsageError(f"{model} is a {family or 'pipeline of unknown class'}, not an SD3 diffusers pipeline{other}")
     try:
         config = SD3Transformer2DModel.load_config(
             model, subfolder="transformer", revision=args.revision, cache_dir=args.cache_dir
         )
     except (OSError, ValueError):
-        raise SetupError(
+        raise UsageError(
             f"{model} has no transformer/ folder with a config.json: give a complete SD3 pipeline"
         ) from None
     with init_empty_weights():
@@ -699,35 +687,35 @@ def check_pipeline(args: argparse.Namespace, plugin: LayerOffloadPlugin) -> None
     names = [name for name, _ in transformer.named_modules()]
     for target in (layer.strip() for layer in args.lora_layers.split(",") if layer.strip()):
         if not any(name == target or name.endswith(f".{target}") for name in names):
-            raise SetupError(
+            raise UsageError(
                 f"--lora_layers {target}: the transformer has no such module; use names like attn.to_q, attn.to_out.0"
             )
     if plugin.enabled:
         try:
             find_blocks(transformer, plugin.block_names)
         except BlocksNotFoundError as error:
-            raise SetupError(f"offload config: {error}") from None
+            raise UsageError(f"offload config: {error}") from None
 
 
 def load_embeddings(path: Path, args: argparse.Namespace) -> PromptEmbeddings:
     """Reads compute_embeddings.py's file and checks that it fits this transformer; never trusts it blindly."""
     if not path.is_file():
-        raise SetupError(
+        raise UsageError(
             f"embeddings file {path} not found: run compute_embeddings.py first (or pass --embeddings_path)"
         )
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as error:
-        raise SetupError(
+        raise UsageError(
             f"{path} is not a readable Parquet file (truncated or corrupt: {str(error).splitlines()[0]});"
             " delete it and rerun compute_embeddings.py"
         ) from None
     raw = (table.schema.metadata or {}).get(EMBEDDINGS_METADATA_KEY)
     metadata = json.loads(raw) if raw else {}
     if metadata.get("format") != EMBEDDINGS_FORMAT or not set(EMBEDDINGS_COLUMNS) <= set(table.column_names):
-        raise SetupError(f"{path} is not an SD3 embeddings file written by compute_embeddings.py")
+        raise UsageError(f"{path} is not an SD3 embeddings file written by compute_embeddings.py")
     if metadata.get("version") != EMBEDDINGS_VERSION or metadata.get("num_rows") != table.num_rows:
-        raise SetupError(
+        raise UsageError(
             f"{path} is incomplete or of another format version: delete it and rerun compute_embeddings.py"
         )
 
@@ -739,7 +727,7 @@ def load_embeddings(path: Path, args: argparse.Namespace) -> PromptEmbeddings:
             cache_dir=args.cache_dir,
         )
     except (OSError, ValueError) as error:
-        raise SetupError(
+        raise UsageError(
             f"cannot read the transformer config of {args.pretrained_model_name_or_path} "
             f"({str(error).splitlines()[0]}): pass --pretrained_model_name_or_path a folder or Hub id of an SD3"
             " diffusers pipeline"
@@ -750,13 +738,13 @@ def load_embeddings(path: Path, args: argparse.Namespace) -> PromptEmbeddings:
     widths = {(prompt[-1], pooled[-1]) for prompt, pooled in shapes}
     if widths != {expected}:
         found = ", ".join(f"{width}/{pooled}" for width, pooled in sorted(widths))
-        raise SetupError(
+        raise UsageError(
             f"{path} holds embeddings of {metadata.get('model')} (text/pooled dims {found}) but the transformer of "
             f"{args.pretrained_model_name_or_path} expects {expected[0]}/{expected[1]}: rerun compute_embeddings.py "
             f"with --pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
         )
     if len(shapes) != 1:
-        raise SetupError(f"{path} mixes embeddings of different shapes {sorted(shapes)}: rerun compute_embeddings.py")
+        raise UsageError(f"{path} mixes embeddings of different shapes {sorted(shapes)}: rerun compute_embeddings.py")
     if metadata.get("model") != args.pretrained_model_name_or_path:
         logger.warning(
             f"{path} was computed with {metadata.get('model')}, training uses {args.pretrained_model_name_or_path};"
@@ -771,7 +759,7 @@ def load_embeddings(path: Path, args: argparse.Namespace) -> PromptEmbeddings:
         ):
             values = np.asarray(record[column], dtype=np.float32)
             if values.size != math.prod(record[f"{column}_shape"]):
-                raise SetupError(f"{path} is corrupt (row {index}): delete it and rerun compute_embeddings.py")
+                raise UsageError(f"{path} is corrupt (row {index}): delete it and rerun compute_embeddings.py")
             store.append(torch.from_numpy(values).reshape(record[f"{column}_shape"]))
         embeddings.labels.append((record["role"], record["prompt"]))
         embeddings.rows[(record["role"], record["prompt"])] = index
@@ -788,13 +776,13 @@ def instance_rows(
     for name, data in files:
         row = embeddings.image_rows.get(image_key(name, data))
         if row is None:
-            raise SetupError(
+            raise UsageError(
                 f"no embeddings for instance image '{name}' (added or changed since they were computed): rerun "
                 f"compute_embeddings.py with {source} --output_path {args.embeddings_path}"
             )
         role, prompt = embeddings.labels[row]
         if role == "instance" and prompt != args.instance_prompt:
-            raise SetupError(
+            raise UsageError(
                 f"instance image '{name}' was embedded with the instance prompt {prompt!r}, not "
                 f"{args.instance_prompt!r}: rerun compute_embeddings.py with the same --instance_prompt"
             )
@@ -813,7 +801,7 @@ def find_mask(mask_dir: Path, name: str) -> Path:
         if path.stem == relative.stem and path.suffix.lower() in extensions and path.is_file()
     )
     if not found:
-        raise SetupError(
+        raise UsageError(
             f"no mask for instance image '{name}' in --mask_data_dir {mask_dir} (looked for "
             f"{folder / relative.stem}.png or another image extension); add one: white trains, black is ignored"
         )
@@ -829,7 +817,7 @@ def load_masks(files: list[tuple[str, bytes]], args: argparse.Namespace) -> list
 
         dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
         if args.mask_column not in dataset.column_names:
-            raise SetupError(f"--mask_column '{args.mask_column}' not in dataset {args.dataset_name}")
+            raise UsageError(f"--mask_column '{args.mask_column}' not in dataset {args.dataset_name}")
         by_row = dict(enumerate(dataset[args.mask_column]))
     masks = []
     for name, data in files:
@@ -840,16 +828,16 @@ def load_masks(files: list[tuple[str, bytes]], args: argparse.Namespace) -> list
             with Image.open(source) if isinstance(source, Path) else nullcontext(source) as opened:
                 mask = to_rgb(opened).convert("L")
         except (OSError, ValueError) as error:
-            raise SetupError(f"cannot read the mask of instance image '{name}' ({error}); replace it") from None
+            raise UsageError(f"cannot read the mask of instance image '{name}' ({error}); replace it") from None
         with Image.open(io.BytesIO(data)) as image:
             size = ImageOps.exif_transpose(image).size
         if mask.size != size:
-            raise SetupError(
+            raise UsageError(
                 f"the mask of instance image '{name}' is {mask.width}x{mask.height}, the image {size[0]}x{size[1]}; "
                 "give a mask of the image's size"
             )
         if mask.getextrema()[1] == 0:
-            raise SetupError(f"the mask of instance image '{name}' is black everywhere: nothing would train; fix it")
+            raise UsageError(f"the mask of instance image '{name}' is black everywhere: nothing would train; fix it")
         masks.append(mask)
     return masks
 
@@ -1197,125 +1185,6 @@ Use of these weights follows the license of the base model, {args.pretrained_mod
     ModelCard(content).save(os.path.join(repo_folder, "README.md"))
 
 
-def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """The `checkpoint-N` folders whose save finished, oldest first; one cut short lacks the marker."""
-    return [path for path in checkpoint_dirs(output_dir) if (path / CHECKPOINT_MARKER).is_file()]
-
-
-def resume_checkpoint(args: argparse.Namespace) -> Path | None:
-    """The checkpoint --resume_from_checkpoint names (a path, or a name in --output_dir), checked before loading."""
-    if args.resume_from_checkpoint is None:
-        return None
-    output_dir = Path(args.output_dir)
-    checkpoints = complete_checkpoints(output_dir)
-    if args.resume_from_checkpoint == "latest":
-        if not checkpoints:
-            logger.warning(f"No complete checkpoint in {output_dir}: starting a new training run.")
-        return checkpoints[-1] if checkpoints else None
-    path = Path(args.resume_from_checkpoint)
-    if not path.exists():
-        path = output_dir / path
-    if not path.is_dir():
-        names = ", ".join(checkpoint.name for checkpoint in checkpoints) or "none"
-        raise SetupError(
-            f"checkpoint {args.resume_from_checkpoint} not found (complete checkpoints in {output_dir}: {names}):"
-            " pass one of them or --resume_from_checkpoint latest"
-        )
-    if not (path / CHECKPOINT_MARKER).is_file():
-        raise SetupError(
-            f"{path} is not a complete checkpoint (no {CHECKPOINT_MARKER}; its save was cut short):"
-            " pass --resume_from_checkpoint latest to use the last complete one"
-        )
-    return path
-
-
-def checkpoint_problem(checkpoint: Path, args: argparse.Namespace) -> str | None:
-    """What stops `checkpoint` from resuming this run (a file cut short, another --rank or --lora_layers), if any.
-
-    Read before any model is loaded, so a bad checkpoint costs seconds and one line, not a traceback after loading.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    lora_file = checkpoint / "pytorch_lora_weights.safetensors"
-    try:
-        with safe_open(lora_file, "pt") as lora:
-            shapes = {key: lora.get_slice(key).get_shape() for key in lora.keys()}
-    except (OSError, SafetensorError) as error:
-        return f"its {lora_file.name} cannot be read ({str(error).splitlines()[0]})"
-    ranks = sorted({shape[0] for key, shape in shapes.items() if ".lora_A." in key})
-    if ranks and ranks != [args.rank]:
-        found = ", ".join(map(str, ranks))
-        return f"its LoRA has rank {found}, --rank is {args.rank} (pass --rank {found} to continue it)"
-    problem = adapter_checkpoint_problem(checkpoint, shapes, args)
-    if problem:
-        return problem
-    modules = {module_of(key) for key in shapes if not key.endswith(".alpha")}
-    targets = [layer.strip() for layer in args.lora_layers.split(",") if layer.strip()]
-    covered = {target for target in targets for module in modules if module == target or module.endswith(f".{target}")}
-    stray = sorted(module for module in modules if not any(module == t or module.endswith(f".{t}") for t in targets))
-    if stray or covered != set(targets):
-        missing = sorted(set(targets) - covered)
-        detail = f"LoRA layers not in --lora_layers ({stray[0]}, ...)" if stray else f"no LoRA on {', '.join(missing)}"
-        return f"it has {detail}; pass the --lora_layers it was trained with"
-    for state in sorted([*checkpoint.glob("*.bin"), *checkpoint.glob("*.pkl")]):
-        try:
-            torch.load(state, map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
-            return f"its {state.name} cannot be read ({str(error).splitlines()[0][:120]}); it was cut short or damaged"
-    return None
-
-
-def check_checkpoint(checkpoint: Path, args: argparse.Namespace) -> None:
-    """One line naming the checkpoint, what does not fit, and the newest earlier one that does."""
-    problem = checkpoint_problem(checkpoint, args)
-    if problem is None:
-        return
-    step = checkpoint_step(checkpoint)
-    earlier = [path for path in complete_checkpoints(checkpoint.parent) if checkpoint_step(path) < step]
-    usable = next((path for path in reversed(earlier) if checkpoint_problem(path, args) is None), None)
-    fallback = (
-        f"the next usable earlier checkpoint is {usable}: resume with --resume_from_checkpoint {usable}"
-        if usable
-        else "no earlier checkpoint is usable"
-    )
-    raise SetupError(f"cannot resume from {checkpoint}: {problem}; {fallback}")
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, args: argparse.Namespace) -> Path:
-    """Saves the training state as `checkpoint-{step}` atomically, then keeps the newest --checkpoints_total_limit.
-
-    Every process writes into `checkpoint-{step}.tmp`; the marker goes in last and the folder is synced and renamed
-    into place, so a crash or a full disk during the save leaves the earlier checkpoints as they were, and old ones
-    are deleted only once the new one is complete.
-    """
-    final = output_dir / f"checkpoint-{step}"
-    partial = partial_checkpoint(output_dir, step)
-    if accelerator.is_main_process:
-        for stale in unfinished_checkpoints(output_dir):  # left by a crash
-            shutil.rmtree(stale)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(partial))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            (partial / CHECKPOINT_MARKER).write_text(json.dumps({"global_step": step, "seed": args.seed}))
-            publish_checkpoint(partial)
-    except OSError as error:
-        shutil.rmtree(partial, ignore_errors=True)
-        kept = complete_checkpoints(output_dir)
-        raise TrainingStopped(
-            f"could not save {final.name} ({error.strerror or error}); the last complete checkpoint "
-            f"{kept[-1] if kept else '(none)'} is intact: free space and rerun with --resume_from_checkpoint latest"
-        ) from None
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        for old in complete_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
-            logger.info(f"Removing {old} (--checkpoints_total_limit {args.checkpoints_total_limit})")
-            remove_folder(old)
-    accelerator.wait_for_everyone()
-    logger.info(f"Saved state to {final}")
-    return final
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Adapters (LoRA, DoRA, LoKr, LoHa), file formats, EMA
 # ----------------------------------------------------------------------------------------------------------------
@@ -1356,7 +1225,7 @@ def new_adapter_config(args: argparse.Namespace):
 def check_kohya_names(args: argparse.Namespace, transformer: torch.nn.Module) -> None:
     problem = kohya_problem(transformer, "sd3") if "kohya" in save_formats(args.save_format) else None
     if problem:
-        raise SetupError(problem)
+        raise UsageError(problem)
 
 
 def adapter_checkpoint_problem(checkpoint: Path, keys, args: argparse.Namespace) -> str | None:
@@ -1410,7 +1279,7 @@ def save_final_adapter(args: argparse.Namespace, model: torch.nn.Module, output_
             with ema.averaged(model):
                 write_all("ema")
     except OSError as error:
-        raise TrainingStopped(
+        raise TrainingFault(
             f"could not write the LoRA to {output_dir} ({error.strerror or error}): free space and rerun with "
             "--resume_from_checkpoint latest"
         ) from None
@@ -1418,7 +1287,7 @@ def save_final_adapter(args: argparse.Namespace, model: torch.nn.Module, output_
 
 def main(args: argparse.Namespace) -> None:
     if args.report_to == "wandb" and args.hub_token is not None:
-        raise SetupError(
+        raise UsageError(
             "--report_to wandb with --hub_token would expose the token; log in with `hf auth login` instead"
         )
     logging_dir = Path(args.output_dir, args.logging_dir)
@@ -1435,11 +1304,11 @@ def main(args: argparse.Namespace) -> None:
     )
     if args.use_8bit_adam:
         if accelerator.device.type != "cuda":
-            raise SetupError("--use_8bit_adam needs a CUDA GPU (bitsandbytes); drop the flag to train with AdamW")
+            raise UsageError("--use_8bit_adam needs a CUDA GPU (bitsandbytes); drop the flag to train with AdamW")
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise SetupError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+            raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -1454,12 +1323,15 @@ def main(args: argparse.Namespace) -> None:
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
 
-    # Every input is checked before anything is loaded or written, so a mistake costs seconds and no files.
-    resume_from = resume_checkpoint(args)
-    if resume_from is not None:
-        check_checkpoint(resume_from, args)
+    # Every input is checked before anything is loaded or written, so a mistake costs seconds and no files; the
+    # checkpoint to resume from was checked with the arguments.
+    output_dir = Path(args.output_dir)
+    resume_from = resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    if args.resume_from_checkpoint and resume_from is None:
+        logger.warning(f"No complete checkpoint in {output_dir}: starting a new training run.")
     if args.seed is None:  # drawn once and stored in every checkpoint, so a resumed run draws the same numbers
-        state = json.loads((resume_from / CHECKPOINT_MARKER).read_text()) if resume_from else {}
+        state_file = resume_from / TRAINING_STATE if resume_from else None
+        state = json.loads(state_file.read_text()) if state_file and state_file.is_file() else {}
         seed = [state.get("seed", random.SystemRandom().randrange(2**32))]
         broadcast_object_list(seed)
         args.seed = seed[0]
@@ -1469,7 +1341,7 @@ def main(args: argparse.Namespace) -> None:
     try:
         offload_plugin = LayerOffloadPlugin(gradient_checkpointing=True if args.gradient_checkpointing else None)
     except OffloadConfigError as error:
-        raise SetupError(
+        raise UsageError(
             f"offload config: {error} (fix the offload_config section of the accelerate config file, or the "
             "ACCELERATE_OFFLOAD_* variables in the environment)"
         ) from None
@@ -1504,7 +1376,7 @@ def main(args: argparse.Namespace) -> None:
         try:
             os.makedirs(args.output_dir, exist_ok=True)
         except OSError as error:
-            raise SetupError(
+            raise UsageError(
                 f"cannot create --output_dir {args.output_dir} ({error.strerror}): pass a folder path"
             ) from None
         if args.push_to_hub:
@@ -1512,7 +1384,7 @@ def main(args: argparse.Namespace) -> None:
             try:
                 repo_id = create_repo(repo_id=name, exist_ok=True, token=args.hub_token).repo_id
             except HUB_ERRORS as error:
-                raise SetupError(
+                raise UsageError(
                     f"--push_to_hub: cannot create the Hub repository {name} ({hub_error_reason(error)}); log in with "
                     "`hf auth login` or pass a valid --hub_token, or drop --push_to_hub"
                 ) from None
@@ -1531,7 +1403,7 @@ def main(args: argparse.Namespace) -> None:
     elif accelerator.mixed_precision == "bf16":
         weight_dtype = torch.bfloat16
     if torch.backends.mps.is_available() and weight_dtype == torch.bfloat16:
-        raise SetupError("bf16 mixed precision is not supported on MPS; use fp16 or no")
+        raise UsageError("bf16 mixed precision is not supported on MPS; use fp16 or no")
     # loaded in its training dtype: a conversion after loading would hold a second, converted copy in host memory
     transformer = SD3Transformer2DModel.from_pretrained(
         args.pretrained_model_name_or_path,
@@ -1570,6 +1442,7 @@ def main(args: argparse.Namespace) -> None:
                 # make sure to pop weight so that corresponding model is not saved again
                 weights.pop()
             give_default_modes(Path(output_dir) / LORA_WEIGHT_NAME)
+            (Path(output_dir) / TRAINING_STATE).write_text(json.dumps({"seed": args.seed}))
 
     def load_model_hook(models: list, input_dir: str) -> None:
         transformer_ = None
@@ -1662,11 +1535,13 @@ def main(args: argparse.Namespace) -> None:
             accelerator.load_state(str(resume_from))
         except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as error:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise SetupError(
+            raise UsageError(
                 f"cannot resume from {resume_from} ({type(error).__name__}: {reason}); pass an earlier checkpoint-N "
                 "to --resume_from_checkpoint"
             ) from None
-        global_step = json.loads((resume_from / CHECKPOINT_MARKER).read_text())["global_step"]
+        global_step = checkpoint_step(resume_from)
+    if accelerator.is_main_process:
+        remove_unfinished_checkpoints(output_dir)
     # Where the checkpoint's step falls: its epoch, and the batches of that epoch already trained on.
     first_epoch = global_step // num_update_steps_per_epoch
     batches_done = global_step % num_update_steps_per_epoch * args.gradient_accumulation_steps
@@ -1767,14 +1642,12 @@ def main(args: argparse.Namespace) -> None:
             optimizer.zero_grad()
         return loss, grad_norm, finite
 
-    def non_finite_error(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> TrainingStopped:
-        kept = complete_checkpoints(Path(args.output_dir))
+    def non_finite_error(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> TrainingFault:
         grad_text = "" if grad_norm is None else f", gradient norm {float(grad_norm):.4g}"
-        return TrainingStopped(
+        return TrainingFault(
             f"step {global_step + 1}: loss {float(loss):.4g}{grad_text}, not finite; stopped before applying it and"
-            f" wrote no LoRA. Last good checkpoint: {kept[-1] if kept else 'none'}. Lower --learning_rate (now"
-            f" {args.learning_rate:g}) or check the data, then "
-            + ("rerun with --resume_from_checkpoint latest" if kept else "start again")
+            f" wrote no LoRA. Lower --learning_rate (now {args.learning_rate:g}) or check the data; "
+            + last_checkpoint_note(output_dir)
         )
 
     on_cuda = accelerator.device.type == "cuda"
@@ -1797,7 +1670,7 @@ def main(args: argparse.Namespace) -> None:
                     explanation = explain_out_of_memory(
                         unwrap_model(transformer), accelerator.device, args.train_batch_size, args.resolution
                     )
-                    raise TrainingStopped(f"step {global_step + 1}: {explanation}") from None
+                    raise TrainingFault(f"step {global_step + 1}: {explanation}") from None
 
             if not finite:
                 raise non_finite_error(loss, grad_norm)
@@ -1809,12 +1682,13 @@ def main(args: argparse.Namespace) -> None:
                 if ema is not None:
                     ema.step(unwrap_model(transformer))
 
-                stop = any_process(accelerator, stop_request.received is not None)
+                stop = stop_request.requested(accelerator)
                 if global_step % args.checkpointing_steps == 0 or stop:
                     with phases.phase("save"):
-                        saved = save_checkpoint(accelerator, Path(args.output_dir), global_step, args)
+                        saved = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
                 if stop:
                     progress_bar.close()
+                    accelerator.wait_for_everyone()  # the launcher ends every process once one exits
                     name = signal.Signals(stop_request.received or signal.SIGTERM).name
                     if accelerator.is_main_process:
                         print(
@@ -1906,7 +1780,7 @@ def main(args: argparse.Namespace) -> None:
                 )
             except HUB_ERRORS as error:
                 retry = " ".join(f"--exclude '{pattern}'" for pattern in excludes)
-                raise TrainingStopped(
+                raise TrainingFault(
                     f"the upload to {repo_id} failed ({hub_error_reason(error)}); the LoRA, model card and images are "
                     f"kept in {args.output_dir}. Upload them alone, without training again: hf upload {repo_id} "
                     f"{args.output_dir} {retry} --commit-message 'End of training'"
@@ -1926,8 +1800,8 @@ if __name__ == "__main__":
     created_output_dir = not Path(arguments.output_dir).exists()
     try:
         main(arguments)
-    except (SetupError, TrainingStopped) as error:
-        sys.exit(f"error: {error}")
+    except ScriptError as error:
+        error.exit()
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print("error: interrupted; checkpoints already complete are kept", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)

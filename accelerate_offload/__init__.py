@@ -3,6 +3,7 @@
 Modules, each importing only those above it (`tests/test_imports.py` checks it):
 
 - `quiet`: dependencies' import-time notes silenced at their loggers (entry points call it first).
+- `script_errors`: `UsageError` and `TrainingFault`, the one-line errors the scripts stop with.
 - `recompute`: whether the code running is a checkpoint's recomputation.
 - `settings`: `OffloadSettings`, the one object the settings travel in.
 - `timeline`: a traced step's events and its VRAM picture.
@@ -28,13 +29,15 @@ Modules, each importing only those above it (`tests/test_imports.py` checks it):
 - `lora_formats`: a LoRA rewritten with kohya keys (`lora_unet_...`) for ComfyUI, Forge and sd-scripts.
 - `ema`: the adapter's moving average in CPU memory.
 - `inference`: a pipeline placed for inference (frozen, streamed like training), a saved LoRA loaded onto it.
-- `training_utils`: what the scripts share: atomic checkpoints, finite checks, stop signals, file modes.
+- `training_utils`: what the scripts share: atomic checkpoints and their resume checks, finite checks, stop
+  signals, file modes.
 - `training_math`: shifted timestep draws, shuffled captions, masks on the latent grid.
 - `loss_plot`: the run's summary plot, training and validation loss.
 - `plugin`: `LayerOffloadPlugin`, the settings read from the launch config; `cli`: `accelerate-offload`.
 - `testing.tiny_pipelines`: tiny random pipelines and drawn images for tests and the demo.
 """
 
+from .inference import place_pipeline
 from .offload import get_conductor, offload_model, remove_offload, trace_step
 from .oom import explain_out_of_memory
 from .planner import VramBudgetError
@@ -53,6 +56,7 @@ __all__ = [
     "find_blocks",
     "get_conductor",
     "offload_model",
+    "place_pipeline",
     "plot_timeline",
     "remove_offload",
     "trace_step",

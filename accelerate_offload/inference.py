@@ -47,6 +47,23 @@ def place_pipeline(
     on CPU too), streamed block by block with the plugin's fraction and prefetch; everything else is frozen
     and moved whole. A component already streamed is left streamed, its adapter moved to `device`. `max_ram` and
     `offload_dir` budget each streamed component's host memory, as the plugin's do in training.
+
+    Args:
+        pipeline (`DiffusionPipeline`):
+            A diffusers pipeline, its models on the CPU (or already streamed); components that are not
+            `torch.nn.Module`s (schedulers, tokenizers, `None`) are left as they are.
+        device (`torch.device` or `str`):
+            The device inference runs on, usually `accelerator.device`.
+        plugin (`LayerOffloadPlugin`, *optional*):
+            The launch config's settings: the transformer streams its `layer_offload_fraction` (every block under
+            `max_vram`) with its prefetch, pinning, copy streams and `block_names`; T5 streams whole. Defaults to
+            `None`: nothing streams unless `stream=True`, which then streams every block.
+        stream (`bool`, *optional*):
+            Whether to stream the transformer and T5; defaults to `None`, meaning on CUDA when the plugin streams.
+        max_ram (`str`, *optional*):
+            A host budget such as `"12GB"` for each streamed component: blocks past it are read from disk.
+        offload_dir (`str`, *optional*):
+            The folder for the blocks read from disk; needed when `max_ram` leaves blocks for it.
     """
     device = torch.device(device)
     if stream is None:

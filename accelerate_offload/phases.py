@@ -20,16 +20,14 @@ import torch
 
 from .memory import apply_gpu_cap, host_memory, pinned_cache_bytes, release_host_memory, streamed_host_buffers
 from .oom import explain_phase_out_of_memory
+from .script_errors import TrainingFault
 
 PHASE_LOG_VARIABLE = "OFFLOAD_JOB_PHASE_LOG"
 STREAM_MORE = "stream more blocks (layer_offload_fraction toward 1.0, or a lower max_vram)"
 
 
-class PhaseOutOfMemoryError(SystemExit):
+class PhaseOutOfMemoryError(TrainingFault):
     """CUDA ran out of memory in a phase: the job stops with one `error: ...` line and exit status 1."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"error: {message}")
 
 
 def kept_outputs(output_dir: str | Path) -> str:

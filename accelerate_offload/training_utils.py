@@ -1,20 +1,30 @@
 """What the training scripts must get right and users never edit.
 
-Outputs with the modes of ordinary files, checkpoints that a crash or a full disk never leaves half-written,
-finite checks, and stop signals that all processes act on at the same step.
+Outputs with the modes of ordinary files, checkpoints that a crash or a full disk never leaves half-written and
+that are checked before a run resumes from them, finite checks, and stop signals that all processes act on at the
+same step.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import pickle
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
+from safetensors import SafetensorError, safe_open
+
+from .adapters import module_of
+from .script_errors import TrainingFault
+
+logger = logging.getLogger(__name__)
 
 
 @cache
@@ -50,6 +60,8 @@ def give_default_modes(path: str | os.PathLike) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 CHECKPOINT_PREFIX = "checkpoint-"
+# The LoRA inside a checkpoint and beside it, in diffusers' format (what `load_lora_weights` reads).
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # A checkpoint is written under this suffix and renamed into place once complete; `latest` never picks one up.
 PARTIAL_SUFFIX = ".tmp"
 # A checkpoint being deleted is renamed to this suffix first, so a crash never leaves a half-deleted checkpoint-N.
@@ -134,6 +146,179 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint in `output_dir`, if any."""
     found = checkpoint_dirs(output_dir)
     return found[-1] if found else None
+
+
+def remove_unfinished_checkpoints(output_dir: Path) -> None:
+    """Deletes what interrupted saves left (never resumed from); the main process calls it once it has resumed."""
+    for unfinished in unfinished_checkpoints(output_dir):
+        logger.warning("Removing %s, left by a save that did not finish", unfinished)
+        shutil.rmtree(unfinished)
+
+
+# accelerate shards these states across processes: every process must call save_state.
+SHARDED_STATES = (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def saves_state(accelerator) -> bool:
+    """Whether this process writes checkpoints: the main one, as in diffusers' scripts, or all of them where the
+    state is sharded (DeepSpeed, FSDP)."""
+    return accelerator.is_main_process or accelerator.distributed_type in SHARDED_STATES
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int | None) -> Path:
+    """Saves the training state as `output_dir/checkpoint-<step>`, then deletes the oldest so that `keep` remain.
+
+    Every process calls it; those `saves_state` picks write `checkpoint-<step>.tmp` with accelerate's `save_state`,
+    and the main process syncs it and renames it into place. A crash or a full disk mid-save leaves every earlier
+    checkpoint as it was (a full disk raises a `TrainingFault` naming the newest one); old checkpoints are deleted
+    only once the new one is complete.
+    """
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    if not saves_state(accelerator):
+        return final
+    sharded = accelerator.num_processes > 1 and accelerator.distributed_type in SHARDED_STATES
+    partial = partial_checkpoint(output_dir, step)
+    try:
+        if accelerator.is_main_process and partial.exists():  # left by a run that crashed at this step
+            shutil.rmtree(partial)
+        if sharded:
+            accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))
+        if sharded:
+            accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            publish_checkpoint(partial)
+    except (OSError, RuntimeError, SafetensorError) as error:  # how a full disk shows in open, torch.save, safetensors
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        previous = checkpoint_dirs(output_dir)
+        kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise TrainingFault(
+            f"could not save {final.name} at step {step} ({type(error).__name__}: {error}); {kept}. "
+            "Free disk space, then run the same command with --resume_from_checkpoint latest"
+        ) from None
+    if accelerator.is_main_process:
+        logger.info("Saved state to %s", final)
+        for old in prune_checkpoints(output_dir, keep, final):
+            logger.info("Removed %s (--checkpoints_total_limit %d)", old, keep)
+    if sharded:
+        accelerator.wait_for_everyone()
+    return final
+
+
+def last_checkpoint_note(output_dir: Path) -> str:
+    """How a run that stopped on a fault goes on: from its newest complete checkpoint, if it saved one."""
+    latest = latest_checkpoint(output_dir)
+    if latest is None:
+        return "no checkpoint was saved yet"
+    return f"the last good checkpoint is {latest}; continue from it with --resume_from_checkpoint latest"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume checks: read before any model loads, so a checkpoint that cannot resume costs seconds and one line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(output_dir: Path, name: str) -> Path | None:
+    """The checkpoint `--resume_from_checkpoint name` means: 'latest', a `checkpoint-N` path, or one in `output_dir`."""
+    if name == "latest":
+        return latest_checkpoint(output_dir)
+    for candidate in (Path(name), output_dir / name):
+        step = candidate.name.removeprefix(CHECKPOINT_PREFIX)
+        if candidate.is_dir() and candidate.name.startswith(CHECKPOINT_PREFIX) and step.isdigit():
+            return candidate
+    return None
+
+
+CheckpointCheck = Callable[[Path, dict[str, list[int]]], "str | None"]
+
+
+def lora_checkpoint_problem(
+    checkpoint: Path, rank: int, lora_layers: Sequence[str], adapter_problem: CheckpointCheck | None = None
+) -> str | None:
+    """What stops `checkpoint` from resuming an adapter of `rank` on `lora_layers` (a file cut short, another rank
+    or other layers, or what `adapter_problem(checkpoint, shapes)` finds: another adapter type), if anything."""
+    try:
+        with safe_open(checkpoint / LORA_WEIGHT_NAME, "pt") as lora:
+            shapes = {key: lora.get_slice(key).get_shape() for key in lora.keys()}
+    except (OSError, SafetensorError) as error:
+        return f"its {LORA_WEIGHT_NAME} cannot be read ({str(error).splitlines()[0]})"
+    ranks = sorted({shape[0] for key, shape in shapes.items() if ".lora_A." in key})
+    if ranks and ranks != [rank]:
+        found = ", ".join(map(str, ranks))
+        return f"its LoRA has rank {found}, --rank is {rank} (pass --rank {found} to continue it)"
+    problem = adapter_problem(checkpoint, shapes) if adapter_problem is not None else None
+    if problem:
+        return problem
+    modules = {module_of(key) for key in shapes if not key.endswith(".alpha")}
+
+    def trained(module: str, target: str) -> bool:
+        return module == target or module.endswith(f".{target}")
+
+    covered = {target for target in lora_layers for module in modules if trained(module, target)}
+    stray = sorted(module for module in modules if not any(trained(module, target) for target in lora_layers))
+    if stray or covered != set(lora_layers):
+        missing = sorted(set(lora_layers) - covered)
+        detail = f"LoRA layers not in --lora_layers ({stray[0]}, ...)" if stray else f"no LoRA on {', '.join(missing)}"
+        return f"it has {detail}; pass the --lora_layers it was trained with"
+    for state in sorted([*checkpoint.glob("*.bin"), *checkpoint.glob("*.pkl")]):
+        try:
+            torch.load(state, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+            return f"its {state.name} cannot be read ({str(error).splitlines()[0][:120]}); it was cut short or damaged"
+    return None
+
+
+def resume_problem(
+    checkpoint: Path, rank: int, lora_layers: Sequence[str], adapter_problem: CheckpointCheck | None = None
+) -> str | None:
+    """Why a run cannot resume from `checkpoint`, with the newest earlier checkpoint that it can resume from."""
+    problem = lora_checkpoint_problem(checkpoint, rank, lora_layers, adapter_problem)
+    if problem is None:
+        return None
+    step = checkpoint_step(checkpoint)
+    earlier = [path for path in checkpoint_dirs(checkpoint.parent) if checkpoint_step(path) < step]
+    fitting = (
+        path for path in reversed(earlier) if lora_checkpoint_problem(path, rank, lora_layers, adapter_problem) is None
+    )
+    usable = next(fitting, None)
+    fallback = (
+        f"the next usable earlier checkpoint is {usable}: resume with --resume_from_checkpoint {usable}"
+        if usable
+        else "no earlier checkpoint is usable"
+    )
+    return f"cannot resume from {checkpoint}: {problem}; {fallback}"
+
+
+def output_dir_problem(
+    output_dir: Path,
+    resume_from: str | None,
+    rank: int,
+    lora_layers: Sequence[str],
+    adapter_problem: CheckpointCheck | None = None,
+) -> str | None:
+    """One rule for an --output_dir that holds another run: continue it from a checkpoint that fits, or use a new
+    folder; a new run never writes over or beside an earlier one."""
+    found = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
+    shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    if resume_from is None:
+        if not found:
+            return None
+        return (
+            f"--output_dir {output_dir} holds an earlier run ({shown}): add --resume_from_checkpoint latest to "
+            "continue it, or choose a new --output_dir"
+        )
+    checkpoint = resolve_checkpoint(output_dir, resume_from)
+    if checkpoint is not None:
+        return resume_problem(checkpoint, rank, lora_layers, adapter_problem)
+    if resume_from != "latest":
+        return f"--resume_from_checkpoint {resume_from} not found; give a checkpoint-N folder or 'latest'"
+    if found:
+        return (
+            f"--output_dir {output_dir} holds an earlier run ({shown}) but no checkpoint to continue from: choose a "
+            "new --output_dir"
+        )
+    return None  # 'latest' in a new folder starts a new run
 
 
 def write_aside(write: Callable[[Path], None], output_dir: Path, file_name: str) -> Path:

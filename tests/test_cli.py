@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 from accelerate.commands.config import load_config_from_file
+from launching import environment, launch_command, run, start
 
 from accelerate_offload import LayerOffloadPlugin, OffloadConfigError
 from accelerate_offload.cli import main, offload_environment, read_config, split_offload_section
@@ -59,16 +60,13 @@ def error_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def launch(config_path: Path, *script: str | Path) -> int:
-    """Runs `accelerate-offload launch` in this process; the worker is a real subprocess."""
+    """Runs `accelerate-offload launch` in this process (its log lines reach caplog); the worker is a subprocess."""
     return main(["launch", "--config_file", str(config_path), *map(str, script)])
 
 
 def run_cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Runs the `accelerate-offload` console script's entry point in a fresh interpreter."""
-    command = [sys.executable, "-m", "accelerate_offload.cli", *map(str, args)]
-    return subprocess.run(
-        command, check=False, env={**os.environ, **(env or {})}, capture_output=True, text=True, cwd=ROOT
-    )
+    return run([sys.executable, "-m", "accelerate_offload.cli", *map(str, args)], ROOT, environment(**(env or {})))
 
 
 # Offload section -> environment variables.
@@ -357,14 +355,10 @@ def test_accelerate_offload_launch_end_to_end(tmp_path: Path) -> None:
     )
     report_path = tmp_path / "report.json"
 
-    result = run_cli(
-        "launch",
-        "--config_file",
-        config_path,
-        REPORT_SCRIPT,
-        report_path,
-        env={"ACCELERATE_OFFLOAD_PREFETCH_BLOCKS": "5", "ACCELERATE_OFFLOAD_BLOCK_NAMES": "blocks"},
-    )
+    command = launch_command(REPORT_SCRIPT, report_path, launcher="accelerate-offload", config_file=config_path)
+    env = environment(ACCELERATE_OFFLOAD_PREFETCH_BLOCKS="5", ACCELERATE_OFFLOAD_BLOCK_NAMES="blocks")
+
+    result = run(command, ROOT, env)
 
     assert result.returncode == 0, result.stderr
     report = json.loads(report_path.read_text(encoding="utf-8"))
@@ -393,25 +387,15 @@ def test_offload_section_in_accelerates_default_config(tmp_path: Path) -> None:
 def test_plain_accelerate_launch_with_environment_variables(tmp_path: Path) -> None:
     config_path = write_yaml(tmp_path / "accelerate.yaml", CPU_CONFIG)
     report_path = tmp_path / "report.json"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.accelerate_cli",
-        "launch",
-        "--config_file",
-        str(config_path),
-        str(REPORT_SCRIPT),
-        str(report_path),
-    ]
-    env = {
-        **os.environ,
-        "ACCELERATE_OFFLOAD_LAYER_OFFLOAD_FRACTION": "1",
-        "ACCELERATE_OFFLOAD_ACTIVATION_OFFLOADING": "true",
-        "ACCELERATE_OFFLOAD_PIN_MEMORY": "false",
-        "ACCELERATE_OFFLOAD_ASYNC_OFFLOADING": "false",
-    }
+    command = launch_command(REPORT_SCRIPT, report_path, launcher="accelerate", config_file=config_path)
+    env = environment(
+        ACCELERATE_OFFLOAD_LAYER_OFFLOAD_FRACTION="1",
+        ACCELERATE_OFFLOAD_ACTIVATION_OFFLOADING="true",
+        ACCELERATE_OFFLOAD_PIN_MEMORY="false",
+        ACCELERATE_OFFLOAD_ASYNC_OFFLOADING="false",
+    )
 
-    result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, cwd=ROOT)
+    result = run(command, ROOT, env)
 
     assert result.returncode == 0, result.stderr
     settings = json.loads(report_path.read_text(encoding="utf-8"))["settings"]
@@ -424,8 +408,9 @@ def test_plain_accelerate_launch_with_environment_variables(tmp_path: Path) -> N
 def test_bad_value_fails_end_to_end_with_one_line(tmp_path: Path) -> None:
     config_path = write_yaml(tmp_path / "bad.yaml", {**CPU_CONFIG, "offload_config": {"layer_offload_fraction": 1.5}})
     report_path = tmp_path / "report.json"
+    command = launch_command(REPORT_SCRIPT, report_path, launcher="accelerate-offload", config_file=config_path)
 
-    result = run_cli("launch", "--config_file", config_path, REPORT_SCRIPT, report_path)
+    result = run(command, ROOT)
 
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
@@ -440,11 +425,7 @@ def test_sigterm_to_the_launcher_reaches_the_worker_which_saves(tmp_path: Path) 
 
     marker = tmp_path / "marker.txt"
     script = Path(__file__).parent / "scripts" / "wait_for_sigterm.py"
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "accelerate_offload.cli", "launch", "--cpu", "--num_processes", "1",
-         "--num_cpu_threads_per_process", "1", str(script), str(marker)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    launcher = start(launch_command(script, marker, launcher="accelerate-offload"), ROOT, subprocess.PIPE)
     deadline = time.monotonic() + 90
     while not marker.with_suffix(".ready").exists():
         assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[0]

@@ -4,23 +4,18 @@ streamed weights in one host copy shared by both processes (`share_host_weights=
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launching import environment, run, torchrun_command
 
 
 def run_two_processes(tmp_path: Path, *script_args: str) -> dict:
     result_file = tmp_path / "ddp.json"
     script = Path(__file__).parent / "scripts" / "ddp_offload_train.py"
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(result_file),
-         *script_args],
-        capture_output=True, text=True, timeout=280, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    command = torchrun_command(script, result_file, *script_args, processes=2)
+    result = run(command, tmp_path, environment(OMP_NUM_THREADS="1"), timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result_file.read_text())
 
 

@@ -17,9 +17,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from launching import environment
 from PIL import Image
 from safetensors.torch import load_file
 from test_train_flux import INSTANCE_PROMPT, Run, base_args, launch, load_script
+
+from accelerate_offload.script_errors import TrainingFault, UsageError
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -77,13 +80,13 @@ def test_out_of_memory_in_a_step_is_one_line_with_the_fixes(script) -> None:
     model = torch.nn.Linear(4, 4)  # not offloaded: the advice is to stream blocks
 
     with (
-        pytest.raises(SystemExit) as stopped,
+        pytest.raises(TrainingFault) as stopped,
         script.out_of_memory_explained(model, torch.device("cpu"), 2, 512, step=7),
     ):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    message = str(stopped.value.code)
-    assert "\n" not in message and message.startswith("error: step 7: CUDA ran out of memory; layer offloading is off")
+    message = str(stopped.value)
+    assert "\n" not in message and message.startswith("step 7: CUDA ran out of memory; layer offloading is off")
     assert (
         "layer_offload_fraction" in message and "lower --train_batch_size (now 2) or --resolution (now 512)" in message
     )
@@ -94,13 +97,13 @@ def test_non_finite_loss_gradient_or_weights_stop_naming_the_step(script, tmp_pa
     script.check_finite_step(0.5, 1.0, 3, args)
     script.check_finite_step(0.5, None, 3, args)  # fp16: the loss scaler handles inf gradients
     for loss, norm in ((float("nan"), 1.0), (0.5, float("inf"))):
-        with pytest.raises(SystemExit, match="error: step 3: the loss is .* no checkpoint was saved yet"):
+        with pytest.raises(TrainingFault, match="^step 3: the loss is .* no checkpoint was saved yet"):
             script.check_finite_step(loss, norm, 3, args)
     lora = torch.nn.Linear(2, 2)
     script.check_finite_lora(lora, 4, args)
     with torch.no_grad():
         lora.weight[0, 0] = float("inf")
-    with pytest.raises(SystemExit, match="error: step 4: the LoRA weights are not finite"):
+    with pytest.raises(TrainingFault, match="^step 4: the LoRA weights are not finite"):
         script.check_finite_lora(lora, 4, args)
 
 
@@ -449,7 +452,7 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(script, tmp_path: Path, m
     log.drop_after(3)
     assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [1, 2, 3]
     log.path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
-    with pytest.raises(SystemExit, match=r"error: .*metrics.jsonl line 2 is not JSON"):
+    with pytest.raises(UsageError, match=r"metrics.jsonl line 2 is not JSON"):
         log.drop_after(3)
 
 
@@ -592,7 +595,6 @@ def test_push_to_hub_uploads_lora_card_and_images_and_a_failed_upload_says_how_t
     import subprocess
 
     from hub_server import NAMESPACE, HubServer
-    from test_train_flux import launch_environment
 
     def args(output_dir: Path, token: str) -> list[str]:
         extra = ["--instance_data_dir", str(sample_images), "--instance_prompt", INSTANCE_PROMPT, "--report_to", "none"]
@@ -608,7 +610,7 @@ def test_push_to_hub_uploads_lora_card_and_images_and_a_failed_upload_says_how_t
         failed = launch(args(home / "upload-fails", "good-token"), home, expect_success=False, extra_env=env)
         hub.fail_commits = False
         retry_command = failed.stderr.strip().splitlines()[-1].partition("without training again: ")[2]
-        retry_env = {**launch_environment(home, env), "HF_TOKEN": "good-token"}
+        retry_env = environment(home, **env, HF_TOKEN="good-token")
         retried = subprocess.run(shlex.split(retry_command), env=retry_env, capture_output=True, text=True, cwd=home)
 
     (commit, retried_commit) = hub.commits

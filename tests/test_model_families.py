@@ -1,13 +1,16 @@
 """Transformers the registry does not list stream through their class's own declared blocks, with no `block_names`:
-tiny Flux.2, Qwen-Image, Wan, Chroma and Z-Image, LoRA gradients equal to the plain run bit for bit in fp32."""
+tiny Flux.2, Qwen-Image, Wan, Chroma and Z-Image, LoRA gradients equal to the plain run bit for bit in fp32; those
+that declare none ask for `block_names`."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
 
+import diffusers
 import pytest
 import torch
+from accelerate import init_empty_weights
 from diffusers import (
     ChromaTransformer2DModel,
     Flux2Transformer2DModel,
@@ -17,7 +20,7 @@ from diffusers import (
 )
 from torch import nn
 
-from accelerate_offload import find_blocks, offload_model
+from accelerate_offload import BlocksNotFoundError, find_blocks, offload_model
 from accelerate_offload.registry import MODEL_BLOCK_LISTS
 from test_models import with_lora
 from toy_models import ToyBlock
@@ -171,3 +174,16 @@ class _DeclaringModel(nn.Module):
 
 def test_no_split_modules_is_the_fallback_and_nested_lists_stay_in_their_block() -> None:
     assert [name for name, _ in find_blocks(_DeclaringModel())] == ["stages.0", "stages.1"]
+
+
+# diffusers 0.42 transformers that build with their default arguments but declare no repeated blocks (README)
+UNDECLARED = ["AceStepTransformer1DModel", "AllegroTransformer3DModel", "BriaTransformer2DModel",
+              "ConsisIDTransformer3DModel", "DiTTransformer2DModel", "PRXTransformer2DModel"]
+
+
+@pytest.mark.parametrize("class_name", UNDECLARED)
+def test_a_transformer_that_declares_no_blocks_asks_for_block_names(class_name: str) -> None:
+    with init_empty_weights():
+        model = getattr(diffusers, class_name)()
+    with pytest.raises(BlocksNotFoundError, match=f"blocks of {class_name} and its class declares none.*block_names"):
+        find_blocks(model)

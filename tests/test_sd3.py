@@ -23,10 +23,12 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from launching import REPO, launch_command, run  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from accelerate_offload.script_errors import UsageError  # noqa: E402
+
 INSTANCE_PROMPT = "a photo of sks shape"
 CLASS_PROMPT = "a photo of a shape"
 VALIDATION_PROMPT = "sks shape in a bucket"
@@ -48,24 +50,12 @@ compute_embeddings = load_script("compute_embeddings")
 train_script = load_script("train_sd3_dreambooth_lora")
 
 
-def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=280)
-
-
 def launch_training(tiny_sd3_path: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
     """`accelerate launch --cpu` of the training script with tiny settings; `extra` flags are appended."""
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--cpu", "--num_processes", "1"]
-    accelerate += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    accelerate += ["--num_cpu_threads_per_process", "2"]
-    script = [str(REPO / "train_sd3_dreambooth_lora.py"), "--pretrained_model_name_or_path", str(tiny_sd3_path)]
-    script += ["--instance_prompt", INSTANCE_PROMPT, "--resolution", "32", "--report_to", "none", "--seed", "0"]
-    script += ["--lr_warmup_steps", "0", "--learning_rate", "1e-3"]
-    return run(accelerate + script + list(extra), cwd)
+    args = ["--pretrained_model_name_or_path", str(tiny_sd3_path), "--instance_prompt", INSTANCE_PROMPT]
+    args += ["--resolution", "32", "--report_to", "none", "--seed", "0", "--lr_warmup_steps", "0"]
+    args += ["--learning_rate", "1e-3", *extra]
+    return run(launch_command(REPO / "train_sd3_dreambooth_lora.py", *args, threads=2), cwd, timeout=280)
 
 
 def embedding_args(tiny_sd3_path: Path, instance_dir: Path, output_path: Path, *extra: str):
@@ -222,7 +212,7 @@ def test_streamed_t5_gives_the_plain_embeddings(
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
 def test_8bit_t5_without_cuda_is_a_clear_error(tiny_sd3_path: Path, instance_dir: Path, tmp_path: Path):
     args = embedding_args(tiny_sd3_path, instance_dir, tmp_path / "e.parquet", "--t5_mode", "8bit")
-    with pytest.raises(compute_embeddings.EmbeddingsError, match="needs a CUDA GPU"):
+    with pytest.raises(UsageError, match="needs a CUDA GPU"):
         compute_embeddings.main(args)
     assert not (tmp_path / "e.parquet").exists()
 
@@ -236,8 +226,8 @@ def test_truncated_file_is_refused_in_one_line(
     command = [sys.executable, str(REPO / "compute_embeddings.py")]
     command += ["--pretrained_model_name_or_path", str(tiny_sd3_path), "--instance_data_dir", str(instance_dir)]
     command += ["--instance_prompt", INSTANCE_PROMPT, "--output_path", str(path), "--max_sequence_length", "32"]
-    result = run(command, tmp_path)
-    assert result.returncode == 1
+    result = run(command, tmp_path, timeout=280)
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert last_line(result).startswith("error: ") and "truncated" in last_line(result)
     assert path.read_bytes() == data[: len(data) // 2]  # left as it was
@@ -247,12 +237,12 @@ def test_file_of_another_model_is_refused(tiny_sd3_path: Path, instance_dir: Pat
     path = tmp_path / "embeddings.parquet"
     shutil.copy(embeddings_path, path)
     with pytest.raises(
-        compute_embeddings.EmbeddingsError, match="max_sequence_length 32.*not of .*max_sequence_length 77"
+        UsageError, match="max_sequence_length 32.*not of .*max_sequence_length 77"
     ):
         compute_embeddings.main(embedding_args(tiny_sd3_path, instance_dir, path, "--max_sequence_length", "77"))
     other = tmp_path / "other.parquet"
     pq.write_table(pq.read_table(path).replace_schema_metadata({}), other)
-    with pytest.raises(compute_embeddings.EmbeddingsError, match="not an SD3 embeddings file"):
+    with pytest.raises(UsageError, match="not an SD3 embeddings file"):
         compute_embeddings.main(embedding_args(tiny_sd3_path, instance_dir, other))
     assert pq.read_table(path).equals(pq.read_table(embeddings_path))
 

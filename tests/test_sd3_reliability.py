@@ -24,15 +24,17 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402
 import pytest  # noqa: E402
 import test_sd3  # noqa: E402
 import torch  # noqa: E402
+from launching import REPO, environment, launch_command, run, start, worker  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from test_sd3 import INSTANCE_PROMPT, MAX_SEQUENCE_LENGTH, REPO, compute_embeddings, embedding_args, train_script  # noqa: E402
+from test_sd3 import INSTANCE_PROMPT, MAX_SEQUENCE_LENGTH, compute_embeddings, embedding_args, train_script  # noqa: E402
 
-CHECKPOINT_MARKER = train_script.CHECKPOINT_MARKER
+from accelerate_offload.script_errors import UsageError  # noqa: E402
+
+TRAINING_STATE = train_script.TRAINING_STATE
 # the module fixtures of test_sd3.py (fixtures are found by name among a module's attributes)
 instance_dir = test_sd3.instance_dir
 embeddings_path = test_sd3.embeddings_path
@@ -74,29 +76,12 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 STEPS = 4  # 6 images at batch size 2: 3 steps an epoch, so the run resumes mid-epoch and crosses an epoch
 
 
-def environment(**extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("ACCELERATE_OFFLOAD_")}
-    pythonpath = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    return {**env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath, **extra}
-
-
-def launch_command(script: Path | str, *args: str) -> list[str]:
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--cpu", "--num_processes", "1"]
-    accelerate += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    accelerate += ["--num_cpu_threads_per_process", "1"]
-    return accelerate + [str(script), *args]
-
-
 def train_args(tiny_sd3_path: Path, embeddings: Path, images: Path, output_dir: Path, *extra: str) -> list[str]:
     args = [str(REPO / "train_sd3_dreambooth_lora.py"), "--pretrained_model_name_or_path", str(tiny_sd3_path)]
     args += ["--instance_prompt", INSTANCE_PROMPT, "--resolution", "32", "--report_to", "none", "--seed", "0"]
     args += ["--lr_warmup_steps", "0", "--learning_rate", "1e-3", "--train_batch_size", "2"]
     args += ["--embeddings_path", str(embeddings), "--instance_data_dir", str(images), "--output_dir", str(output_dir)]
     return args + list(extra)
-
-
-def run(command: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=cwd, env=environment(**env), capture_output=True, text=True, timeout=400)
 
 
 def in_pairs(jobs: dict) -> dict:
@@ -123,13 +108,12 @@ def interrupt(command: list[str], cwd: Path, output_dir: Path, signum: int) -> s
     """Starts a long run, waits for its first checkpoint, sends `signum` to the training process, waits."""
     stdout, stderr = cwd / f"{signum}.out", cwd / f"{signum}.err"
     with stdout.open("w") as out, stderr.open("w") as err:
-        launcher = subprocess.Popen(command, cwd=cwd, env=environment(), stdout=out, stderr=err)
+        launcher = start(command, cwd, out, err)
         deadline = time.monotonic() + 300
-        while not (output_dir / "checkpoint-2" / train_script.CHECKPOINT_MARKER).exists():
+        while not (output_dir / "checkpoint-2").exists():  # renamed into place once complete
             assert launcher.poll() is None and time.monotonic() < deadline, stderr.read_text()[-3000:]
             time.sleep(0.2)
-        (worker,) = psutil.Process(launcher.pid).children()
-        worker.send_signal(signum)
+        worker(launcher).send_signal(signum)
         launcher.wait(timeout=300)
     return subprocess.CompletedProcess(command, launcher.returncode, stdout.read_text(), stderr.read_text())
 
@@ -178,7 +162,9 @@ def runs(tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, odd_ima
         {
             "straight": lambda: run(launch_command(*args("straight", *checkpointed)), work),
             "crash": lambda: run(
-                launch_command(wrapper, *args("crash", *checkpointed)), work, SD3_TEST_FAULT="kill_mid_save"
+                launch_command(wrapper, *args("crash", *checkpointed)),
+                work,
+                environment(SD3_TEST_FAULT="kill_mid_save"),
             ),
             "nan": lambda: run(
                 launch_command(
@@ -187,7 +173,7 @@ def runs(tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, odd_ima
                 work,
             ),
             "oom": lambda: run(
-                launch_command(wrapper, *args("oom", "--max_train_steps", "1")), work, SD3_TEST_FAULT="oom"
+                launch_command(wrapper, *args("oom", "--max_train_steps", "1")), work, environment(SD3_TEST_FAULT="oom")
             ),
             "sigterm": lambda: interrupt(
                 launch_command(*args("sigterm", *long_run)), work, work / "sigterm", signal.SIGTERM
@@ -203,9 +189,9 @@ def runs(tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, odd_ima
             ),
         }
     )
-    # resume the crashed run; a folder named like a checkpoint but without the marker must be passed over
+    # resume the crashed run; the folders of unfinished saves are passed over, then removed
     shutil.copytree(work / "crash", work / "resumed")
-    (work / "resumed" / "checkpoint-9").mkdir()
+    (work / "resumed" / "checkpoint-9.tmp").mkdir()
     results["resumed"] = run(
         launch_command(*args("resumed", *checkpointed, "--resume_from_checkpoint", "latest")), work
     )
@@ -231,23 +217,24 @@ def test_resume_after_a_crash_is_exact(runs: dict):
         expected = torch.load(straight_dir / "checkpoint-4" / name, weights_only=False)
         got = torch.load(resumed_dir / "checkpoint-4" / name, weights_only=False)
         torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
-    state = json.loads((resumed_dir / "checkpoint-4" / train_script.CHECKPOINT_MARKER).read_text())
-    assert state == {"global_step": 4, "seed": 0}
+    state = json.loads((resumed_dir / "checkpoint-4" / TRAINING_STATE).read_text())
+    assert state == {"seed": 0}
 
 
 def test_checkpoint_total_limit_keeps_the_newest_complete_ones(runs: dict):
     _, straight_dir = runs["straight"]
     assert sorted(path.name for path in straight_dir.glob("*checkpoint-*")) == ["checkpoint-4"]
     _, resumed_dir = runs["resumed"]
-    # the incomplete folders are not counted, the partial one of the crash is cleaned up
-    assert sorted(path.name for path in resumed_dir.glob("*checkpoint-*")) == ["checkpoint-4", "checkpoint-9"]
+    # the unfinished folders are not counted, and the resumed run removed them
+    assert sorted(path.name for path in resumed_dir.glob("*checkpoint-*")) == ["checkpoint-4"]
+    assert "checkpoint-9.tmp, left by a save that did not finish" in runs["resumed"][0].stderr
 
 
 def test_kill_mid_save_leaves_the_previous_checkpoint(runs: dict):
     crash, crash_dir = runs["crash"]
     assert crash.returncode != 0
     partial = crash_dir / "checkpoint-4.tmp"
-    assert partial.is_dir() and not (partial / train_script.CHECKPOINT_MARKER).exists()  # killed inside the save
+    assert partial.is_dir() and not (partial / "scheduler.bin").exists()  # killed inside the save
     assert not (crash_dir / "checkpoint-4").exists()
     # --checkpoints_total_limit 1 deletes checkpoint-2 only once checkpoint-4 is complete
     checkpoint = crash_dir / "checkpoint-2"
@@ -256,7 +243,7 @@ def test_kill_mid_save_leaves_the_previous_checkpoint(runs: dict):
         "pytorch_lora_weights.safetensors",
         "random_states_0.pkl",
         "scheduler.bin",
-        train_script.CHECKPOINT_MARKER,
+        TRAINING_STATE,
     ]
     assert not (crash_dir / "pytorch_lora_weights.safetensors").exists()
 
@@ -273,15 +260,16 @@ def test_signal_saves_a_checkpoint_and_names_the_resume_flag(runs: dict, name: s
     assert match[1] == name.upper()
     step = int(match[2])
     assert 2 <= step < 100000 and Path(match[3]) == output_dir / f"checkpoint-{step}"
-    state = json.loads((output_dir / f"checkpoint-{step}" / train_script.CHECKPOINT_MARKER).read_text())
-    assert state["global_step"] == step
+    assert json.loads((output_dir / f"checkpoint-{step}" / TRAINING_STATE).read_text()) == {"seed": 0}
     assert not (output_dir / "pytorch_lora_weights.safetensors").exists()
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(runs: dict):
     """An absurd learning rate in fp32: step 1 is finite, step 2 overflows."""
     result, output_dir = runs["nan"]
-    assert_one_line_error(result, "step 2:", "not finite", f"Last good checkpoint: {output_dir / 'checkpoint-1'}")
+    assert_one_line_error(
+        result, "step 2:", "not finite", f"the last good checkpoint is {output_dir / 'checkpoint-1'}; continue"
+    )
     assert "--learning_rate (now 1e+30)" in last_line(result)
     assert sorted(path.name for path in output_dir.glob("*checkpoint-*")) == ["checkpoint-1"]
     assert not (output_dir / "pytorch_lora_weights.safetensors").exists()
@@ -387,7 +375,7 @@ BAD_INPUT = {
     "train-8bit-adam-without-cuda": (train_case("--use_8bit_adam"), ["--use_8bit_adam needs a CUDA GPU"]),
     "train-output-holds-another-run": (
         train_case(
-            lambda c: ["--output_dir", str(write(c / "out" / "checkpoint-6" / CHECKPOINT_MARKER, b"{}").parents[1])]
+            lambda c: ["--output_dir", str(write(c / "out" / "checkpoint-6" / TRAINING_STATE, b"{}").parents[1])]
         ),
         ["holds an earlier run (checkpoint-6)", "add --resume_from_checkpoint latest", "or choose a new --output_dir"],
     ),
@@ -477,7 +465,7 @@ def bad_input_results(tiny_sd3_path: Path, instance_dir: Path, embeddings_path: 
                 )
             )
         before = snapshot(case)
-        result = run(command, case, **env)
+        result = run(command, case, environment(**env))
         return result, before, snapshot(case)
 
     return in_pairs({name: (lambda name=name: job(name)) for name in BAD_INPUT})
@@ -499,10 +487,10 @@ def test_more_bad_input_raises_one_line_errors(
 ):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(compute_embeddings.EmbeddingsError, match="no images found"):
+    with pytest.raises(UsageError, match="no images found"):
         compute_embeddings.main(embedding_args(tiny_sd3_path, empty, tmp_path / "e.parquet"))
     write(tmp_path / "m" / "metadata.jsonl", b"{oops\n")
-    with pytest.raises(compute_embeddings.EmbeddingsError, match="line 1 is not JSON"):
+    with pytest.raises(UsageError, match="line 1 is not JSON"):
         compute_embeddings.main(embedding_args(tiny_sd3_path, tmp_path / "m", tmp_path / "e.parquet"))
 
     def args(*extra: str):
@@ -510,26 +498,26 @@ def test_more_bad_input_raises_one_line_errors(
         base += ["--instance_data_dir", str(instance_dir), "--output_dir", str(tmp_path / "out")]
         return train_script.parse_args([*base, *extra])
 
-    with pytest.raises(train_script.SetupError, match="no images found"):
+    with pytest.raises(UsageError, match="no images found"):
         train_script.instance_image_files(args("--instance_data_dir", str(empty)))
     broken = one_truncated_image(tmp_path)
     files, source = train_script.instance_image_files(args("--instance_data_dir", str(broken)))
-    with pytest.raises(train_script.SetupError, match="none of the 1 images .*broken.png"):
+    with pytest.raises(UsageError, match="none of the 1 images .*broken.png"):
         train_script.usable_images(files, source, args())
     with pytest.raises(SystemExit):  # argparse: `prog: error: --checkpointing_steps must be at least 1`
         args("--checkpointing_steps", "0")
-    with pytest.raises(train_script.SetupError, match="truncated or corrupt"):
+    with pytest.raises(UsageError, match="truncated or corrupt"):
         train_script.load_embeddings(write(tmp_path / "cut.parquet", b"PAR1 cut short"), args())
     embeddings = train_script.load_embeddings(embeddings_path, args())
-    with pytest.raises(train_script.SetupError, match="'never embedded': rerun compute_embeddings.py with --valid"):
+    with pytest.raises(UsageError, match="'never embedded': rerun compute_embeddings.py with --valid"):
         embeddings.row("validation", "never embedded", "--validation_prompt")
     incomplete = write(tmp_path / "out" / "checkpoint-3" / "optimizer.bin", b"").parent
-    with pytest.raises(train_script.SetupError, match="not a complete checkpoint"):
-        train_script.resume_checkpoint(args("--resume_from_checkpoint", str(incomplete)))
+    with pytest.raises(SystemExit):  # `error: cannot resume from .../checkpoint-3: its pytorch_lora_weights...`
+        args("--resume_from_checkpoint", str(incomplete))
 
 
 def test_a_checkpoint_that_cannot_resume_is_named_with_the_next_usable_one(
-    runs: dict, tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, tmp_path: Path
+    runs: dict, tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, tmp_path: Path, capsys
 ):
     _, straight_dir = runs["straight"]
     out = tmp_path / "out"
@@ -574,11 +562,12 @@ def test_a_checkpoint_that_cannot_resume_is_named_with_the_next_usable_one(
     assert snapshot(out) == before
     lora = out / "checkpoint-2" / "pytorch_lora_weights.safetensors"
     lora.write_bytes(lora.read_bytes()[:-10])
-    args = train_script.parse_args(
-        train_args(tiny_sd3_path, embeddings_path, instance_dir, out, "--resume_from_checkpoint", "latest")[1:]
-    )
-    with pytest.raises(train_script.SetupError, match="pytorch_lora_weights.safetensors cannot be read .*no earlier"):
-        train_script.check_checkpoint(out / "checkpoint-2", args)
+    args = train_args(tiny_sd3_path, embeddings_path, instance_dir, out, "--resume_from_checkpoint")[1:]
+    with pytest.raises(SystemExit):
+        train_script.parse_args([*args, str(out / "checkpoint-2")])
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"error: cannot resume from {out / 'checkpoint-2'}: its pytorch_lora_weights.safetensors cannot")
+    assert line.endswith("no earlier checkpoint is usable")
 
 
 def test_argument_errors_are_one_line_pointing_at_help(capsys):
@@ -619,7 +608,7 @@ def test_ctrl_c_while_embedding_is_one_line_and_keeps_the_file(
     command += ["--instance_prompt", INSTANCE_PROMPT, "--max_sequence_length", str(MAX_SEQUENCE_LENGTH)]
     command += ["--device", "cpu", "--output_path", str(output), "--validation_prompt", "a prompt not embedded yet"]
 
-    result = run(command, tmp_path, SD3_TEST_FAULT="sigint_while_embedding")
+    result = run(command, tmp_path, environment(SD3_TEST_FAULT="sigint_while_embedding"))
 
     assert result.returncode == 128 + signal.SIGINT and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert last_line(result) == f"error: interrupted; {output} was not changed"
@@ -634,7 +623,7 @@ def test_push_to_hub_uploads_without_checkpoints_and_a_failed_upload_keeps_the_f
     def push(name: str) -> subprocess.CompletedProcess:
         extra = ["--max_train_steps", "1", "--checkpointing_steps", "1", "--push_to_hub", "--hub_model_id", "sd3-lora"]
         args = train_args(tiny_sd3_path, embeddings_path, instance_dir, tmp_path / name, *extra, "--hub_token", "t0k")
-        return run(launch_command(*args), tmp_path, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
+        return run(launch_command(*args), tmp_path, environment(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0"))
 
     with HubServer(token="t0k") as hub:
         pushed = push("pushed")

@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -15,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import launching
+from launching import REPO, environment, launch_command, start, worker
 from PIL import Image
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_flux_lora.py"
 RESOLUTION = 32
 INSTANCE_PROMPT = "a photo of sks shape"
@@ -52,20 +52,6 @@ def load_script():
     return module
 
 
-def launch_environment(home: Path, extra_env: dict[str, str] | None = None) -> dict[str, str]:
-    """Offline, with caches, trackers and config kept under `home`; no offload settings but `extra_env`'s."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("ACCELERATE_OFFLOAD_")}
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_HOME=str(home / "hf-home"),
-        WANDB_MODE="offline",
-        WANDB_DIR=str(home),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
-    )
-    env.update(extra_env or {})
-    return env
-
-
 # Runs the script given as its first argument, unchanged, as __main__, after making the LoRA write of
 # checkpoint-STEP fail: "STEP:kill" SIGKILLs the process as a power cut would, "STEP:disk_full" raises ENOSPC.
 SAVE_FAULT_WRAPPER = """
@@ -92,16 +78,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def launch_command(
-    args: list[str], launcher: str = "accelerate.commands.launch", script: list[str] | None = None
-) -> list[str]:
-    """One CPU process; `accelerate_offload.cli launch` (without --quiet) passes the worker's exit code through."""
-    command = [sys.executable, "-m", *launcher.split(), "--num_processes", "1", "--cpu", "--mixed_precision", "no"]
-    command += ["--quiet"] if launcher == "accelerate.commands.launch" else []
-    command += ["--num_machines", "1", "--dynamo_backend", "no"]
-    return command + ["--num_cpu_threads_per_process", str(os.cpu_count() or 1), *(script or [str(SCRIPT)]), *args]
-
-
 def output_dir_of(args: list[str], home: Path) -> Path:
     return Path(args[args.index("--output_dir") + 1]) if "--output_dir" in args else home
 
@@ -113,20 +89,18 @@ def launch(
     extra_env: dict[str, str] | None = None,
     save_fault: str | None = None,
 ) -> Run:
-    """`accelerate launch --quiet` (no launcher traceback after a failing worker) on one CPU process.
+    """`accelerate launch --quiet` of the script on one CPU process.
 
     `save_fault` ("STEP:kill" or "STEP:disk_full") runs the script under SAVE_FAULT_WRAPPER.
     """
-    env = launch_environment(home, extra_env)
-    script = None
+    env = environment(home, **(extra_env or {}))
+    script = [SCRIPT]
     if save_fault:
         env["FLUX_TEST_SAVE_FAULT"] = save_fault
         wrapper = home / "save_fault_wrapper.py"
         wrapper.write_text(SAVE_FAULT_WRAPPER)
-        script = [str(wrapper), str(SCRIPT)]
-    result = subprocess.run(
-        launch_command(args, script=script), check=False, env=env, capture_output=True, text=True, cwd=home, timeout=280
-    )
+        script = [wrapper, SCRIPT]
+    result = launching.run(launch_command(*script, *args, threads=os.cpu_count() or 1), home, env, timeout=280)
     run = Run(output_dir_of(args, home), result.stdout, result.stderr, result.returncode)
     if expect_success:
         assert result.returncode == 0, result.stderr[-4000:]
@@ -136,16 +110,15 @@ def launch(
 def launch_and_signal(args: list[str], home: Path, number: signal.Signals, after_step: int) -> Run:
     """Sends `number` to the training process (not the launcher, which does not forward it) after `after_step`."""
     output_dir = output_dir_of(args, home)
-    command = launch_command(args, launcher="accelerate_offload.cli launch")
+    command = launch_command(SCRIPT, *args, launcher="accelerate-offload", threads=os.cpu_count() or 1)
     with (home / f"{output_dir.name}.log").open("w+") as log:
-        process = subprocess.Popen(command, env=launch_environment(home), stdout=log, stderr=log, text=True, cwd=home)
+        process = start(command, home, log, env=environment(home))
         deadline = time.monotonic() + 240
         metrics = output_dir / "metrics.jsonl"
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= after_step):
             assert process.poll() is None and time.monotonic() < deadline, "training ended before the signal"
             time.sleep(0.02)
-        (worker,) = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-        os.kill(int(worker), number)
+        worker(process).send_signal(number)
         returncode = process.wait(timeout=120)
         log.seek(0)
         output = log.read()

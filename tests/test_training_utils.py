@@ -1,12 +1,21 @@
-"""The shared training utilities: checkpoints are published only complete, pruned only after, resumed only whole."""
+"""The shared training utilities: checkpoints are published only complete, pruned only after, resumed only whole;
+the scripts' one-line errors."""
 
 import errno
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
+from safetensors.torch import save_file
 
 from accelerate_offload import training_utils as tu
+from accelerate_offload.script_errors import TrainingFault, UsageError
 
 
 def write_checkpoint(output_dir: Path, step: int, fail: bool = False) -> Path:
@@ -81,3 +90,113 @@ def test_finite_checks():
     assert not tu.trainable_is_finite(layer)
     layer.weight.requires_grad_(False)  # frozen base weights are not checked
     assert tu.trainable_is_finite(layer)
+
+
+def test_script_errors_are_one_line_with_their_exit_status(capsys):
+    for error, status in ((UsageError("pass --rank 4"), 2), (TrainingFault("step 3: the loss is nan"), 1)):
+        with pytest.raises(SystemExit) as stopped:
+            error.exit()
+        assert stopped.value.code == status
+        assert capsys.readouterr().err == f"error: {error}\n"
+
+
+def test_the_main_process_saves_and_every_one_where_the_state_is_sharded():
+    for kind, main, saves in (
+        (DistributedType.MULTI_GPU, True, True),
+        (DistributedType.MULTI_GPU, False, False),
+        (DistributedType.DEEPSPEED, False, True),
+        (DistributedType.FSDP, False, True),
+    ):
+        assert tu.saves_state(SimpleNamespace(is_main_process=main, distributed_type=kind)) is saves, kind
+
+
+@pytest.fixture
+def accelerator():
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    accelerator.prepare(model, optimizer)
+    yield accelerator
+    AcceleratorState._reset_state(True)
+
+
+def test_save_checkpoint_publishes_prunes_and_survives_a_full_disk(accelerator, tmp_path, monkeypatch):
+    for step in (1, 2, 3):
+        assert tu.save_checkpoint(accelerator, tmp_path, step, keep=2) == tmp_path / f"checkpoint-{step}"
+    assert [p.name for p in tu.checkpoint_dirs(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert (tmp_path / "checkpoint-3" / "optimizer.bin").is_file()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(TrainingFault, match=r"^could not save checkpoint-4 at step 4 \(OSError: .*No space") as fault:
+        tu.save_checkpoint(accelerator, tmp_path, 4, keep=2)
+    assert f"{tmp_path / 'checkpoint-3'} is intact" in str(fault.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+
+
+def write_lora(checkpoint: Path, rank: int, layers: list[str]) -> Path:
+    """A checkpoint's LoRA file as diffusers writes it: transformer.<module>.lora_A/B.weight."""
+    checkpoint.mkdir(parents=True)
+    tensors = {}
+    for layer in layers:
+        tensors[f"transformer.blocks.0.{layer}.lora_A.weight"] = torch.zeros(rank, 8)
+        tensors[f"transformer.blocks.0.{layer}.lora_B.weight"] = torch.zeros(8, rank)
+    save_file(tensors, checkpoint / tu.LORA_WEIGHT_NAME)
+    return checkpoint
+
+
+def test_resume_checks_name_the_problem_and_the_next_usable_checkpoint(tmp_path):
+    layers = ["attn.to_q", "attn.to_k"]
+    assert tu.output_dir_problem(tmp_path / "new", None, 4, layers) is None
+    assert tu.output_dir_problem(tmp_path / "new", "latest", 4, layers) is None  # a new run
+    two = write_lora(tmp_path / "checkpoint-2", 4, layers)
+    four = write_lora(tmp_path / "checkpoint-4", 4, layers)
+    tu.partial_checkpoint(tmp_path, 6).mkdir()  # never resumed from
+    assert tu.resolve_checkpoint(tmp_path, "latest") == four
+    assert tu.resolve_checkpoint(tmp_path, "checkpoint-2") == tu.resolve_checkpoint(tmp_path, str(two)) == two
+    assert tu.resolve_checkpoint(tmp_path, "checkpoint-6.tmp") is None
+    assert tu.output_dir_problem(tmp_path, "latest", 4, layers) is None
+
+    assert "holds an earlier run (checkpoint-2, checkpoint-4, checkpoint-6.tmp)" in tu.output_dir_problem(
+        tmp_path, None, 4, layers
+    )
+    assert tu.output_dir_problem(tmp_path, "checkpoint-7", 4, layers) == (
+        "--resume_from_checkpoint checkpoint-7 not found; give a checkpoint-N folder or 'latest'"
+    )
+    assert tu.output_dir_problem(tmp_path, "latest", 8, layers) == (
+        f"cannot resume from {four}: its LoRA has rank 4, --rank is 8 (pass --rank 4 to continue it); no earlier "
+        "checkpoint is usable"
+    )
+    assert "it has no LoRA on attn.to_v; pass the --lora_layers" in tu.resume_problem(four, 4, [*layers, "attn.to_v"])
+    assert "it has LoRA layers not in --lora_layers (blocks.0.attn.to_k" in tu.resume_problem(four, 4, ["attn.to_q"])
+    (four / "optimizer.bin").write_bytes(b"cut short")
+    problem = tu.resume_problem(four, 4, layers)
+    assert problem.startswith(f"cannot resume from {four}: its optimizer.bin cannot be read (")
+    assert problem.endswith(f"the next usable earlier checkpoint is {two}: resume with --resume_from_checkpoint {two}")
+    assert tu.last_checkpoint_note(tmp_path).startswith(f"the last good checkpoint is {four}; continue from it")
+    assert tu.last_checkpoint_note(tmp_path / "new") == "no checkpoint was saved yet"
+
+
+def test_the_error_line_comes_after_the_progress_bar_of_the_failed_run(tmp_path):
+    """The bar a failed run held closes before `exit` prints, also when the error replaced another one."""
+    script = tmp_path / "fails.py"
+    script.write_text(
+        "from tqdm.auto import tqdm\n"
+        "from accelerate_offload.script_errors import ScriptError, TrainingFault\n"
+        "def main():\n"
+        "    bar = tqdm(range(4))\n"
+        "    try:\n"
+        "        raise torch_error\n"
+        "    except RuntimeError:\n"
+        "        raise TrainingFault('step 1: out of memory') from None\n"
+        "torch_error = RuntimeError('CUDA out of memory')\n"
+        "try:\n"
+        "    main()\n"
+        "except ScriptError as error:\n"
+        "    error.exit()\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "error: step 1: out of memory"
