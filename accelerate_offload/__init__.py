@@ -25,8 +25,10 @@ Modules, each importing only those above it (`tests/test_imports.py` checks it):
 - `vae_memory`: a whole, sliced or tiled VAE pass, chosen from the image size and the room left.
 - `phases`: a job's phases: one line for an out-of-memory error in any of them, a record of each one's peaks.
 - `inference`: a pipeline placed for inference (frozen, streamed like training), a saved LoRA loaded onto it.
-- `training_utils`: what the scripts share: atomic checkpoints, finite checks, stop signals, file modes.
-- `training_math`: shifted timestep draws, shuffled captions, masks on the latent grid.
+- `training_utils`: what the scripts share: atomic checkpoints, metrics.jsonl, finite checks, stop signals, file
+  modes.
+- `training_math`: shifted timestep draws, shuffled captions, masks on the latent grid, the validation loss's
+  held-out images and fixed noise.
 - `loss_plot`: the run's summary plot, training and validation loss.
 - `plugin`: `LayerOffloadPlugin`, the settings read from the launch config; `cli`: `accelerate-offload`.
 - `testing.tiny_pipelines`: tiny random pipelines and drawn images for tests and the demo.
