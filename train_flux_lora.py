@@ -2044,7 +2044,8 @@ def main(args: argparse.Namespace) -> None:
                 progress.update(1)
                 progress.set_postfix(**postfix)
                 logged = ("loss", "lr", "seconds_per_step")
-                if validation_set and accelerator.is_main_process and validation_loss_due(global_step, args.max_train_steps, args.validation_steps):
+                due = validation_loss_due(global_step, args.max_train_steps, args.validation_steps)
+                if validation_set and accelerator.is_main_process and due:
                     with phases.phase("validation loss", [STREAM_MORE]):
                         record["validation_loss"] = validation_loss(
                             args, accelerator, model, latent_space, validation_set, embeddings, guidance_embeds, dtype

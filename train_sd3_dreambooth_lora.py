@@ -1044,7 +1044,9 @@ def split_validation_images(
     return [f for i, f in enumerate(files) if i not in chosen], [f for i, f in enumerate(files) if i in chosen]
 
 
-def validation_rows(files: list[tuple[str, bytes]], embeddings: PromptEmbeddings, args: argparse.Namespace) -> list[int]:
+def validation_rows(
+    files: list[tuple[str, bytes]], embeddings: PromptEmbeddings, args: argparse.Namespace
+) -> list[int]:
     """Each held-out image's embeddings row: its own caption's where the file has the image, else the instance
     prompt's (the rows are fixed: compute_embeddings.py embedded every prompt)."""
     rows = []

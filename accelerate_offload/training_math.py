@@ -1,6 +1,6 @@
 """What the training scripts compute and users never edit: shifted timesteps, shuffled captions, masks on the
-latent grid, the held-out images and fixed noise of the validation loss. Pure functions of their arguments (a seed in, the same numbers out), in the spirit of
-`diffusers.training_utils`.
+latent grid, the held-out images and fixed noise of the validation loss. Pure functions of their arguments (a seed
+in, the same numbers out), in the spirit of `diffusers.training_utils`.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def runs(tiny_sd3_path: Path, embeddings: Path, instance_dir: Path, tmp_path_fac
 
 
 def validation_losses(output_dir: Path) -> dict[int, float]:
-    return {record["step"]: record["validation_loss"] for record in metrics_of(output_dir) if "validation_loss" in record}
+    return {r["step"]: r["validation_loss"] for r in metrics_of(output_dir) if "validation_loss" in r}
 
 
 def test_metrics_have_a_line_per_step_and_the_validation_loss(runs: dict[str, Path]) -> None:
