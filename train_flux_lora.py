@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import math
 import os
@@ -49,17 +48,22 @@ from accelerate_offload.loss_plot import plot_losses
 from accelerate_offload.training_math import (
     TIMESTEP_SAMPLING,
     caption_orderings,
+    fixed_noise_loss,
+    held_out_indices,
     mask_to_latent_grid,
     mask_to_tensor,
     masked_mean,
     sample_shifted_sigmas,
     shuffle_caption,
+    validation_share,
 )
 from accelerate_offload.script_errors import ScriptError, TrainingFault, UsageError
 from accelerate_offload.training_utils import (
     CHECKPOINT_PREFIX,
     LORA_WEIGHT_NAME,
     PARTIAL_SUFFIX,
+    MetricsFileError,
+    MetricsLog,
     StopSignals,
     checkpoint_step,
     give_default_modes,
@@ -70,6 +74,7 @@ from accelerate_offload.training_utils import (
     save_checkpoint,
     step_is_finite,
     trainable_is_finite,
+    validation_loss_due,
     write_aside,
 )
 
@@ -337,14 +342,6 @@ def check_prior_args(args: argparse.Namespace) -> str | None:
     return None
 
 
-def validation_share(args: argparse.Namespace) -> float | None:
-    """--validation_loss_images as a share of the training images to hold out, or None where it names a folder."""
-    try:
-        return float(args.validation_loss_images)
-    except (TypeError, ValueError):
-        return None
-
-
 def check_training_features(args: argparse.Namespace) -> str | None:
     if args.mask_column is not None and args.dataset_name is None:
         return "--mask_column needs --dataset_name; for a folder of images give --mask_data_dir"
@@ -362,7 +359,7 @@ def check_training_features(args: argparse.Namespace) -> str | None:
         return f"--max_cached_captions must be at least 1, got {args.max_cached_captions}"
     if args.validation_loss_images is None:
         return None
-    share, folder = validation_share(args), Path(args.validation_loss_images)
+    share, folder = validation_share(args.validation_loss_images), Path(args.validation_loss_images)
     if share is not None and not 0.0 < share < 1.0:
         return f"--validation_loss_images {share:g}: give a share in (0, 1) such as 0.1, or a folder of images"
     if share is None and not (folder.is_dir() and list_images(folder)):
@@ -651,14 +648,13 @@ def load_instance_examples(args: argparse.Namespace) -> tuple[list[Example], lis
     """The training examples (repeated) and the held-out ones whose loss --validation_loss_images measures."""
     examples = load_dataset_examples(args) if args.dataset_name else load_folder_examples(args)
     held_out: list[Example] = []
-    share = validation_share(args)
+    share = validation_share(args.validation_loss_images)
     if share is not None:
-        count = max(1, round(share * len(examples)))
-        if count >= len(examples):
+        chosen = set(held_out_indices(len(examples), share, args.seed or 0))
+        if len(chosen) >= len(examples):
             raise UsageError(
                 f"--validation_loss_images {share:g} would hold out all {len(examples)} images; give a smaller share"
             )
-        chosen = set(random.Random(args.seed or 0).sample(range(len(examples)), count))
         held_out = [example for index, example in enumerate(examples) if index in chosen]
         examples = [example for index, example in enumerate(examples) if index not in chosen]
     elif args.validation_loss_images is not None:
@@ -1229,10 +1225,6 @@ def flow_matching_loss(
     return instance_loss.mean() + args.prior_loss_weight * prior_loss.mean()
 
 
-# Noise levels the validation loss is measured at, each with its own fixed noise: comparable from run to run.
-VALIDATION_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
-
-
 def encode_validation_latents(
     args: argparse.Namespace, vae, examples: Sequence[Example], buckets, latent_space: LatentSpace
 ) -> list[tuple[torch.Tensor, str]]:
@@ -1255,25 +1247,24 @@ def validation_loss(
     guidance_embeds: bool,
     dtype: torch.dtype,
 ) -> float:
-    """Mean flow-matching loss of the held-out images at VALIDATION_SIGMAS, with noise from one generator seeded
-    the same at every call: only the LoRA changes the number. No gradient; the model streams as in training."""
+    """Mean flow-matching loss of the held-out images at the package's fixed noise levels and fixed noise
+    (`fixed_noise_loss`): only the LoRA changes the number. No gradient; the model streams as in training."""
     device = accelerator.device
-    generator = torch.Generator().manual_seed(derived_seed(args.seed or 0, 3))
     guidance = torch.full((1,), args.guidance_scale, device=device) if guidance_embeds else None
-    losses = []
+
+    def loss_at(latents: torch.Tensor, prompt: str, sigma: float, noise: torch.Tensor) -> float:
+        latents, noise = latents.to(device, dtype), noise.to(device, dtype)
+        prompt_embeddings = stack_embeddings(embeddings, [prompt], device, dtype)
+        noisy = (1.0 - sigma) * latents + sigma * noise
+        timestep = torch.full((1,), sigma, device=device, dtype=dtype)
+        prediction = predict_velocity(model, noisy, timestep, guidance, prompt_embeddings, latent_space, dtype)
+        return torch.mean((prediction.float() - (noise - latents).float()) ** 2).item()
+
     model.eval()
     with torch.no_grad(), accelerator.autocast():
-        for latents, prompt in validation_set:
-            latents = latents.to(device, dtype)
-            prompt_embeddings = stack_embeddings(embeddings, [prompt], device, dtype)
-            for sigma in VALIDATION_SIGMAS:
-                noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
-                noisy = (1.0 - sigma) * latents + sigma * noise
-                timestep = torch.full((1,), sigma, device=device, dtype=dtype)
-                prediction = predict_velocity(model, noisy, timestep, guidance, prompt_embeddings, latent_space, dtype)
-                losses.append(torch.mean((prediction.float() - (noise - latents).float()) ** 2).item())
+        loss = fixed_noise_loss(validation_set, args.seed or 0, loss_at)
     model.train()
-    return sum(losses) / len(losses)
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1587,53 +1578,6 @@ def final_inference(
     )
     log_images(accelerator, images, "test", prompt, step)
     return save_images(images, Path(args.output_dir), "final")
-
-
-class MetricsLog:
-    """One JSON line per optimizer step in output_dir/metrics.jsonl, for scripts and for comparing runs."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path = path
-        self.enabled = enabled
-
-    def write(self, record: dict) -> None:
-        """Appends one line and syncs it: a crash or a full disk can tear only the line being written."""
-        if self.enabled:
-            with self.path.open("a", encoding="utf-8") as file:
-                file.write(json.dumps(record) + "\n")
-                file.flush()
-                os.fsync(file.fileno())
-
-    def records(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-    def drop_after(self, step: int) -> None:
-        """Keeps the records up to `step` (all of them when resuming there; none for a new run).
-
-        A torn last line (the process died while writing it) is dropped; a torn line before it is an error.
-        """
-        if not self.enabled or not self.path.exists():
-            return
-        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = []
-        for number, line in enumerate(lines, start=1):
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line + "\n")
-            except json.JSONDecodeError:
-                if number < len(lines):
-                    raise UsageError(
-                        f"{self.path} line {number} is not JSON; fix or delete that line, then run again"
-                    ) from None
-                logger.warning("Dropping the half-written last line of %s", self.path)
-        partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
-        partial.write_text("".join(kept), encoding="utf-8")
-        os.replace(partial, self.path)
-
-
-def validation_loss_due(args: argparse.Namespace, step: int) -> bool:
-    """The validation loss is measured every --validation_steps and at the last step."""
-    return step >= args.max_train_steps or (args.validation_steps is not None and step % args.validation_steps == 0)
 
 
 def peak_vram_gb(device: torch.device) -> float | None:
@@ -2000,7 +1944,10 @@ def main(args: argparse.Namespace) -> None:
         args.max_train_steps, "on" if offload_plugin.enabled else "off",
     )  # fmt: skip
     metrics = MetricsLog(output_dir / METRICS_FILE, accelerator.is_main_process)
-    metrics.drop_after(global_step)  # steps a stopped run logged after its last checkpoint are trained again
+    try:
+        metrics.drop_after(global_step)  # steps a stopped run logged after its last checkpoint are trained again
+    except MetricsFileError as error:
+        raise UsageError(str(error)) from None
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
@@ -2073,7 +2020,8 @@ def main(args: argparse.Namespace) -> None:
                 progress.update(1)
                 progress.set_postfix(**postfix)
                 logged = ("loss", "lr", "seconds_per_step")
-                if validation_set and accelerator.is_main_process and validation_loss_due(args, global_step):
+                due = validation_loss_due(global_step, args.max_train_steps, args.validation_steps)
+                if validation_set and accelerator.is_main_process and due:
                     with phases.phase("validation loss", [STREAM_MORE]):
                         record["validation_loss"] = validation_loss(
                             args, accelerator, model, latent_space, validation_set, embeddings, guidance_embeds, dtype

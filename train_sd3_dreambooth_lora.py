@@ -91,11 +91,22 @@ from accelerate_offload.adapters import (
 from accelerate_offload.ema import AdapterEMA
 from accelerate_offload.inference import load_lora_file, place_pipeline, plan_vae_passes
 from accelerate_offload.lora_formats import kohya_problem, write_kohya_file
+from accelerate_offload.loss_plot import plot_losses
 from accelerate_offload.oom import explain_out_of_memory
 from accelerate_offload.phases import STREAM_MORE, JobPhases, kept_outputs
-from accelerate_offload.training_math import TIMESTEP_SAMPLING, mask_to_latent_grid, masked_mean, sample_shifted_sigmas
+from accelerate_offload.training_math import (
+    TIMESTEP_SAMPLING,
+    fixed_noise_loss,
+    held_out_indices,
+    mask_to_latent_grid,
+    masked_mean,
+    sample_shifted_sigmas,
+    validation_share,
+)
 from accelerate_offload.script_errors import ScriptError, TrainingFault, UsageError
 from accelerate_offload.training_utils import (
+    MetricsFileError,
+    MetricsLog,
     StopSignals,
     any_process,
     checkpoint_step,
@@ -105,6 +116,7 @@ from accelerate_offload.training_utils import (
     remove_unfinished_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
+    validation_loss_due,
     write_aside,
 )
 
@@ -126,6 +138,8 @@ EMBEDDINGS_COLUMNS = (
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # In every checkpoint: the seed a run drew without --seed, so that a resumed run draws the same numbers.
 TRAINING_STATE = "training_state.json"
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"  # the run's summary plot: training loss, and validation loss where measured
 DEFAULT_LORA_LAYERS = (
     "attn.add_k_proj,attn.add_q_proj,attn.add_v_proj,attn.to_add_out,attn.to_k,attn.to_out.0,attn.to_q,attn.to_v"
 )
@@ -456,6 +470,18 @@ def add_training_feature_args(parser: argparse.ArgumentParser) -> None:
         help="Not available here: each shuffled caption needs its own embedding, and this script trains from the "
         "fixed embeddings of compute_embeddings.py.",
     )
+    parser.add_argument(
+        "--validation_loss_images",
+        type=str,
+        default=None,
+        help="A folder of held-out images, or a share of the instance images such as 0.1: their loss at fixed "
+        "timesteps and noise is logged every --validation_steps and at the end (validation_loss in metrics.jsonl). "
+        "A folder's images use their own caption's embedding where the embeddings file has it, else the instance "
+        "prompt's.",
+    )
+    parser.add_argument(
+        "--validation_steps", type=int, default=None, help="Measure the validation loss every N steps (and at the end)."
+    )
 
 
 def check_training_features(args: argparse.Namespace) -> str | None:
@@ -475,6 +501,15 @@ def check_training_features(args: argparse.Namespace) -> str | None:
         return f"--discrete_flow_shift must be a positive number, got {args.discrete_flow_shift}"
     if not 0.0 <= args.caption_dropout_rate < 1.0:
         return f"--caption_dropout_rate must be in [0, 1), got {args.caption_dropout_rate}"
+    if args.validation_steps is not None and args.validation_steps < 1:
+        return f"--validation_steps must be at least 1, got {args.validation_steps}"
+    if args.validation_loss_images is None:
+        return None
+    share, folder = validation_share(args.validation_loss_images), Path(args.validation_loss_images)
+    if share is not None and not 0.0 < share < 1.0:
+        return f"--validation_loss_images {share:g}: give a share in (0, 1) such as 0.1, or a folder of images"
+    if share is None and not (folder.is_dir() and list_images(folder)):
+        return f"--validation_loss_images {folder} is neither a share such as 0.1 nor a folder of images"
     return None
 
 
@@ -994,6 +1029,88 @@ def flow_matching_loss(
     )
 
 
+def split_validation_images(
+    files: list[tuple[str, bytes]], args: argparse.Namespace
+) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
+    """The instance images that train, and the held-out ones whose loss --validation_loss_images measures."""
+    if args.validation_loss_images is None:
+        return files, []
+    share = validation_share(args.validation_loss_images)
+    if share is None:
+        root = Path(args.validation_loss_images)
+        held_out = [(path.relative_to(root).as_posix(), read_file(path)) for path in list_images(root)]
+        return files, usable_images(held_out, f"--validation_loss_images {root}", args)
+    chosen = set(held_out_indices(len(files), share, args.seed))
+    if len(chosen) >= len(files):
+        raise UsageError(
+            f"--validation_loss_images {share:g} would hold out all {len(files)} images; give a smaller share"
+        )
+    return [f for i, f in enumerate(files) if i not in chosen], [f for i, f in enumerate(files) if i in chosen]
+
+
+def validation_rows(
+    files: list[tuple[str, bytes]], embeddings: PromptEmbeddings, args: argparse.Namespace
+) -> list[int]:
+    """Each held-out image's embeddings row: its own caption's where the file has the image, else the instance
+    prompt's (the rows are fixed: compute_embeddings.py embedded every prompt)."""
+    rows = []
+    for name, data in files:
+        row = embeddings.image_rows.get(image_key(name, data))
+        rows.append(embeddings.row("instance", args.instance_prompt, "--instance_prompt") if row is None else row)
+    return rows
+
+
+@torch.no_grad()
+def encode_validation_latents(
+    vae: AutoencoderKL, files: list[tuple[str, bytes]], rows: list[int], args: argparse.Namespace
+) -> list[tuple[torch.Tensor, int]]:
+    """Each held-out image, center-cropped to --resolution, as SD3 latents of the posterior mean, with its row."""
+    encoded = []
+    for (_, data), row in zip(files, rows, strict=True):
+        with Image.open(io.BytesIO(data)) as image:
+            pixels = preprocess(image, args.resolution, center_crop=True, random_flip=False, rng=random.Random(0))
+        mean = vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist.mean
+        encoded.append((((mean - vae.config.shift_factor) * vae.config.scaling_factor).cpu(), row))
+    return encoded
+
+
+def validation_loss(
+    model: torch.nn.Module,
+    validation_set: list[tuple[torch.Tensor, int]],
+    embeddings: PromptEmbeddings,
+    num_train_timesteps: int,
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    dtype: torch.dtype,
+) -> float:
+    """Mean loss of the held-out images at the package's fixed noise levels and fixed noise (`fixed_noise_loss`),
+    against the training target (--precondition_outputs), unweighted: only the LoRA changes the number. No
+    gradient; the model streams as in training."""
+    device = accelerator.device
+
+    def loss_at(latents: torch.Tensor, row: int, sigma: float, noise: torch.Tensor) -> float:
+        latents, noise = latents.to(device, dtype), noise.to(device, dtype)
+        noisy = (1.0 - sigma) * latents + sigma * noise
+        prediction = model(
+            hidden_states=noisy,
+            timestep=torch.full((1,), sigma * num_train_timesteps, device=device),
+            encoder_hidden_states=embeddings.prompt_embeds[row][None].to(device, dtype),
+            pooled_projections=embeddings.pooled_prompt_embeds[row][None].to(device, dtype),
+            return_dict=False,
+        )[0]
+        if args.precondition_outputs:
+            prediction, target = prediction * (-sigma) + noisy, latents
+        else:
+            target = noise - latents
+        return torch.mean((prediction.float() - target.float()) ** 2).item()
+
+    model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        loss = fixed_noise_loss(validation_set, args.seed, loss_at)
+    model.train()
+    return loss
+
+
 def pipeline_from_pretrained(args: argparse.Namespace, dtype: torch.dtype) -> StableDiffusion3Pipeline:
     """The SD3 pipeline without its text encoders: prompts arrive as precomputed embeddings."""
     return StableDiffusion3Pipeline.from_pretrained(
@@ -1144,6 +1261,7 @@ def save_model_card(
         "save_format": args.save_format,
         "use_ema": args.use_ema,
         "ema_decay": args.ema_decay if args.use_ema else None,
+        "validation_loss_images": args.validation_loss_images,
     }
     settings_table = "\n".join(f"| {name} | {value} |" for name, value in settings.items())
     content = f"""---
@@ -1349,6 +1467,8 @@ def main(args: argparse.Namespace) -> None:
     embeddings = load_embeddings(Path(args.embeddings_path), args)
     instance_files, source = instance_image_files(args)
     instance_files = usable_images(instance_files, source, args)
+    instance_files, held_out_files = split_validation_images(instance_files, args)
+    held_out_rows = validation_rows(held_out_files, embeddings, args)
     rows = instance_rows(instance_files, source, embeddings, args)
     masks = load_masks(instance_files, args)
     class_row = negative_row = validation_row = None
@@ -1418,6 +1538,9 @@ def main(args: argparse.Namespace) -> None:
     # SD3's VAE is kept in fp32: it overflows in fp16 and it is small.
     vae.to(accelerator.device, dtype=torch.float32)
     plan_vae_passes(vae, accelerator.device, offload_plugin.max_vram)  # each pass fits the budget left as it starts
+    validation_set = []  # measured by the main process only
+    if accelerator.is_main_process:
+        validation_set = encode_validation_latents(vae, held_out_files, held_out_rows, args)
 
     transformer.add_adapter(new_adapter_config(args))
     check_kohya_names(args, transformer)
@@ -1542,6 +1665,11 @@ def main(args: argparse.Namespace) -> None:
         global_step = checkpoint_step(resume_from)
     if accelerator.is_main_process:
         remove_unfinished_checkpoints(output_dir)
+    metrics = MetricsLog(Path(args.output_dir) / METRICS_FILE, accelerator.is_main_process)
+    try:
+        metrics.drop_after(global_step)  # steps a stopped run logged after its last checkpoint are trained again
+    except MetricsFileError as error:
+        raise UsageError(str(error)) from None
     # Where the checkpoint's step falls: its epoch, and the batches of that epoch already trained on.
     first_epoch = global_step // num_update_steps_per_epoch
     batches_done = global_step % num_update_steps_per_epoch * args.gradient_accumulation_steps
@@ -1676,11 +1804,27 @@ def main(args: argparse.Namespace) -> None:
                 raise non_finite_error(loss, grad_norm)
             if accelerator.sync_gradients:
                 seconds_per_step = time.perf_counter() - step_started
-                step_started = time.perf_counter()
                 progress_bar.update(1)
                 global_step += 1
                 if ema is not None:
                     ema.step(unwrap_model(transformer))
+                # logged before a checkpoint of this step is written, so a resumed run's file has every step once
+                logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+                postfix = {**logs, "s/step": f"{seconds_per_step:.2f}"}
+                record = {"step": global_step, "epoch": epoch, **logs, "seconds_per_step": seconds_per_step}
+                record["size"] = list(batch["pixel_values"].shape[-2:])
+                if on_cuda:
+                    record["peak_vram_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 1024**3
+                    postfix["peak_vram_gb"] = f"{record['peak_vram_gb']:.2f}"
+                progress_bar.set_postfix(**postfix)
+                if validation_set and validation_loss_due(global_step, args.max_train_steps, args.validation_steps):
+                    with phases.phase("validation loss", [STREAM_MORE]):
+                        logs["validation_loss"] = record["validation_loss"] = validation_loss(
+                            unwrap_model(transformer), validation_set, embeddings,
+                            noise_scheduler_copy.config.num_train_timesteps, args, accelerator, weight_dtype,
+                        )  # fmt: skip
+                accelerator.log(logs, step=global_step)
+                metrics.write(record)
 
                 stop = stop_request.requested(accelerator)
                 if global_step % args.checkpointing_steps == 0 or stop:
@@ -1698,13 +1842,7 @@ def main(args: argparse.Namespace) -> None:
                         )
                     accelerator.end_training()
                     sys.exit(128 + (stop_request.received or signal.SIGTERM))
-
-                logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-                postfix = {**logs, "s/step": f"{seconds_per_step:.2f}"}
-                if on_cuda:
-                    postfix["peak_vram_gb"] = f"{torch.cuda.max_memory_allocated(accelerator.device) / 1024**3:.2f}"
-                progress_bar.set_postfix(**postfix)
-                accelerator.log(logs, step=global_step)
+                step_started = time.perf_counter()  # checkpoints and the validation loss do not count as step time
 
             if global_step >= args.max_train_steps:
                 break
@@ -1768,6 +1906,9 @@ def main(args: argparse.Namespace) -> None:
 
         repo_name = args.hub_model_id or Path(args.output_dir).name
         save_model_card(repo_id if args.push_to_hub else repo_name, args, images=images, repo_folder=args.output_dir)
+        if metrics.path.exists():
+            title = f"dreambooth-sd3-lora: {Path(args.output_dir).name}"
+            plot_losses(metrics.records(), Path(args.output_dir) / LOSS_PLOT, title)
         if args.push_to_hub:
             excludes = ["step_*", "epoch_*", "checkpoint-*", ".*", f"{args.logging_dir}/*"]
             try:

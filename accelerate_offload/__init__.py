@@ -29,9 +29,10 @@ Modules, each importing only those above it (`tests/test_imports.py` checks it):
 - `lora_formats`: a LoRA rewritten with kohya keys (`lora_unet_...`) for ComfyUI, Forge and sd-scripts.
 - `ema`: the adapter's moving average in CPU memory.
 - `inference`: a pipeline placed for inference (frozen, streamed like training), a saved LoRA loaded onto it.
-- `training_utils`: what the scripts share: atomic checkpoints and their resume checks, finite checks, stop
-  signals, file modes.
-- `training_math`: shifted timestep draws, shuffled captions, masks on the latent grid.
+- `training_utils`: what the scripts share: atomic checkpoints and their resume checks, metrics.jsonl, finite
+  checks, stop signals, file modes.
+- `training_math`: shifted timestep draws, shuffled captions, masks on the latent grid, the validation loss's
+  held-out images and fixed noise.
 - `loss_plot`: the run's summary plot, training and validation loss.
 - `plugin`: `LayerOffloadPlugin`, the settings read from the launch config; `cli`: `accelerate-offload`.
 - `testing.tiny_pipelines`: tiny random pipelines and drawn images for tests and the demo.

@@ -1,6 +1,6 @@
 """What the training scripts compute and users never edit: shifted timesteps, shuffled captions, masks on the
-latent grid. Pure functions of their arguments (a seed in, the same numbers out), in the spirit of
-`diffusers.training_utils`.
+latent grid, the held-out images and fixed noise of the validation loss. Pure functions of their arguments (a seed
+in, the same numbers out), in the spirit of `diffusers.training_utils`.
 """
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +18,12 @@ import torch.nn.functional as F
 TIMESTEP_SAMPLING = ("sigma", "shift", "flux_shift")
 # Keeps the shuffles' draws apart from other draws a script derives from the same (seed, epoch, index).
 SHUFFLE_STREAM = 2
+# Keeps the validation loss's fixed noise apart from every draw of training.
+VALIDATION_STREAM = 3
+# Noise levels the validation loss is measured at, each with its own fixed noise: comparable from run to run.
+VALIDATION_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+Key = TypeVar("Key")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -123,3 +130,45 @@ def masked_mean(squared_error: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     batch = squared_error.shape[0]
     weighted = (squared_error * mask).reshape(batch, -1).mean(dim=1)
     return weighted / mask.reshape(batch, -1).mean(dim=1).clamp_min(torch.finfo(mask.dtype).tiny)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation loss: held-out images at fixed noise levels, with fixed noise
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def validation_share(value: str | None) -> float | None:
+    """--validation_loss_images as a share of the training images to hold out, or None where it names a folder."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def held_out_indices(count: int, share: float, seed: int) -> list[int]:
+    """Which of `count` training images `share` holds out: at least one, drawn from the seed (the same on resume).
+
+    All `count` of them when the share leaves none to train on; the script names that as an error.
+    """
+    chosen = min(count, max(1, round(share * count)))
+    return sorted(random.Random(seed).sample(range(count), chosen))
+
+
+def fixed_noise_loss(
+    items: Sequence[tuple[torch.Tensor, Key]],
+    seed: int,
+    loss_at: Callable[[torch.Tensor, Key, float, torch.Tensor], float],
+) -> float:
+    """Mean of `loss_at(latents, key, sigma, noise)` over the held-out `items` (latents and their prompt's key) and
+    VALIDATION_SIGMAS.
+
+    The noise comes from one CPU generator seeded from `seed` alone, drawn in the same order at every call, so two
+    calls differ only where the model does.
+    """
+    generator = torch.Generator().manual_seed(derived_seed(seed, VALIDATION_STREAM))
+    losses = [
+        loss_at(latents, key, sigma, torch.randn(latents.shape, generator=generator))
+        for latents, key in items
+        for sigma in VALIDATION_SIGMAS
+    ]
+    return sum(losses) / len(losses)

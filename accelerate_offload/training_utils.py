@@ -1,12 +1,14 @@
 """What the training scripts must get right and users never edit.
 
 Outputs with the modes of ordinary files, checkpoints that a crash or a full disk never leaves half-written and
-that are checked before a run resumes from them, finite checks, and stop signals that all processes act on at the
+that are checked before a run resumes from them, the per-step metrics file continued on resume, finite checks, and
+stop signals that all processes act on at the
 same step.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -23,6 +25,8 @@ from safetensors import SafetensorError, safe_open
 
 from .adapters import module_of
 from .script_errors import TrainingFault
+
+logger = logging.getLogger(__name__)
 
 logger = logging.getLogger(__name__)
 
@@ -337,6 +341,63 @@ def write_aside(write: Callable[[Path], None], output_dir: Path, file_name: str)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return output_dir / file_name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metrics.jsonl: one synced line per optimizer step, cut back to the checkpoint a run resumes from
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MetricsFileError(ValueError):
+    """A line before the last one of metrics.jsonl is not JSON: not a torn write, so the user fixes the file."""
+
+
+class MetricsLog:
+    """One JSON line per optimizer step in output_dir/metrics.jsonl, for scripts and for comparing runs."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled  # the main process writes; the others keep no file
+
+    def write(self, record: dict) -> None:
+        """Appends one line and syncs it: a crash or a full disk can tear only the line being written."""
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as file:
+                file.write(json.dumps(record) + "\n")
+                file.flush()
+                os.fsync(file.fileno())
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def drop_after(self, step: int) -> None:
+        """Keeps the records up to `step` (all of them when resuming there; none for a new run).
+
+        A torn last line (the process died while writing it) is dropped; a torn line before it raises
+        MetricsFileError. The file is rewritten aside and renamed, so a crash here loses nothing.
+        """
+        if not self.enabled or not self.path.exists():
+            return
+        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise MetricsFileError(
+                        f"{self.path} line {number} is not JSON; fix or delete that line, then run again"
+                    ) from None
+                logger.warning("Dropping the half-written last line of %s", self.path)
+        partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        partial.write_text("".join(kept), encoding="utf-8")
+        os.replace(partial, self.path)
+
+
+def validation_loss_due(step: int, max_steps: int, every: int | None) -> bool:
+    """The validation loss is measured every `every` steps (--validation_steps) and at the last step."""
+    return step >= max_steps or (every is not None and step % every == 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

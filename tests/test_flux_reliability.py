@@ -6,7 +6,6 @@ Interruption, crash mid-save and exact resume run in test_train_flux.py (they co
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -119,17 +118,6 @@ def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_stops_at_once(script) -> 
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         stop.restore()
-
-
-def test_metrics_keep_the_steps_up_to_the_checkpoint_resumed_from(script, tmp_path: Path) -> None:
-    log = script.MetricsLog(tmp_path / "metrics.jsonl", enabled=True)
-    for step in (1, 2, 3):
-        log.write({"step": step})
-
-    log.drop_after(2)
-    assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [1, 2]
-    log.drop_after(0)  # a new run in the same folder
-    assert log.path.read_text() == ""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -435,25 +423,6 @@ def test_resume_with_random_crops_and_flips_is_bit_exact(
         assert [record[key] for record in resumed.metrics()] == [record[key] for record in after], key
     original, again = straight.lora(), resumed.lora()
     assert original.keys() == again.keys() and all(torch.equal(again[key], original[key]) for key in original)
-
-
-def test_a_torn_last_metrics_line_is_dropped_on_resume(script, tmp_path: Path, monkeypatch) -> None:
-    log = script.MetricsLog(tmp_path / "metrics.jsonl", enabled=True)
-    synced = []  # what the file held each time it was synced
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(log.path.read_text()), real_fsync(fd)))
-    for step in (1, 2, 3):
-        log.write({"step": step})
-    monkeypatch.undo()
-    assert synced == ['{"step": 1}\n', '{"step": 1}\n{"step": 2}\n', '{"step": 1}\n{"step": 2}\n{"step": 3}\n']
-    with log.path.open("a") as file:
-        file.write('{"step": 4, "lo')  # killed, or the disk filled, half-way through a line
-
-    log.drop_after(3)
-    assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [1, 2, 3]
-    log.path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
-    with pytest.raises(UsageError, match=r"metrics.jsonl line 2 is not JSON"):
-        log.drop_after(3)
 
 
 # ----------------------------------------------------------------------------------------------------------------

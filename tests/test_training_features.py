@@ -20,14 +20,18 @@ from test_train_flux import (
 )
 
 from accelerate_offload.training_math import (
+    VALIDATION_SIGMAS,
     caption_orderings,
     exponential_time_shift,
+    fixed_noise_loss,
+    held_out_indices,
     mask_to_latent_grid,
     masked_mean,
     resolution_shift_mu,
     sample_shifted_sigmas,
     shift_sigmas,
     shuffle_caption,
+    validation_share,
 )
 
 pytestmark = pytest.mark.timeout(600)
@@ -100,6 +104,30 @@ def test_masked_loss_is_on_the_unmasked_scale() -> None:
     grid = mask_to_latent_grid(pixels, 8)
     assert grid.shape == (2, 1, 8, 8) and float(grid[..., :4].min()) == 1.0 and float(grid[..., 4:].max()) == 0.0
     torch.testing.assert_close(masked_mean(error, grid), error[..., :4].reshape(2, -1).mean(1))
+
+
+def test_held_out_images_and_fixed_noise_repeat_with_the_seed() -> None:
+    assert validation_share("0.1") == 0.1 and validation_share("held-out") is None and validation_share(None) is None
+    assert held_out_indices(6, 0.34, seed=0) == held_out_indices(6, 0.34, seed=0)
+    assert len(held_out_indices(6, 0.34, seed=0)) == 2 and len(held_out_indices(6, 0.01, seed=0)) == 1
+    assert held_out_indices(2, 0.9, seed=0) == [0, 1]  # none left to train on: the scripts refuse it
+
+    items = [(torch.zeros(1, 4, 2, 2), "a"), (torch.zeros(1, 4, 4, 4), "b")]
+    draws = []
+
+    def loss_at(latents: torch.Tensor, key: str, sigma: float, noise: torch.Tensor) -> float:
+        draws.append((key, sigma, noise))
+        return float(noise.abs().mean()) * sigma
+
+    first = fixed_noise_loss(items, 0, loss_at)
+    assert [(key, sigma) for key, sigma, _ in draws] == [(k, s) for _, k in items for s in VALIDATION_SIGMAS]
+    assert [noise.shape[-1] for _, _, noise in draws] == [2] * 5 + [4] * 5  # each image's shape
+    noises = [noise for _, _, noise in draws]
+    draws.clear()
+    assert fixed_noise_loss(items, 0, loss_at) == first  # the same noise at every call
+    assert all(torch.equal(a, b) for a, (_, _, b) in zip(noises, draws, strict=True))
+    assert not torch.equal(noises[0], noises[1])  # each noise level draws its own
+    assert fixed_noise_loss(items, 1, loss_at) != first
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The shared training utilities: checkpoints are published only complete, pruned only after, resumed only whole;
-the scripts' one-line errors."""
+the scripts' one-line errors; metrics.jsonl is synced line by line and cut back to the step a run resumes from."""
 
 import errno
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -200,3 +202,39 @@ def test_the_error_line_comes_after_the_progress_bar_of_the_failed_run(tmp_path)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == "error: step 1: out of memory"
+def test_metrics_keep_the_steps_up_to_the_checkpoint_resumed_from(tmp_path: Path) -> None:
+    log = tu.MetricsLog(tmp_path / "metrics.jsonl", enabled=True)
+    for step in (1, 2, 3):
+        log.write({"step": step})
+
+    log.drop_after(2)
+    assert [record["step"] for record in log.records()] == [1, 2]
+    log.drop_after(0)  # a new run in the same folder
+    assert log.path.read_text() == ""
+    tu.MetricsLog(tmp_path / "other.jsonl", enabled=False).write({"step": 1})  # a process that is not the main one
+    assert not (tmp_path / "other.jsonl").exists()
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path: Path, monkeypatch) -> None:
+    log = tu.MetricsLog(tmp_path / "metrics.jsonl", enabled=True)
+    synced = []  # what the file held each time it was synced
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(log.path.read_text()), real_fsync(fd)))
+    for step in (1, 2, 3):
+        log.write({"step": step})
+    monkeypatch.undo()
+    assert synced == ['{"step": 1}\n', '{"step": 1}\n{"step": 2}\n', '{"step": 1}\n{"step": 2}\n{"step": 3}\n']
+    with log.path.open("a") as file:
+        file.write('{"step": 4, "lo')  # killed, or the disk filled, half-way through a line
+
+    log.drop_after(3)
+    assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [1, 2, 3]
+    log.path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(tu.MetricsFileError, match=r"metrics.jsonl line 2 is not JSON; fix or delete that line"):
+        log.drop_after(3)
+    assert log.path.read_text() == '{"step": 1}\n{"st\n{"step": 3}\n'  # nothing lost
+
+
+def test_validation_loss_every_n_steps_and_at_the_last() -> None:
+    assert [step for step in range(1, 8) if tu.validation_loss_due(step, 7, 3)] == [3, 6, 7]
+    assert [step for step in range(1, 8) if tu.validation_loss_due(step, 7, None)] == [7]
