@@ -35,8 +35,9 @@ def place_pipeline(pipeline, device: torch.device | str, plugin=None, *, stream:
 
     The denoiser and T5 encoders are frozen (a model with a PEFT adapter keeps its flags: its base is frozen
     already and the adapter may be training) and, where the plugin streams (on CUDA; `stream=True` forces it,
-    on CPU too), streamed block by block with the plugin's fraction and prefetch; everything else is frozen
-    and moved whole. A component already streamed is left streamed, its adapter moved to `device`.
+    on CPU too), streamed block by block with the plugin's fraction and prefetch, the denoiser's blocks compiled
+    as `compile_blocks` says; everything else is frozen and moved whole. A component already streamed is left
+    streamed, its adapter moved to `device`.
     """
     device = torch.device(device)
     if stream is None:
@@ -59,6 +60,7 @@ def place_pipeline(pipeline, device: torch.device | str, plugin=None, *, stream:
                 pin_memory=plugin.pin_memory if plugin is not None else True,
                 async_offloading=plugin.async_offloading if plugin is not None else device.type == "cuda",
                 block_names=plugin.block_names if plugin is not None and name == "transformer" else None,
+                compile_blocks=plugin.compile_blocks if plugin is not None and name == "transformer" else False,
             )
         component.to(device)
     return pipeline

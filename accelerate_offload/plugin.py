@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .block_compiler import compile_mode
 from .offload import avoid_cudnn_attention, offload_model
 from .planner import parse_memory
 from .settings import OffloadSettings
@@ -87,6 +88,9 @@ class LayerOffloadPlugin:
         block_names (`list[str]`, defaults to the model registry's lists, else the model's declared blocks):
             Dotted paths of the `nn.ModuleList`s that hold the model's sequential blocks, for models that neither the
             registry knows nor declare their repeated blocks (`_repeated_blocks`, `_no_split_modules`).
+        compile_blocks (`bool` or `str`, defaults to `False`):
+            Compile each block's own computation with torch.compile, once per block class (`true`, or the mode
+            "default" or "max-autotune-no-cudagraphs"); streamed, resident and token-chunked blocks alike.
     """
 
     layer_offload_fraction: float | None = field(
@@ -141,6 +145,13 @@ class LayerOffloadPlugin:
         default=None,
         metadata={"help": "Comma-separated paths of the block lists, for models not found.", "default": None},
     )
+    compile_blocks: bool | str | None = field(
+        default=None,
+        metadata={
+            "help": "torch.compile each block's computation: true, or a mode (default, max-autotune-no-cudagraphs).",
+            "default": _DEFAULTS.compile_blocks,
+        },
+    )
 
     def __post_init__(self) -> None:
         check_environment()
@@ -154,6 +165,7 @@ class LayerOffloadPlugin:
         self.pin_memory = parse_bool("pin_memory", self.pin_memory)
         self.prefetch_blocks = _parse_prefetch(self.prefetch_blocks)
         self.sequence_chunks = _parse_chunks(self.sequence_chunks)
+        self.compile_blocks = _parse_compile(self.compile_blocks)
         self.offload_device = str(self.offload_device).strip().lower()
         if self.block_names is not None:
             self.block_names = _parse_names(self.block_names)
@@ -216,6 +228,7 @@ class LayerOffloadPlugin:
             or self.gradient_checkpointing
             or self.max_vram is not None
             or self.sequence_chunks != 1
+            or self.compile_blocks is not False
         )
 
     def to_env(self) -> dict[str, str]:
@@ -253,6 +266,7 @@ class LayerOffloadPlugin:
             max_ram=self.max_ram if streaming else None,
             offload_dir=self.offload_dir,
             sequence_chunks=self.sequence_chunks,
+            compile_blocks=self.compile_blocks,
         )
 
     def prepare_model(self, model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
@@ -317,6 +331,18 @@ def _parse_chunks(value: Any) -> int | str:
     if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
         raise OffloadConfigError(f"sequence_chunks must be a whole number >= 1 or 'auto', got {value!r}")
     return int(text)
+
+
+def _parse_compile(value: Any) -> bool | str:
+    """False, or the torch.compile mode; `true` is "default"."""
+    if not isinstance(value, bool):
+        text = str(value).strip().lower()
+        value = True if text in _TRUE else False if text in _FALSE else text
+    try:
+        mode = compile_mode(value)
+    except ValueError as error:
+        raise OffloadConfigError(str(error)) from None
+    return False if mode is None else mode
 
 
 def _parse_budget(value: str, name: str = "max_vram") -> int:

@@ -39,6 +39,12 @@ class OffloadSettings:
             Run Flux and SD3 blocks in this many image-token chunks ("auto": at most 4096 tokens a chunk).
         activation_min_bytes (`int`, defaults to 64 KiB):
             Saved tensors smaller than this stay on the device under activation offloading.
+        compile_blocks (`bool` or `str`, defaults to `False`):
+            Compile each block's own computation with torch.compile (`True`, or a mode: "default",
+            "max-autotune-no-cudagraphs"); one compiled graph serves every block of a class.
+        compile_backend (`str`, defaults to `"inductor"`):
+            torch.compile's backend for `compile_blocks`; "aot_eager" traces and differentiates the same graphs
+            without generating kernels (how CPU tests check guards and recompiles quickly).
     """
 
     layer_offload_fraction: float = 0.0
@@ -53,3 +59,5 @@ class OffloadSettings:
     offload_dir: str | None = None
     sequence_chunks: int | str = 1
     activation_min_bytes: int = ACTIVATION_MIN_BYTES
+    compile_blocks: bool | str = False
+    compile_backend: str = "inductor"

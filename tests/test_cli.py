@@ -199,6 +199,7 @@ def test_config_writer_round_trip(tmp_path: Path) -> None:
         "offload_device": "cpu",
         "sequence_chunks": 1,
         "block_names": ["transformer_blocks", "single_transformer_blocks"],
+        "compile_blocks": False,
     }
     assert LayerOffloadPlugin(**section).gradient_checkpointing
     accelerate_part = write_yaml(tmp_path / "accelerate.yaml", config)
