@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,20 @@ class BlockCompiler:
         _register_callbacks()
         _live.add(self)
 
-    def __call__(self, function: Callable[..., Any]) -> Callable[..., Any]:
+    def block(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        """A block's forward compiled, its tensor inputs passed as contiguous tensors.
+
+        Flux single blocks return views into one joint tensor, which the next block gets as inputs with other
+        strides than the first one's: without a copy, dynamo would compile those blocks again, with dynamic strides.
+        """
+        compiled = self._compile(function)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return compiled(*tree_map_only(torch.Tensor, _plain, args), **tree_map_only(torch.Tensor, _plain, kwargs))
+
+        return call
+
+    def _compile(self, function: Callable[..., Any]) -> Callable[..., Any]:
         options = {"backend": self.backend}
         if self.backend == "inductor":
             options["mode"] = self.mode
@@ -88,8 +102,8 @@ class BlockCompiler:
         """
         key = (function.__code__, role)
         code = _role_codes.setdefault(key, function.__code__.replace())
-        compiled = self(types.FunctionType(code, function.__globals__, function.__name__, function.__defaults__,
-                                           function.__closure__))
+        globals_, closure = function.__globals__, function.__closure__
+        compiled = self._compile(types.FunctionType(code, globals_, function.__name__, function.__defaults__, closure))
 
         def call(*args: Any) -> Any:
             return compiled(*(_plain(a) if isinstance(a, torch.Tensor) else a for a in args))
@@ -130,18 +144,14 @@ def _compile_ended(*args: Any) -> None:
         compiler.compile_seconds += seconds
 
 
-_registered = False
-
-
 def _register_callbacks() -> None:
-    """Dynamo's compile callbacks: every frame traced and every backward compiled on first use."""
-    global _registered
-    if not _registered:
-        from torch._dynamo.callback import callback_handler
+    """Dynamo's compile callbacks: every frame traced and every backward compiled on first use (registered again
+    after `torch._dynamo.reset()`, which clears them)."""
+    from torch._dynamo.callback import callback_handler
 
+    if _compile_started not in callback_handler.start_callbacks:
         callback_handler.register_start_callback(_compile_started)
         callback_handler.register_end_callback(_compile_ended)
-        _registered = True
 
 
 def _enable_module_inlining() -> None:

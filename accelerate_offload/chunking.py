@@ -72,7 +72,7 @@ def chunked_forward(
         return None
     whole = type(block).forward.__get__(block)
     if compiler is not None:
-        whole = compiler(whole)
+        whole = compiler.block(whole)
     if chunks == 1:
         return whole
     return chunk_mirror(block).build(block, chunks, whole, as_is if compiler is None else compiler.rows)

@@ -99,7 +99,7 @@ def offload_model(
         if chunked is not None:
             hook.block_forward, chunked_any = chunked, True
         elif conductor.compiler is not None:
-            hook.block_forward = conductor.compiler(hook.block_forward)
+            hook.block_forward = conductor.compiler.block(hook.block_forward)
     if settings.max_vram is not None:
         trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         remedies = (() if settings.activation_offloading else ("turn on activation_offloading",)) + (
