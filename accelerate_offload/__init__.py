@@ -6,6 +6,7 @@ Modules, each importing only those above it (`tests/test_imports.py` checks it):
 - `script_errors`: `UsageError` and `TrainingFault`, the one-line errors the scripts stop with.
 - `recompute`: whether the code running is a checkpoint's recomputation.
 - `settings`: `OffloadSettings`, the one object the settings travel in.
+- `block_compiler`: `compile_blocks`, each block's own computation compiled once per class, its compile time apart.
 - `timeline`: a traced step's events and its VRAM picture.
 - `streams`: host<->device copies on side CUDA streams.
 - `block_weights`: one host buffer per streamed block, parameters re-pointed at it.

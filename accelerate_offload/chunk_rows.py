@@ -24,16 +24,22 @@ from torch.utils.checkpoint import checkpoint
 from .recompute import outputs_discarded
 
 ChunkFunction = Callable[..., Any]  # runs one chunk: (rows, temb, ...) -> rows out, or keys and values
+Compile = Callable[[ChunkFunction, str], ChunkFunction]  # wraps a stream's chunk function (compile_blocks)
+
+
+def as_is(function: ChunkFunction, role: str) -> ChunkFunction:
+    return function
 
 
 @dataclass(frozen=True)
 class ChunkMirror:
     """A block class's token-chunked forward: `supported(block)` says whether this instance's configuration is the
-    one mirrored; `build(block, chunks, whole)` returns the chunked forward (`whole` runs the block unchunked)."""
+    one mirrored; `build(block, chunks, whole, wrap)` returns the chunked forward (`whole` runs the block
+    unchunked; `wrap`, `compile_blocks`' compiler or `as_is`, wraps each key/value and row function)."""
 
     block_class: type
     supported: Callable[[nn.Module], bool]
-    build: Callable[[nn.Module, int, Callable[..., Any]], Callable[..., Any]]
+    build: Callable[[nn.Module, int, Callable[..., Any], Compile], Callable[..., Any]]
 
 
 def spans(length: int, chunks: int) -> list[tuple[int, int]]:

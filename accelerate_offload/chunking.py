@@ -37,6 +37,8 @@ from typing import Any
 
 from torch import nn
 
+from .block_compiler import BlockCompiler
+from .chunk_rows import as_is
 from .registry import chunk_mirror
 
 MAX_CHUNK_TOKENS = 4096
@@ -54,8 +56,11 @@ def auto_chunks(image_tokens: int, max_chunk_tokens: int = MAX_CHUNK_TOKENS) -> 
     return max(1, math.ceil(image_tokens / max_chunk_tokens))
 
 
-def chunked_forward(block: nn.Module, chunks: int) -> Callable[..., Any] | None:
-    """A function with `block.forward`'s signature and result, run in `chunks` image-token chunks.
+def chunked_forward(
+    block: nn.Module, chunks: int, compiler: BlockCompiler | None = None
+) -> Callable[..., Any] | None:
+    """A function with `block.forward`'s signature and result, run in `chunks` image-token chunks; with a
+    `compiler` (`compile_blocks`), the unchunked forward and each chunk function are compiled.
 
     None for a block no mirror follows (run it whole). For `chunks == 1` it is the block class's own
     forward, which bypasses any wrapper installed on the instance (such as the offload hook's), so it can
@@ -66,7 +71,11 @@ def chunked_forward(block: nn.Module, chunks: int) -> Callable[..., Any] | None:
     if not chunkable(block):
         return None
     whole = type(block).forward.__get__(block)
-    return whole if chunks == 1 else chunk_mirror(block).build(block, chunks, whole)
+    if compiler is not None:
+        whole = compiler.block(whole)
+    if chunks == 1:
+        return whole
+    return chunk_mirror(block).build(block, chunks, whole, as_is if compiler is None else compiler.rows)
 
 
 def chunkable(block: nn.Module) -> bool:
@@ -75,13 +84,15 @@ def chunkable(block: nn.Module) -> bool:
     return mirror is not None and mirror.supported(block)
 
 
-def chunked_block_forward(block: nn.Module, sequence_chunks: int | str) -> Callable[..., Any] | None:
+def chunked_block_forward(
+    block: nn.Module, sequence_chunks: int | str, compiler: BlockCompiler | None = None
+) -> Callable[..., Any] | None:
     """`chunked_forward` for a fixed count; for "auto", one that picks the count from each call's image tokens.
 
     None where chunking does not apply (one chunk, or a block type run whole).
     """
     if sequence_chunks != "auto":
-        return chunked_forward(block, int(sequence_chunks)) if int(sequence_chunks) > 1 else None
+        return chunked_forward(block, int(sequence_chunks), compiler) if int(sequence_chunks) > 1 else None
     if not chunkable(block):
         return None
     by_count: dict[int, Callable[..., Any]] = {}
@@ -90,7 +101,7 @@ def chunked_block_forward(block: nn.Module, sequence_chunks: int | str) -> Calla
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         chunks = auto_chunks(hidden_states.shape[1])
         if chunks not in by_count:
-            by_count[chunks] = chunked_forward(block, chunks)
+            by_count[chunks] = chunked_forward(block, chunks, compiler)
         return by_count[chunks](*args, **kwargs)
 
     return forward

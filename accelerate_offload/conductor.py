@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .activations import ActivationShuttle
+from .block_compiler import BlockCompiler
 from .block_weights import BlockWeights, guard_device_moves
 from .disk_tier import DiskTier
 from .planner import VramPlanner
@@ -92,6 +93,7 @@ class LayerOffloadConductor:
             self.disk.open()
         self.planner: VramPlanner | None = None  # set for max_vram: picks resident blocks after the first step
         self.trace: StepTrace | None = None  # set while a step is traced for the VRAM timeline
+        self.compiler: BlockCompiler | None = None  # set for compile_blocks: reports compiling as a forward starts
         self.log: list[tuple[str, int]] | None = None  # ("load" | "evict" | "load late" | "evict late", block)
         self.poison_evicted = False  # fill dropped device copies with NaN bytes: use-after-evict shows in tests
         self.peak_streamed_on_device = 0
@@ -129,6 +131,8 @@ class LayerOffloadConductor:
         """Called as block `index` starts to run (forward, inference, or recomputation in backward)."""
         if self.trace is not None:
             self.trace.mark("backward" if backward else "forward", index)
+        if index == 0 and not backward and self.compiler is not None:
+            self.compiler.report()
         if index == 0 and not backward and self.planner is not None and torch.is_grad_enabled():
             self.planner.start_measuring()
         if not backward:

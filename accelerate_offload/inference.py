@@ -44,9 +44,10 @@ def place_pipeline(
 
     The denoiser and T5 encoders are frozen (a model with a PEFT adapter keeps its flags: its base is frozen
     already and the adapter may be training) and, where the plugin streams (on CUDA; `stream=True` forces it,
-    on CPU too), streamed block by block with the plugin's fraction and prefetch; everything else is frozen
-    and moved whole. A component already streamed is left streamed, its adapter moved to `device`. `max_ram` and
-    `offload_dir` budget each streamed component's host memory, as the plugin's do in training.
+    on CPU too), streamed block by block with the plugin's fraction and prefetch, the denoiser's blocks compiled as
+    `compile_blocks` says; everything else is frozen and moved whole. A component already streamed is left
+    streamed, its adapter moved to `device`. `max_ram` and `offload_dir` budget each streamed component's host
+    memory, as the plugin's do in training.
 
     Args:
         pipeline (`DiffusionPipeline`):
@@ -88,6 +89,7 @@ def place_pipeline(
                 block_names=plugin.block_names if plugin is not None and name == "transformer" else None,
                 max_ram=max_ram,
                 offload_dir=offload_dir,
+                compile_blocks=plugin.compile_blocks if plugin is not None and name == "transformer" else False,
             )
         component.to(device)
     return pipeline

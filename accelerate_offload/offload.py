@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .activations import ActivationShuttle
+from .block_compiler import BlockCompiler, compile_mode
 from .block_hook import OffloadBlockHook
 from .block_weights import BlockWeights
 from .chunking import chunkable, chunked_block_forward
@@ -96,15 +97,25 @@ def offload_model(
             conductor.disk.nbytes / 1e9, len(conductor.disk.in_place), conductor.disk.path,
             "written" if conductor.disk.written else "reused",
         )
+    mode = compile_mode(settings.compile_blocks)
+    if mode is not None:
+        conductor.compiler = BlockCompiler(mode, settings.compile_backend)
+    # A compiled block backpropagates as one graph, with no moment between its feed-forward's and its attention's
+    # backward to signal in: its neighbour is then prefetched whole.
     hooks = [
-        OffloadBlockHook(block, index, conductor, settings.gradient_checkpointing, activations, attention, len(late))
+        OffloadBlockHook(
+            block, index, conductor, settings.gradient_checkpointing, activations,
+            attention if mode is None else None, len(late),
+        )
         for index, ((_, block), (attention, late)) in enumerate(zip(blocks, feed_forwards))
     ]
     chunked_any = False
     for hook, (_, block) in zip(hooks, blocks):
-        chunked = chunked_block_forward(block, settings.sequence_chunks)
+        chunked = chunked_block_forward(block, settings.sequence_chunks, conductor.compiler)
         if chunked is not None:
             hook.block_forward, chunked_any = chunked, True
+        elif conductor.compiler is not None:
+            hook.block_forward = conductor.compiler.block(hook.block_forward)
     if settings.max_vram is not None:
         trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         remedies = (() if settings.activation_offloading else ("turn on activation_offloading",)) + (
@@ -119,7 +130,7 @@ def offload_model(
     _warn_if_mostly_trainable(blocks, conductor, streamed_gb)
     logger.info(
         "accelerate-offload: %d of %d blocks resident on %s, %d streamed from %s%s memory (%.2f GB); "
-        "checkpointing %s, activation offloading %s, prefetch %d, token chunks %s",
+        "checkpointing %s, activation offloading %s, prefetch %d, token chunks %s, compiled blocks %s",
         conductor.resident_count,
         len(blocks),
         device,
@@ -131,6 +142,7 @@ def offload_model(
         "on" if settings.activation_offloading else "off",
         settings.prefetch_blocks,
         settings.sequence_chunks,
+        mode or "off",
     )
     return conductor
 

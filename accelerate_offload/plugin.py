@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .block_compiler import compile_mode
 from .offload import avoid_cudnn_attention, offload_model
 from .planner import parse_memory
 from .settings import OffloadSettings
@@ -91,6 +92,9 @@ class LayerOffloadPlugin:
             The processes of one machine (`accelerate launch --multi_gpu`) share one pinned host copy of the streamed
             weights instead of one each; "auto" when the machine runs more than one, true refuses a copy per
             process if sharing fails. Not with `max_ram`.
+        compile_blocks (`bool` or `str`, defaults to `False`):
+            Compile each block's own computation with torch.compile, once per block class (`true`, or the mode
+            "default" or "max-autotune-no-cudagraphs"); streamed, resident and token-chunked blocks alike.
     """
 
     layer_offload_fraction: float | None = field(
@@ -145,6 +149,13 @@ class LayerOffloadPlugin:
         default=None,
         metadata={"help": "Comma-separated paths of the block lists, for models not found.", "default": None},
     )
+    compile_blocks: bool | str | None = field(
+        default=None,
+        metadata={
+            "help": "torch.compile each block's computation: true, or a mode (default, max-autotune-no-cudagraphs).",
+            "default": _DEFAULTS.compile_blocks,
+        },
+    )
 
     share_host_weights: bool | str | None = field(
         default=None,
@@ -165,6 +176,7 @@ class LayerOffloadPlugin:
         self.prefetch_blocks = _parse_prefetch(self.prefetch_blocks)
         self.sequence_chunks = _parse_chunks(self.sequence_chunks)
         self.share_host_weights = _parse_sharing(self.share_host_weights)
+        self.compile_blocks = _parse_compile(self.compile_blocks)
         self.offload_device = str(self.offload_device).strip().lower()
         if self.block_names is not None:
             self.block_names = _parse_names(self.block_names)
@@ -232,6 +244,7 @@ class LayerOffloadPlugin:
             or self.gradient_checkpointing
             or self.max_vram is not None
             or self.sequence_chunks != 1
+            or self.compile_blocks is not False
         )
 
     def to_env(self) -> dict[str, str]:
@@ -270,6 +283,7 @@ class LayerOffloadPlugin:
             offload_dir=self.offload_dir,
             sequence_chunks=self.sequence_chunks,
             share_host_weights=self.share_host_weights,
+            compile_blocks=self.compile_blocks,
         )
 
     def prepare_model(self, model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
@@ -343,6 +357,18 @@ def _parse_sharing(value: Any) -> bool | str:
         return parse_bool("share_host_weights", value)
     except OffloadConfigError:
         raise OffloadConfigError(f"share_host_weights must be true, false or auto, got {value!r}") from None
+
+
+def _parse_compile(value: Any) -> bool | str:
+    """False, or the torch.compile mode; `true` is "default"."""
+    if not isinstance(value, bool):
+        text = str(value).strip().lower()
+        value = True if text in _TRUE else False if text in _FALSE else text
+    try:
+        mode = compile_mode(value)
+    except ValueError as error:
+        raise OffloadConfigError(str(error)) from None
+    return False if mode is None else mode
 
 
 def _parse_budget(value: str, name: str = "max_vram") -> int:

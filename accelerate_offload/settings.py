@@ -44,6 +44,12 @@ class OffloadSettings:
             runs more than one; true also refuses to fall back to a copy per process). Not with `max_ram`. Every
             process of the job must then offload the model at the same time (they meet in collectives), so it is
             off here, for models placed by one process alone (validation images), and "auto" in the plugin.
+        compile_blocks (`bool` or `str`, defaults to `False`):
+            Compile each block's own computation with torch.compile (`True`, or a mode: "default",
+            "max-autotune-no-cudagraphs"); one compiled graph serves every block of a class.
+        compile_backend (`str`, defaults to `"inductor"`):
+            torch.compile's backend for `compile_blocks`; "aot_eager" traces and differentiates the same graphs
+            without generating kernels (how CPU tests check guards and recompiles quickly).
     """
 
     layer_offload_fraction: float = 0.0
@@ -59,3 +65,5 @@ class OffloadSettings:
     sequence_chunks: int | str = 1
     activation_min_bytes: int = ACTIVATION_MIN_BYTES
     share_host_weights: bool | str = False
+    compile_blocks: bool | str = False
+    compile_backend: str = "inductor"

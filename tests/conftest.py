@@ -10,6 +10,7 @@ import torch
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped on machines without one)")
+    config.addinivalue_line("markers", "slow: minutes of kernel compiling on a CPU; left out unless -m selects it")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -198,6 +198,7 @@ def test_config_writer_round_trip(tmp_path: Path) -> None:
         "sequence_chunks": 1,
         "block_names": ["transformer_blocks", "single_transformer_blocks"],
         "share_host_weights": "auto",
+        "compile_blocks": False,
     }
     assert LayerOffloadPlugin(**section).gradient_checkpointing
     accelerate_part = write_yaml(tmp_path / "accelerate.yaml", config)

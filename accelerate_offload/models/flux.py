@@ -23,7 +23,9 @@ from diffusers.models.transformers.transformer_flux import (
 )
 from torch import nn
 
-from ..chunk_rows import ChunkFunction, ChunkMirror, RowJob, join_chunks, run_chunk, run_rows, scan_block, spans
+from ..chunk_rows import (
+    ChunkFunction, ChunkMirror, Compile, RowJob, join_chunks, run_chunk, run_rows, scan_block, spans,
+)
 
 
 @dataclass(frozen=True)
@@ -211,10 +213,12 @@ def _flux_chunked(
     return forward
 
 
-def _flux_double(block: FluxTransformerBlock, chunks: int, whole: Callable[..., Any]) -> Callable[..., Any]:
+def _flux_double(
+    block: FluxTransformerBlock, chunks: int, whole: Callable[..., Any], wrap: Compile
+) -> Callable[..., Any]:
     streams = _flux_double_streams(block)
-    key_value = {name: _flux_double_key_value(block.attn, stream) for name, stream in streams.items()}
-    rows = {name: _flux_double_rows(block.attn, stream) for name, stream in streams.items()}
+    key_value = {name: wrap(_flux_double_key_value(block.attn, stream), name) for name, stream in streams.items()}
+    rows = {name: wrap(_flux_double_rows(block.attn, stream), name) for name, stream in streams.items()}
     return _flux_chunked(block, chunks, whole, key_value, rows)
 
 
@@ -253,11 +257,15 @@ def _flux_single_rows(block: FluxSingleTransformerBlock) -> ChunkFunction:
     return rows
 
 
-def _flux_single(block: FluxSingleTransformerBlock, chunks: int, whole: Callable[..., Any]) -> Callable[..., Any]:
+def _flux_single(
+    block: FluxSingleTransformerBlock, chunks: int, whole: Callable[..., Any], wrap: Compile
+) -> Callable[..., Any]:
     """Text and image rows of a single block go through the same modules."""
     key_value, rows = _flux_single_key_value(block), _flux_single_rows(block)
     streams = ("text", "image")
-    return _flux_chunked(block, chunks, whole, dict.fromkeys(streams, key_value), dict.fromkeys(streams, rows))
+    return _flux_chunked(
+        block, chunks, whole, {s: wrap(key_value, s) for s in streams}, {s: wrap(rows, s) for s in streams}
+    )
 
 
 

@@ -18,7 +18,9 @@ from diffusers.models.attention import JointTransformerBlock
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from torch import nn
 
-from ..chunk_rows import ChunkFunction, ChunkMirror, RowJob, join_chunks, run_chunk, run_rows, scan_block, spans
+from ..chunk_rows import (
+    ChunkFunction, ChunkMirror, Compile, RowJob, join_chunks, run_chunk, run_rows, scan_block, spans,
+)
 
 
 def _sd3_supported(block: nn.Module) -> bool:
@@ -115,10 +117,13 @@ def _sd3_text_rows(block: JointTransformerBlock) -> ChunkFunction:
     return rows
 
 
-def _sd3_joint(block: JointTransformerBlock, chunks: int, whole: Callable[..., Any]) -> Callable[..., Any]:
+def _sd3_joint(
+    block: JointTransformerBlock, chunks: int, whole: Callable[..., Any], wrap: Compile
+) -> Callable[..., Any]:
     """SD3's joint sequence is [image, text]; `attn2` (SD3.5 dual attention) attends over image rows only."""
-    image_key_value, text_key_value = _sd3_image_key_value(block), _sd3_text_key_value(block)
-    image_rows, text_rows = _sd3_image_rows(block), _sd3_text_rows(block)
+    image_key_value = wrap(_sd3_image_key_value(block), "image")
+    text_key_value = wrap(_sd3_text_key_value(block), "text")
+    image_rows, text_rows = wrap(_sd3_image_rows(block), "image"), wrap(_sd3_text_rows(block), "text")
 
     def forward(
         hidden_states: torch.Tensor,
