@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,7 +14,8 @@ from safetensors.torch import load_file
 from test_sd3 import INSTANCE_PROMPT as SD3_PROMPT
 from test_sd3 import MAX_SEQUENCE_LENGTH as SD3_TOKENS
 from test_sd3 import embeddings_path, instance_dir, run  # noqa: F401 (fixtures)
-from test_train_flux import RESOLUTION, base_args, launch_command, launch_environment
+from launching import environment, launch_command
+from test_train_flux import RESOLUTION, SCRIPT, base_args
 
 from accelerate_offload.adapters import KOHYA_WEIGHT_NAME, load_adapter_file
 from accelerate_offload.lora_formats import linear_out_features, to_kohya
@@ -34,8 +36,8 @@ def launch_flux(model: Path, images: Path, output_dir: Path, *extra: str) -> sub
     args = base_args(model, output_dir, "--instance_data_dir", str(images), "--instance_prompt", "a photo of sks")
     args += ["--train_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "2", "--report_to", "none"]
     args += ["--learning_rate", "1e-2", "--num_validation_images", "1", "--num_inference_steps", "2", *extra]
-    command = launch_command(args, launcher="accelerate_offload.cli launch")
-    result = subprocess.run(command, env=launch_environment(output_dir.parent), capture_output=True, text=True,
+    command = launch_command(SCRIPT, *args, launcher="accelerate-offload", threads=os.cpu_count() or 1)
+    result = subprocess.run(command, env=environment(output_dir.parent), capture_output=True, text=True,
                             cwd=output_dir.parent, timeout=400)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -43,7 +45,7 @@ def launch_flux(model: Path, images: Path, output_dir: Path, *extra: str) -> sub
 
 def launch_sd3(model: Path, images: Path, embeddings: Path, output_dir: Path, *extra: str):
     script = str(REPO / "train_sd3_dreambooth_lora.py")
-    command = [*launch_command([], launcher="accelerate_offload.cli launch")[:-1], script]
+    command = launch_command(script, launcher="accelerate-offload", threads=os.cpu_count() or 1)
     command += ["--pretrained_model_name_or_path", str(model), "--instance_prompt", SD3_PROMPT, "--resolution", "32"]
     command += ["--embeddings_path", str(embeddings), "--instance_data_dir", str(images), "--report_to", "none"]
     command += ["--seed", "0", "--learning_rate", "1e-2", "--lr_warmup_steps", "0", "--train_batch_size", "2"]

@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from test_train_flux import (
-    INSTANCE_PROMPT,
-    base_args,
-    launch_command,
-    launch_environment,
-    load_script,
-)
+from launching import environment, launch_command
+from test_train_flux import SCRIPT, INSTANCE_PROMPT, base_args, load_script
 
 from accelerate_offload.training_math import (
     VALIDATION_SIGMAS,
@@ -226,9 +222,9 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def offload_launch(args: list[str], home: Path, script: Path | None = None) -> subprocess.CompletedProcess:
-    command = launch_command(args, launcher="accelerate_offload.cli launch", script=[str(script)] if script else None)
+    command = launch_command(script or SCRIPT, *args, launcher="accelerate-offload", threads=os.cpu_count() or 1)
     return subprocess.run(
-        command, env=launch_environment(home), capture_output=True, text=True, cwd=home, timeout=280, check=False
+        command, env=environment(home), capture_output=True, text=True, cwd=home, timeout=280, check=False
     )
 
 
