@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_train_flux import INSTANCE_PROMPT, Run, base_args, launch, load_script
 
-from accelerate_offload.script_errors import TrainingFault, UsageError
+from accelerate_offload.script_errors import TrainingFault
 
 pytestmark = pytest.mark.timeout(300)
 
