@@ -587,6 +587,7 @@ def test_push_to_hub_uploads_lora_card_and_images_and_a_failed_upload_says_how_t
         "README.md",
         "final-0.png",
         "final-grid.png",
+        "loss.png",
         "metrics.jsonl",
         "pytorch_lora_weights.safetensors",
     ]

@@ -632,7 +632,7 @@ def test_push_to_hub_uploads_without_checkpoints_and_a_failed_upload_keeps_the_f
 
     assert pushed.returncode == 0, pushed.stderr[-3000:]
     (commit,) = hub.commits
-    assert sorted(commit) == ["README.md", "pytorch_lora_weights.safetensors"]
+    assert sorted(commit) == ["README.md", "loss.png", "metrics.jsonl", "pytorch_lora_weights.safetensors"]
     assert (tmp_path / "pushed" / "checkpoint-1").is_dir()
     assert_one_line_error(failed, f"the upload to {NAMESPACE}/sd3-lora failed (", "without training again: hf upload")
     assert {"README.md", "pytorch_lora_weights.safetensors", "checkpoint-1"} <= {
