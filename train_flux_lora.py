@@ -44,7 +44,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from accelerate_offload.adapters import adapter_checkpoint_problem
+from accelerate_offload.ema import ema_weights
 from accelerate_offload.loss_plot import plot_losses
+from accelerate_offload.script_errors import ScriptError, TrainingFault, UsageError
 from accelerate_offload.training_math import (
     TIMESTEP_SAMPLING,
     caption_orderings,
@@ -57,7 +60,6 @@ from accelerate_offload.training_math import (
     shuffle_caption,
     validation_share,
 )
-from accelerate_offload.script_errors import ScriptError, TrainingFault, UsageError
 from accelerate_offload.training_utils import (
     CHECKPOINT_PREFIX,
     LORA_WEIGHT_NAME,
@@ -449,7 +451,7 @@ def check_output(args: argparse.Namespace) -> str | None:
         args.resume_from_checkpoint,
         args.rank,
         lora_targets(args),
-        lambda checkpoint, shapes: adapter_checkpoint_problem(checkpoint, shapes, args),
+        lambda checkpoint, shapes: adapter_checkpoint_problem(checkpoint, shapes, args.adapter, args.use_ema),
     )
 
 
@@ -1433,17 +1435,6 @@ def check_kohya_names(args: argparse.Namespace, transformer) -> None:
         raise UsageError(problem)
 
 
-def adapter_checkpoint_problem(checkpoint: Path, keys, args: argparse.Namespace) -> str | None:
-    """A checkpoint of another adapter type, or one without the EMA that --use_ema resumes."""
-    from accelerate_offload.adapters import adapter_type_of_keys
-
-    found = adapter_type_of_keys(keys)
-    if found is not None and found != args.adapter:
-        return f"its adapter is {found}, --adapter is {args.adapter} (pass --adapter {found} to continue it)"
-    if args.use_ema and not list(checkpoint.glob("custom_checkpoint_*.pkl")):
-        return "it has no EMA of the adapter (trained without --use_ema); drop --use_ema to continue it"
-    return None
-
 
 def make_ema(args: argparse.Namespace, accelerator, model):
     """The adapter's average in CPU memory, saved in every checkpoint (None without --use_ema)."""
@@ -1455,15 +1446,6 @@ def make_ema(args: argparse.Namespace, accelerator, model):
     accelerator.register_for_checkpointing(ema)
     return ema
 
-
-@contextmanager
-def ema_weights(ema, model):
-    """The model holds the adapter's average inside the block (validation), its trained weights after it."""
-    if ema is None:
-        yield
-        return
-    with ema.averaged(model):
-        yield
 
 
 def final_weight_name(args: argparse.Namespace) -> str:

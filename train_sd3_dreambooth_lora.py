@@ -27,7 +27,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -76,24 +76,24 @@ from accelerate_offload import LayerOffloadPlugin, OffloadConfigError
 from accelerate_offload.adapters import (
     ADAPTER_TYPES,
     KOHYA_WEIGHT_NAME,
+    adapter_checkpoint_problem,
     adapter_config,
-    adapter_type_of_keys,
     ema_weight_name,
     flag_problem,
     formats_note,
-    module_of,
     read_adapter_file,
     save_formats,
     set_adapter_state,
     usage_snippet,
     write_adapter_file,
 )
-from accelerate_offload.ema import AdapterEMA
+from accelerate_offload.ema import AdapterEMA, ema_weights
 from accelerate_offload.inference import load_lora_file, place_pipeline, plan_vae_passes
 from accelerate_offload.lora_formats import kohya_problem, write_kohya_file
 from accelerate_offload.loss_plot import plot_losses
 from accelerate_offload.oom import explain_out_of_memory
 from accelerate_offload.phases import STREAM_MORE, JobPhases, kept_outputs
+from accelerate_offload.script_errors import ScriptError, TrainingFault, UsageError
 from accelerate_offload.training_math import (
     TIMESTEP_SAMPLING,
     fixed_noise_loss,
@@ -103,7 +103,6 @@ from accelerate_offload.training_math import (
     sample_shifted_sigmas,
     validation_share,
 )
-from accelerate_offload.script_errors import ScriptError, TrainingFault, UsageError
 from accelerate_offload.training_utils import (
     MetricsFileError,
     MetricsLog,
@@ -577,7 +576,7 @@ def check_output_dir(args: argparse.Namespace) -> str | None:
         args.resume_from_checkpoint,
         args.rank,
         lora_layers,
-        lambda checkpoint, shapes: adapter_checkpoint_problem(checkpoint, shapes, args),
+        lambda checkpoint, shapes: adapter_checkpoint_problem(checkpoint, shapes, args.adapter, args.use_ema),
     )
 
 
@@ -1346,15 +1345,6 @@ def check_kohya_names(args: argparse.Namespace, transformer: torch.nn.Module) ->
         raise UsageError(problem)
 
 
-def adapter_checkpoint_problem(checkpoint: Path, keys, args: argparse.Namespace) -> str | None:
-    """A checkpoint of another adapter type, or one without the EMA that --use_ema resumes."""
-    found = adapter_type_of_keys(keys)
-    if found is not None and found != args.adapter:
-        return f"its adapter is {found}, --adapter is {args.adapter} (pass --adapter {found} to continue it)"
-    if args.use_ema and not list(checkpoint.glob("custom_checkpoint_*.pkl")):
-        return "it has no EMA of the adapter (trained without --use_ema); drop --use_ema to continue it"
-    return None
-
 
 def make_ema(args: argparse.Namespace, accelerator: Accelerator, model: torch.nn.Module) -> AdapterEMA | None:
     """The adapter's average in CPU memory, saved in every checkpoint (None without --use_ema)."""
@@ -1364,15 +1354,6 @@ def make_ema(args: argparse.Namespace, accelerator: Accelerator, model: torch.nn
     accelerator.register_for_checkpointing(ema)
     return ema
 
-
-@contextmanager
-def ema_weights(ema: AdapterEMA | None, model: torch.nn.Module):
-    """The model holds the adapter's average inside the block (validation), its trained weights after it."""
-    if ema is None:
-        yield
-        return
-    with ema.averaged(model):
-        yield
 
 
 def final_weight_name(args: argparse.Namespace) -> str:

@@ -73,6 +73,17 @@ def adapter_type_of_keys(keys) -> str | None:
     return None
 
 
+def adapter_checkpoint_problem(checkpoint: Path, keys, adapter: str, use_ema: bool) -> str | None:
+    """What stops a run of `adapter` (with `use_ema`) from resuming `checkpoint`: another adapter type, or no EMA
+    state (accelerate saves registered objects as `custom_checkpoint_N.pkl`)."""
+    found = adapter_type_of_keys(keys)
+    if found is not None and found != adapter:
+        return f"its adapter is {found}, --adapter is {adapter} (pass --adapter {found} to continue it)"
+    if use_ema and not list(checkpoint.glob("custom_checkpoint_*.pkl")):
+        return "it has no EMA of the adapter (trained without --use_ema); drop --use_ema to continue it"
+    return None
+
+
 def module_of(key: str) -> str:
     """The module a saved adapter key belongs to, without the file's `transformer.` prefix."""
     key = key.removeprefix("transformer.")

@@ -87,3 +87,13 @@ class AdapterEMA:
         finally:
             for name in self.names:
                 params[name].copy_(trained[name])
+
+
+@contextmanager
+def ema_weights(ema: AdapterEMA | None, model: nn.Module) -> Iterator[None]:
+    """`model` holds the adapter's average inside the block when there is one (validation), as it was without."""
+    if ema is None:
+        yield
+        return
+    with ema.averaged(model):
+        yield
