@@ -12,6 +12,7 @@ def plot_losses(records: Sequence[dict], path: str | Path, title: str = "") -> P
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axis = plt.subplots(figsize=(8, 4.5))
     steps = [record["step"] for record in records]
@@ -23,6 +24,7 @@ def plot_losses(records: Sequence[dict], path: str | Path, title: str = "") -> P
             [record["validation_loss"] for record in measured],
             color="tab:orange", marker="o", label="validation loss (fixed timesteps and noise)",
         )  # fmt: skip
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
     axis.set_title(title)
