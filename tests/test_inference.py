@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +112,32 @@ def test_trained_transformer_draws_with_the_saved_lora_file(tiny_flux_path: Path
     np.testing.assert_allclose(draw(pipeline), expected, atol=1e-5)
     without_lora = flux_pipeline(tiny_flux_path)
     assert np.abs(draw(without_lora) - expected).max() > 1e-3  # the LoRA changes the image
+
+
+def test_the_training_adapter_and_its_optimizer_are_freed_before_the_saved_file_loads(
+    tiny_flux_path: Path, tmp_path: Path
+) -> None:
+    """Final images do not carry training's memory: the adapter being replaced and an optimizer let go just before
+    (in a reference cycle, as accelerate's wrapper leaves one) are freed as the saved file loads."""
+    from diffusers import FluxPipeline
+
+    transformer = trained_transformer_with_lora(tiny_flux_path)
+    save_lora(transformer, tmp_path)
+    offload_model(transformer, "cpu", layer_offload_fraction=1.0, async_offloading=False, pin_memory=False)
+    trained = [param for name, param in transformer.named_parameters() if "lora_" in name]
+    optimizer = torch.optim.AdamW(trained)
+    sum(param.square().sum() for param in trained).backward()
+    optimizer.step()
+    adapter, state = weakref.ref(trained[0]), weakref.ref(optimizer.state[trained[0]]["exp_avg"])
+    optimizer.holder = optimizer  # only a collection frees it
+    pipeline = FluxPipeline.from_pretrained(tiny_flux_path, transformer=transformer)
+    gc.disable()  # no collection but the one loading the file makes
+    try:
+        del optimizer, trained
+        load_lora_file(pipeline, tmp_path, LORA_FILE, "cpu")
+        assert adapter() is None and state() is None
+    finally:
+        gc.enable()
 
 
 def test_nothing_streamed_is_left_after_teardown(tiny_flux_path: Path) -> None:
