@@ -63,12 +63,17 @@ def place_pipeline(
             Whether to stream the transformer and T5; defaults to `None`, meaning on CUDA when the plugin streams.
         max_ram (`str`, *optional*):
             A host budget such as `"12GB"` for each streamed component: blocks past it are read from disk.
+            Defaults to the plugin's, so class images keep the budget training keeps.
         offload_dir (`str`, *optional*):
-            The folder for the blocks read from disk; needed when `max_ram` leaves blocks for it.
+            The folder for the blocks read from disk; needed when `max_ram` leaves blocks for it. Defaults to the
+            plugin's.
     """
     device = torch.device(device)
     if stream is None:
         stream = device.type == "cuda" and streams_for_inference(plugin)
+    if plugin is not None:
+        max_ram = max_ram if max_ram is not None else plugin.max_ram
+        offload_dir = offload_dir if offload_dir is not None else plugin.offload_dir
     for name, component in pipeline.components.items():
         if not isinstance(component, nn.Module):
             continue

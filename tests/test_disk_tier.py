@@ -278,3 +278,21 @@ def test_t5_blocks_past_the_budget_give_the_same_embeddings(tmp_path: Path) -> N
     with torch.no_grad():
         assert torch.equal(streamed(tokens).last_hidden_state, plain(tokens).last_hidden_state)
     assert disk.bytes_read == sum(nbytes for plan in disk.in_place.values() for *_, nbytes in plan)  # each once
+
+
+def test_inference_placement_keeps_the_plugins_host_budget(tmp_path: Path) -> None:
+    """Class images from a fresh pipeline stay inside the launch config's `max_ram`, as training does."""
+    from transformers import T5Config, T5EncoderModel
+
+    from accelerate_offload import LayerOffloadPlugin
+    from accelerate_offload.inference import place_pipeline
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=8, num_heads=4)
+    T5EncoderModel(config).save_pretrained(tmp_path / "t5")
+    block = sum(p.numel() * 4 for p in T5EncoderModel(config).encoder.block[1].parameters())
+    plugin = LayerOffloadPlugin(layer_offload_fraction=1.0, async_offloading=False, pin_memory=False,
+                                max_ram=f"{6 * block}B", offload_dir=str(tmp_path / "offload"))  # fmt: skip
+    streamed = T5EncoderModel.from_pretrained(tmp_path / "t5")
+    place_pipeline(type("Pipeline", (), {"components": {"text_encoder_3": streamed}})(), "cpu", plugin, stream=True)
+    assert len(get_conductor(streamed).disk.offsets) >= 2
