@@ -47,6 +47,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from accelerate_offload.adapters import adapter_checkpoint_problem
 from accelerate_offload.ema import ema_weights
 from accelerate_offload.loss_plot import plot_losses
+from accelerate_offload.optimizers import add_optimizer_args, build_optimizer, optimizer_problem
 from accelerate_offload.script_errors import ScriptError, TrainingFault, UsageError
 from accelerate_offload.training_math import (
     TIMESTEP_SAMPLING,
@@ -73,11 +74,11 @@ from accelerate_offload.training_utils import (
     output_dir_problem,
     remove_unfinished_checkpoints,
     resolve_checkpoint,
+    save_adapter_files,
     save_checkpoint,
     step_is_finite,
     trainable_is_finite,
     validation_loss_due,
-    write_aside,
 )
 
 logger = logging.getLogger(__name__)
@@ -89,8 +90,8 @@ DEFAULT_LORA_LAYERS = (
     "attn.to_k,attn.to_q,attn.to_v,attn.to_out.0,attn.add_k_proj,attn.add_q_proj,attn.add_v_proj,attn.to_add_out,"
     "ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2"
 )
-OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy")
 TRACKERS = ("tensorboard", "wandb", "all", "none")
+PRECISIONS = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"  # the run's summary plot: training loss, and validation loss where measured
 TRACKER_PROJECT = "flux-lora"
@@ -151,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     prior.add_argument("--num_class_images", type=int, default=100, help="Class images to use (generated if short).")
     prior.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior preservation loss.")
     prior.add_argument("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
+    prior.add_argument(
+        "--prior_generation_precision",
+        default=None,
+        choices=["no", "fp32", "fp16", "bf16"],
+        help="Precision of class-image generation (default: the training's, so the weights load without a copy).",
+    )
 
     flow = parser.add_argument_group("flow matching")
     flow.add_argument(
@@ -183,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--optimizer", default="AdamW", choices=OPTIMIZERS, help="Optimizer.")
+    add_optimizer_args(optim)
     optim.add_argument("--learning_rate", type=float, default=1e-4, help="Learning rate after warm-up.")
     optim.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by the total batch size.")
     optim.add_argument(
@@ -195,11 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up steps of the schedule.")
     optim.add_argument("--lr_num_cycles", type=int, default=1, help="Restarts of 'cosine_with_restarts'.")
     optim.add_argument("--lr_power", type=float, default=1.0, help="Power of the 'polynomial' schedule.")
-    optim.add_argument("--adam_beta1", type=float, default=0.9, help="Beta1 of Adam and Prodigy.")
-    optim.add_argument("--adam_beta2", type=float, default=0.999, help="Beta2 of Adam and Prodigy.")
-    optim.add_argument("--prodigy_beta3", type=float, default=None, help="Prodigy step-size averaging coefficient.")
-    optim.add_argument("--adam_weight_decay", type=float, default=1e-4, help="Weight decay.")
-    optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="Epsilon of Adam and Prodigy.")
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
     optim.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
@@ -213,10 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="Precision of the frozen weights (the LoRA stays fp32). Default: the accelerate config's.",
     )
     optim.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    optim.add_argument(
+        "--train_text_encoder",
+        action="store_true",
+        help="Not offered: prompts are embedded once and the text encoders freed before training (refused).",
+    )
+    optim.add_argument(
+        "--local_rank", type=int, default=-1, help="Set by torch.distributed.launch; accelerate reads the environment."
+    )
 
     output = parser.add_argument_group("checkpoints and output")
     output.add_argument("--output_dir", default="flux-lora", help="Where the LoRA, logs and checkpoints go.")
     output.add_argument("--logging_dir", default="logs", help="Tracker log folder, inside --output_dir.")
+    output.add_argument(
+        "--upcast_before_saving",
+        action="store_true",
+        help="Save the final LoRA in fp32 (default: in the training precision, as diffusers' scripts do).",
+    )
     output.add_argument("--checkpointing_steps", type=int, default=500, help="Save the training state every N steps.")
     output.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
     output.add_argument(
@@ -289,7 +304,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     checks = (check_data_args, check_prior_args, check_numbers, check_training_features, check_optimizer)
-    for check in (*checks, check_reporting, check_output, check_adapter_args):
+    for check in (*checks, check_text_encoder, check_reporting, check_output, check_adapter_args):
         message = check(args)
         if message:  # a value that parses but cannot work: one line naming the fix
             parser.exit(2, f"error: {message}\n")
@@ -387,17 +402,11 @@ def check_numbers(args: argparse.Namespace) -> str | None:
         return f"--lora_alpha must be at least 1, got {args.lora_alpha}"
     if args.lr_num_cycles < 1:
         return f"--lr_num_cycles must be at least 1, got {args.lr_num_cycles}"
-    for name in ("learning_rate", "max_grad_norm", "adam_epsilon", "lr_power", "logit_std"):
+    for name in ("learning_rate", "max_grad_norm", "lr_power", "logit_std"):
         if not 0.0 < getattr(args, name) < math.inf:
             return f"--{name} must be a positive number, got {getattr(args, name)}"
-    for name in ("adam_weight_decay", "prior_loss_weight"):
-        if not 0.0 <= getattr(args, name) < math.inf:
-            return f"--{name} cannot be negative, got {getattr(args, name)}"
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            return f"--{name} must be in [0, 1), got {getattr(args, name)}"
-    if args.prodigy_beta3 is not None and not 0.0 <= args.prodigy_beta3 < 1.0:
-        return f"--prodigy_beta3 must be in [0, 1), got {args.prodigy_beta3}"
+    if not 0.0 <= args.prior_loss_weight < math.inf:
+        return f"--prior_loss_weight cannot be negative, got {args.prior_loss_weight}"
     if args.max_sequence_length > MAX_T5_TOKENS:
         return (
             f"--max_sequence_length must be at most {MAX_T5_TOKENS} (FLUX.1's T5 limit), got {args.max_sequence_length}"
@@ -410,18 +419,15 @@ def check_numbers(args: argparse.Namespace) -> str | None:
 
 
 def check_optimizer(args: argparse.Namespace) -> str | None:
-    if args.optimizer == "AdamW8bit":
-        if not torch.cuda.is_available():
-            return "--optimizer AdamW8bit needs a CUDA GPU; use --optimizer AdamW on this machine"
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            return "--optimizer AdamW8bit needs bitsandbytes: pip install bitsandbytes (or use --optimizer AdamW)"
-    if args.optimizer == "Prodigy":
-        try:
-            import prodigyopt  # noqa: F401
-        except ImportError:
-            return "--optimizer Prodigy needs prodigyopt: pip install prodigyopt (or use --optimizer AdamW)"
+    return optimizer_problem(args, cuda=torch.cuda.is_available())
+
+
+def check_text_encoder(args: argparse.Namespace) -> str | None:
+    if args.train_text_encoder:
+        return (
+            "--train_text_encoder is not offered: prompts are embedded once and the text encoders freed, so the "
+            "whole GPU budget goes to the transformer; drop the flag (its LoRA learns the instance prompt)"
+        )
     return None
 
 
@@ -1274,23 +1280,6 @@ def validation_loss(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_optimizer(args: argparse.Namespace, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    common = {"betas": (args.adam_beta1, args.adam_beta2), "weight_decay": args.adam_weight_decay}
-    if args.optimizer == "AdamW8bit":
-        import bitsandbytes
-
-        return bitsandbytes.optim.AdamW8bit(parameters, lr=args.learning_rate, eps=args.adam_epsilon, **common)
-    if args.optimizer == "Prodigy":
-        import prodigyopt
-
-        if args.learning_rate < 0.1:
-            logger.warning("Prodigy adapts the step size itself; a --learning_rate near 1.0 is usual")
-        return prodigyopt.Prodigy(
-            parameters, lr=args.learning_rate, beta3=args.prodigy_beta3, eps=args.adam_epsilon, **common
-        )
-    return torch.optim.AdamW(parameters, lr=args.learning_rate, eps=args.adam_epsilon, **common)
-
-
 def write_lora(model, folder: Path, weight_name: str = LORA_WEIGHT_NAME) -> None:
     """The adapter in diffusers' file layout (`pytorch_lora_weights.safetensors`), as its loader reads it."""
     from diffusers import FluxPipeline
@@ -1455,23 +1444,11 @@ def final_weight_name(args: argparse.Namespace) -> str:
     return ema_weight_name(LORA_WEIGHT_NAME) if args.use_ema else LORA_WEIGHT_NAME
 
 
-def save_final_adapter(args: argparse.Namespace, model, output_dir: Path, ema) -> None:
-    """Every file the run ends with, each written aside and renamed (a crash never leaves a half-written one): the
-    adapter, its kohya-keyed copy with --save_format kohya, and the same for the EMA under --use_ema."""
-    from accelerate_offload.adapters import KOHYA_WEIGHT_NAME, ema_weight_name, save_formats
-    from accelerate_offload.lora_formats import write_kohya_file
+def save_final_adapter(args: argparse.Namespace, model, output_dir: Path, ema, dtype: torch.dtype) -> None:
+    from diffusers import FluxPipeline
 
-    def write_all(suffix: str = "") -> None:
-        name = ema_weight_name(LORA_WEIGHT_NAME) if suffix else LORA_WEIGHT_NAME
-        write_aside(lambda folder: write_lora(model, folder, name), output_dir, name)
-        if "kohya" in save_formats(args.save_format):
-            kohya = ema_weight_name(KOHYA_WEIGHT_NAME) if suffix else KOHYA_WEIGHT_NAME
-            write_aside(lambda folder: write_kohya_file(model, "flux", folder / kohya), output_dir, kohya)
-
-    write_all()
-    if ema is not None:
-        with ema.averaged(model):
-            write_all("ema")
+    saved_dtype = torch.float32 if args.upcast_before_saving else dtype
+    save_adapter_files(FluxPipeline, "flux", model, output_dir, args.save_format, ema, saved_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1826,7 +1803,8 @@ def main(args: argparse.Namespace) -> None:
     class_images: list[Path] = []
     if args.with_prior_preservation:
         with phases.phase("class images", [*image_fixes, f"lower --sample_batch_size (now {args.sample_batch_size})"]):
-            generate_class_images(args, embeddings[args.class_prompt], offload_plugin, accelerator, dtype)
+            class_dtype = PRECISIONS[args.prior_generation_precision] if args.prior_generation_precision else dtype
+            generate_class_images(args, embeddings[args.class_prompt], offload_plugin, accelerator, class_dtype)
         accelerator.wait_for_everyone()
         class_images = [path for path, _ in readable_images(class_image_paths(args), args.strict, "class images")]
     dataset = DreamBoothDataset(
@@ -2061,7 +2039,7 @@ def main(args: argparse.Namespace) -> None:
     if accelerator.is_main_process:
         check_finite_lora(model, global_step, args)
         with phases.phase("save"):
-            save_final_adapter(args, model, output_dir, ema)
+            save_final_adapter(args, model, output_dir, ema, dtype)
         logger.info("Saved the LoRA to %s", output_dir / LORA_WEIGHT_NAME)
         del transformer, optimizer, lr_scheduler  # the trained model draws the final images with the saved file
         accelerator.free_memory()

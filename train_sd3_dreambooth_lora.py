@@ -75,7 +75,6 @@ from tqdm.auto import tqdm
 from accelerate_offload import LayerOffloadPlugin, OffloadConfigError
 from accelerate_offload.adapters import (
     ADAPTER_TYPES,
-    KOHYA_WEIGHT_NAME,
     adapter_checkpoint_problem,
     adapter_config,
     ema_weight_name,
@@ -89,9 +88,10 @@ from accelerate_offload.adapters import (
 )
 from accelerate_offload.ema import AdapterEMA, ema_weights
 from accelerate_offload.inference import load_lora_file, place_pipeline, plan_vae_passes
-from accelerate_offload.lora_formats import kohya_problem, write_kohya_file
+from accelerate_offload.lora_formats import kohya_problem
 from accelerate_offload.loss_plot import plot_losses
 from accelerate_offload.oom import explain_out_of_memory
+from accelerate_offload.optimizers import add_optimizer_args, build_optimizer, optimizer_problem
 from accelerate_offload.phases import STREAM_MORE, JobPhases, kept_outputs
 from accelerate_offload.script_errors import ScriptError, TrainingFault, UsageError
 from accelerate_offload.training_math import (
@@ -114,9 +114,9 @@ from accelerate_offload.training_utils import (
     output_dir_problem,
     remove_unfinished_checkpoints,
     resolve_checkpoint,
+    save_adapter_files,
     save_checkpoint,
     validation_loss_due,
-    write_aside,
 )
 
 logger = get_logger(__name__)
@@ -242,6 +242,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_LORA_LAYERS,
         help="Comma-separated names of the transformer modules that get LoRA layers.",
     )
+    parser.add_argument(
+        "--lora_blocks",
+        type=str,
+        default=None,
+        help="Comma-separated indices of the transformer blocks whose --lora_layers get LoRA layers, e.g. '12,30' "
+        "(default: every block).",
+    )
+    parser.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout inside the LoRA layers.")
     parser.add_argument("--with_prior_preservation", action="store_true", help="Flag to add prior preservation loss.")
     parser.add_argument("--prior_loss_weight", type=float, default=1.0, help="The weight of prior preservation loss.")
     parser.add_argument(
@@ -366,13 +374,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="Whether the model outputs are preconditioned as in EDM; this decides how the loss target is computed.",
     )
-    parser.add_argument(
-        "--use_8bit_adam", action="store_true", help="Whether or not to use 8-bit Adam from bitsandbytes (CUDA)."
-    )
-    parser.add_argument("--adam_beta1", type=float, default=0.9, help="The beta1 parameter for the Adam optimizer.")
-    parser.add_argument("--adam_beta2", type=float, default=0.999, help="The beta2 parameter for the Adam optimizer.")
-    parser.add_argument("--adam_weight_decay", type=float, default=1e-04, help="Weight decay for the LoRA params.")
-    parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="Epsilon value for the Adam optimizer.")
+    add_optimizer_args(parser)
     parser.add_argument("--max_grad_norm", default=1.0, type=float, help="Max gradient norm.")
     parser.add_argument("--push_to_hub", action="store_true", help="Whether or not to push the model to the Hub.")
     parser.add_argument("--hub_token", type=str, default=None, help="The token to use to push to the Model Hub.")
@@ -414,6 +416,19 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             " without a converted copy), else fp16 on a GPU and fp32 elsewhere."
         ),
     )
+    parser.add_argument(
+        "--upcast_before_saving",
+        action="store_true",
+        help="Save the final LoRA in fp32 (default: in the training precision, as diffusers' scripts do).",
+    )
+    parser.add_argument(
+        "--train_text_encoder",
+        action="store_true",
+        help="Not offered: training reads compute_embeddings.py's fixed embeddings (refused).",
+    )
+    parser.add_argument(
+        "--local_rank", type=int, default=-1, help="Set by torch.distributed.launch; accelerate reads the environment."
+    )
     add_training_feature_args(parser)
     add_adapter_args(parser)
     args = parser.parse_args(input_args)
@@ -427,7 +442,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             parser.error("--with_prior_preservation needs --class_data_dir")
         if args.class_prompt is None:
             parser.error("--with_prior_preservation needs --class_prompt")
-    for check in (check_numbers, check_training_features, check_paths, check_output_dir, check_adapter_args):
+    checks = (check_numbers, check_training_features, check_text_encoder, check_paths, check_output_dir)
+    for check in (*checks, check_adapter_args):
         message = check(args)
         if message:  # a value that parses but cannot work: one line naming the fix
             parser.exit(2, f"error: {message}\n")
@@ -527,17 +543,28 @@ def check_numbers(args: argparse.Namespace) -> str | None:
     for name in ("lr_warmup_steps", "dataloader_num_workers", "num_validation_images"):
         if getattr(args, name) < 0:
             return f"--{name} cannot be negative, got {getattr(args, name)}"
-    for name in ("learning_rate", "max_grad_norm", "adam_epsilon", "lr_power", "logit_std"):
+    for name in ("learning_rate", "max_grad_norm", "lr_power", "logit_std"):
         if not 0.0 < getattr(args, name) < math.inf:
             return f"--{name} must be a positive number, got {getattr(args, name)}"
-    for name in ("adam_weight_decay", "prior_loss_weight"):
-        if not 0.0 <= getattr(args, name) < math.inf:
-            return f"--{name} cannot be negative, got {getattr(args, name)}"
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            return f"--{name} must be in [0, 1), got {getattr(args, name)}"
+    if not 0.0 <= args.prior_loss_weight < math.inf:
+        return f"--prior_loss_weight cannot be negative, got {args.prior_loss_weight}"
+    if not 0.0 <= args.lora_dropout < 1.0:
+        return f"--lora_dropout must be in [0, 1), got {args.lora_dropout}"
+    if args.lora_blocks is not None and not all(
+        block.strip().isdigit() for block in args.lora_blocks.split(",")
+    ):
+        return f"--lora_blocks takes comma-separated block indices such as 12,30, got '{args.lora_blocks}'"
     if args.lr_scheduler not in LR_SCHEDULERS:
         return f"--lr_scheduler {args.lr_scheduler} is not one of {', '.join(LR_SCHEDULERS)}"
+    return None
+
+
+def check_text_encoder(args: argparse.Namespace) -> str | None:
+    if args.train_text_encoder:
+        return (
+            "--train_text_encoder is not offered: training reads the fixed embeddings of compute_embeddings.py, "
+            "with no text encoder loaded; drop the flag (the transformer's LoRA learns the instance prompt)"
+        )
     return None
 
 
@@ -570,14 +597,30 @@ def check_output_dir(args: argparse.Namespace) -> str | None:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         return f"--output_dir {output_dir} is a file, not a folder: pass a folder (created if missing)"
-    lora_layers = [layer.strip() for layer in args.lora_layers.split(",") if layer.strip()]
     return output_dir_problem(
         output_dir,
         args.resume_from_checkpoint,
         args.rank,
-        lora_layers,
+        lora_targets(args),
         lambda checkpoint, shapes: adapter_checkpoint_problem(checkpoint, shapes, args.adapter, args.use_ema),
     )
+
+
+def lora_layer_names(args: argparse.Namespace) -> list[str]:
+    return [layer.strip() for layer in args.lora_layers.split(",") if layer.strip()]
+
+
+def lora_block_indices(args: argparse.Namespace) -> list[int] | None:
+    return None if args.lora_blocks is None else sorted({int(block) for block in args.lora_blocks.split(",")})
+
+
+def lora_targets(args: argparse.Namespace) -> list[str]:
+    """The modules that get LoRA layers: --lora_layers in every block, or in the --lora_blocks only (as diffusers'
+    script names them: `transformer_blocks.12.attn.to_q`)."""
+    blocks = lora_block_indices(args)
+    if blocks is None:
+        return lora_layer_names(args)
+    return [f"transformer_blocks.{block}.{layer}" for block in blocks for layer in lora_layer_names(args)]
 
 
 def list_images(root: Path) -> list[Path]:
@@ -719,7 +762,12 @@ def check_pipeline(args: argparse.Namespace, plugin: LayerOffloadPlugin) -> None
     with init_empty_weights():
         transformer = SD3Transformer2DModel.from_config(config)
     names = [name for name, _ in transformer.named_modules()]
-    for target in (layer.strip() for layer in args.lora_layers.split(",") if layer.strip()):
+    blocks = lora_block_indices(args)
+    if blocks is not None and blocks[-1] >= len(transformer.transformer_blocks):
+        raise UsageError(
+            f"--lora_blocks {blocks[-1]}: the transformer has blocks 0 to {len(transformer.transformer_blocks) - 1}"
+        )
+    for target in lora_layer_names(args):
         if not any(name == target or name.endswith(f".{target}") for name in names):
             raise UsageError(
                 f"--lora_layers {target}: the transformer has no such module; use names like attn.to_q, attn.to_out.0"
@@ -1243,6 +1291,7 @@ def save_model_card(
         "rank": args.rank,
         "lora_alpha": args.lora_alpha or args.rank,
         "lora_layers": args.lora_layers,
+        "lora_blocks": args.lora_blocks or "all",
         "learning_rate": args.learning_rate,
         "lr_scheduler": args.lr_scheduler,
         "train_batch_size": args.train_batch_size,
@@ -1328,14 +1377,15 @@ def add_adapter_args(parser: argparse.ArgumentParser) -> None:
 
 
 def check_adapter_args(args: argparse.Namespace) -> str | None:
-    return flag_problem(args.adapter, args.use_dora, args.save_format, 0.0, args.lokr_factor, args.ema_decay)
+    return flag_problem(
+        args.adapter, args.use_dora, args.save_format, args.lora_dropout, args.lokr_factor, args.ema_decay
+    )
 
 
 def new_adapter_config(args: argparse.Namespace):
-    targets = [layer.strip() for layer in args.lora_layers.split(",") if layer.strip()]
     return adapter_config(
-        args.adapter, args.rank, args.lora_alpha or args.rank, targets, use_dora=args.use_dora,
-        lokr_factor=args.lokr_factor,
+        args.adapter, args.rank, args.lora_alpha or args.rank, lora_targets(args), dropout=args.lora_dropout,
+        use_dora=args.use_dora, lokr_factor=args.lokr_factor,
     )  # fmt: skip
 
 
@@ -1361,22 +1411,12 @@ def final_weight_name(args: argparse.Namespace) -> str:
     return ema_weight_name(LORA_WEIGHT_NAME) if args.use_ema else LORA_WEIGHT_NAME
 
 
-def save_final_adapter(args: argparse.Namespace, model: torch.nn.Module, output_dir: Path, ema) -> None:
-    """Every file the run ends with, each written aside and renamed, so an earlier one is never half overwritten:
-    the adapter, its kohya-keyed copy with --save_format kohya, and the same for the EMA under --use_ema."""
-
-    def write_all(suffix: str = "") -> None:
-        name = ema_weight_name(LORA_WEIGHT_NAME) if suffix else LORA_WEIGHT_NAME
-        write_aside(lambda folder: write_adapter_file(StableDiffusion3Pipeline, model, folder, name), output_dir, name)
-        if "kohya" in save_formats(args.save_format):
-            kohya = ema_weight_name(KOHYA_WEIGHT_NAME) if suffix else KOHYA_WEIGHT_NAME
-            write_aside(lambda folder: write_kohya_file(model, "sd3", folder / kohya), output_dir, kohya)
-
+def save_final_adapter(
+    args: argparse.Namespace, model: torch.nn.Module, output_dir: Path, ema, dtype: torch.dtype
+) -> None:
+    saved_dtype = torch.float32 if args.upcast_before_saving else dtype
     try:
-        write_all()
-        if ema is not None:
-            with ema.averaged(model):
-                write_all("ema")
+        save_adapter_files(StableDiffusion3Pipeline, "sd3", model, output_dir, args.save_format, ema, saved_dtype)
     except OSError as error:
         raise TrainingFault(
             f"could not write the LoRA to {output_dir} ({error.strerror or error}): free space and rerun with "
@@ -1401,13 +1441,9 @@ def main(args: argparse.Namespace) -> None:
         # the data order of an epoch depends only on the seed and the epoch, so a resumed run sees the same batches
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    if args.use_8bit_adam:
-        if accelerator.device.type != "cuda":
-            raise UsageError("--use_8bit_adam needs a CUDA GPU (bitsandbytes); drop the flag to train with AdamW")
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+    problem = optimizer_problem(args, cuda=accelerator.device.type == "cuda")
+    if problem:
+        raise UsageError(problem)
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -1573,13 +1609,7 @@ def main(args: argparse.Namespace) -> None:
         )
 
     transformer_lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer_class = bnb.optim.AdamW8bit if args.use_8bit_adam else torch.optim.AdamW
-    optimizer = optimizer_class(
-        [{"params": transformer_lora_parameters, "lr": args.learning_rate}],
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
+    optimizer = build_optimizer(args, transformer_lora_parameters)
 
     train_dataset = DreamBoothDataset(
         instance_files, rows, embeddings, args, class_files=class_files, class_row=class_row,
@@ -1851,7 +1881,7 @@ def main(args: argparse.Namespace) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with phases.phase("save"):
-            save_final_adapter(args, unwrap_model(transformer), Path(args.output_dir), ema)
+            save_final_adapter(args, unwrap_model(transformer), Path(args.output_dir), ema, weight_dtype)
         del optimizer, lr_scheduler  # the optimizer's state is freed before the final images are drawn
         accelerator.free_memory()
 

@@ -30,6 +30,8 @@ Modules, each importing only those above it (`tests/test_imports.py` checks it):
 - `lora_formats`: a LoRA rewritten with kohya keys (`lora_unet_...`) for ComfyUI, Forge and sd-scripts.
 - `ema`: the adapter's moving average in CPU memory.
 - `inference`: a pipeline placed for inference (frozen, streamed like training), a saved LoRA loaded onto it.
+- `optimizers`: the optimizer flags of diffusers' scripts (`--optimizer` in any case, `--use_8bit_adam`, Prodigy's
+  switches), checked and built one way for both scripts.
 - `training_utils`: what the scripts share: atomic checkpoints and their resume checks, metrics.jsonl, finite
   checks, stop signals, file modes.
 - `training_math`: shifted timestep draws, shuffled captions, masks on the latent grid, the validation loss's

@@ -106,10 +106,12 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().to("cpu", torch.float32) for key, value in get_peft_model_state_dict(model).items()}
 
 
-def adapter_file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors of the saved file (without the `transformer.` prefix): LoHa adds each module's `alpha`, which
-    ComfyUI reads (PEFT scales by alpha / rank as LyCORIS does)."""
+def adapter_file_tensors(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the saved file (without the `transformer.` prefix), in `dtype` (None: as trained): LoHa adds
+    each module's `alpha`, which ComfyUI reads (PEFT scales by alpha / rank as LyCORIS does)."""
     state_dict = adapter_state_dict(model)
+    if dtype is not None:
+        state_dict = {key: value.to(dtype) for key, value in state_dict.items()}
     config = model.peft_config["default"]
     if adapter_type(config) == "loha":
         for module in sorted({module_of(key) for key in state_dict}):
@@ -117,11 +119,13 @@ def adapter_file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def write_adapter_file(pipeline_class, model: nn.Module, folder: Path, weight_name: str) -> Path:
+def write_adapter_file(
+    pipeline_class, model: nn.Module, folder: Path, weight_name: str, dtype: torch.dtype | None = None
+) -> Path:
     """Writes the adapter in diffusers' file layout with its PEFT config in the header, by diffusers' writer."""
     pipeline_class.save_lora_weights(
         folder,
-        transformer_lora_layers=adapter_file_tensors(model),
+        transformer_lora_layers=adapter_file_tensors(model, dtype),
         transformer_lora_adapter_metadata=adapter_metadata(model),
         weight_name=weight_name,
     )

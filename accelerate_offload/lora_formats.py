@@ -180,12 +180,14 @@ def kohya_problem(model: torch.nn.Module, family: str) -> str | None:
     )
 
 
-def write_kohya_file(model: torch.nn.Module, family: str, path: Path) -> Path:
-    """Writes the model's LoRA with kohya keys to `path` (safetensors)."""
+def write_kohya_file(model: torch.nn.Module, family: str, path: Path, dtype: torch.dtype | None = None) -> Path:
+    """Writes the model's LoRA with kohya keys to `path` (safetensors), in `dtype` (None: as trained)."""
     from safetensors.torch import save_file
 
     config = model.peft_config["default"]
     tensors = to_kohya(adapter_state_dict(model), config.lora_alpha / config.r, family, linear_out_features(model))
+    if dtype is not None:
+        tensors = {key: value.to(dtype) for key, value in tensors.items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path, metadata={"format": "pt"})
     return path

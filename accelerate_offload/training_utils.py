@@ -18,6 +18,7 @@ import signal
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate.utils import DistributedType
@@ -26,7 +27,8 @@ from safetensors import SafetensorError, safe_open
 from .adapters import module_of
 from .script_errors import TrainingFault
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from .ema import AdapterEMA
 
 logger = logging.getLogger(__name__)
 
@@ -341,6 +343,34 @@ def write_aside(write: Callable[[Path], None], output_dir: Path, file_name: str)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return output_dir / file_name
+
+
+def save_adapter_files(
+    pipeline_class,
+    family: str,
+    model: torch.nn.Module,
+    output_dir: Path,
+    save_format: str,
+    ema: AdapterEMA | None,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Every file a run ends with, each written aside and renamed: the adapter, its kohya-keyed copy under
+    --save_format kohya, and the same for the adapter's average under --use_ema (`ema`), in `dtype` (None: as
+    trained; diffusers' scripts save in the training dtype unless --upcast_before_saving)."""
+    from .adapters import KOHYA_WEIGHT_NAME, ema_weight_name, save_formats, write_adapter_file
+    from .lora_formats import write_kohya_file
+
+    def write_all(averaged: bool) -> None:
+        name = ema_weight_name(LORA_WEIGHT_NAME) if averaged else LORA_WEIGHT_NAME
+        write_aside(lambda folder: write_adapter_file(pipeline_class, model, folder, name, dtype), output_dir, name)
+        if "kohya" in save_formats(save_format):
+            kohya = ema_weight_name(KOHYA_WEIGHT_NAME) if averaged else KOHYA_WEIGHT_NAME
+            write_aside(lambda folder: write_kohya_file(model, family, folder / kohya, dtype), output_dir, kohya)
+
+    write_all(averaged=False)
+    if ema is not None:
+        with ema.averaged(model):
+            write_all(averaged=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
