@@ -1424,7 +1424,6 @@ def check_kohya_names(args: argparse.Namespace, transformer) -> None:
         raise UsageError(problem)
 
 
-
 def make_ema(args: argparse.Namespace, accelerator, model):
     """The adapter's average in CPU memory, saved in every checkpoint (None without --use_ema)."""
     if not args.use_ema:
@@ -1434,7 +1433,6 @@ def make_ema(args: argparse.Namespace, accelerator, model):
     ema = AdapterEMA(model, args.ema_decay)
     accelerator.register_for_checkpointing(ema)
     return ema
-
 
 
 def final_weight_name(args: argparse.Namespace) -> str:

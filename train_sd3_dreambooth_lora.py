@@ -1395,7 +1395,6 @@ def check_kohya_names(args: argparse.Namespace, transformer: torch.nn.Module) ->
         raise UsageError(problem)
 
 
-
 def make_ema(args: argparse.Namespace, accelerator: Accelerator, model: torch.nn.Module) -> AdapterEMA | None:
     """The adapter's average in CPU memory, saved in every checkpoint (None without --use_ema)."""
     if not args.use_ema:
@@ -1403,7 +1402,6 @@ def make_ema(args: argparse.Namespace, accelerator: Accelerator, model: torch.nn
     ema = AdapterEMA(model, args.ema_decay)
     accelerator.register_for_checkpointing(ema)
     return ema
-
 
 
 def final_weight_name(args: argparse.Namespace) -> str:

@@ -204,7 +204,6 @@ def run_rows(scan: BlockScan, jobs: list[RowJob], sources: tuple[int, ...], tens
     return tuple(torch.cat(outputs[s], dim=1) for s in sources)
 
 
-
 def join_chunks(per_chunk: list[tuple[torch.Tensor, ...]], sequence_dim: int) -> list[torch.Tensor]:
     """Phase 1's results: the chunks' keys (values, ...) each joined along the sequence, in attention order."""
     return [torch.cat(pieces, dim=sequence_dim) for pieces in zip(*per_chunk, strict=True)]

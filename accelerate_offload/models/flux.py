@@ -38,7 +38,6 @@ class _Chunk:
     sin: torch.Tensor | None
 
 
-
 def _text_then_image(
     encoder_hidden_states: torch.Tensor,
     hidden_states: torch.Tensor,
@@ -55,8 +54,6 @@ def _text_then_image(
     for start, end in spans(hidden_states.shape[1], chunks):
         parts.append(_Chunk("image", hidden_states[:, start:end], *rope_rows(text + start, text + end)))
     return parts
-
-
 
 
 @dataclass(frozen=True)
@@ -266,7 +263,6 @@ def _flux_single(
     return _flux_chunked(
         block, chunks, whole, {s: wrap(key_value, s) for s in streams}, {s: wrap(rows, s) for s in streams}
     )
-
 
 
 MIRRORS = {

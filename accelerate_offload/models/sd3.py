@@ -152,5 +152,4 @@ def _sd3_joint(
     return forward
 
 
-
 MIRRORS = {"JointTransformerBlock": ChunkMirror(JointTransformerBlock, _sd3_supported, _sd3_joint)}
