@@ -47,7 +47,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from accelerate_offload.adapters import adapter_checkpoint_problem
 from accelerate_offload.ema import ema_weights
 from accelerate_offload.loss_plot import plot_losses
-from accelerate_offload.optimizers import add_optimizer_args, build_optimizer, optimizer_problem
+from accelerate_offload.optimizers import (
+    add_optimizer_args,
+    build_optimizer,
+    chosen_optimizer,
+    optimizer_checkpoint_problem,
+    optimizer_problem,
+)
 from accelerate_offload.script_errors import ScriptError, TrainingFault, UsageError
 from accelerate_offload.training_math import (
     TIMESTEP_SAMPLING,
@@ -457,7 +463,8 @@ def check_output(args: argparse.Namespace) -> str | None:
         args.resume_from_checkpoint,
         args.rank,
         lora_targets(args),
-        lambda checkpoint, shapes: adapter_checkpoint_problem(checkpoint, shapes, args.adapter, args.use_ema),
+        lambda checkpoint, shapes: adapter_checkpoint_problem(checkpoint, shapes, args.adapter, args.use_ema)
+        or optimizer_checkpoint_problem(checkpoint, chosen_optimizer(args)),
     )
 
 

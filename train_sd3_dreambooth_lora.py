@@ -91,7 +91,13 @@ from accelerate_offload.inference import load_lora_file, place_pipeline, plan_va
 from accelerate_offload.lora_formats import kohya_problem
 from accelerate_offload.loss_plot import plot_losses
 from accelerate_offload.oom import explain_out_of_memory
-from accelerate_offload.optimizers import add_optimizer_args, build_optimizer, optimizer_problem
+from accelerate_offload.optimizers import (
+    add_optimizer_args,
+    build_optimizer,
+    chosen_optimizer,
+    optimizer_checkpoint_problem,
+    optimizer_problem,
+)
 from accelerate_offload.phases import STREAM_MORE, JobPhases, kept_outputs
 from accelerate_offload.script_errors import ScriptError, TrainingFault, UsageError
 from accelerate_offload.training_math import (
@@ -602,7 +608,8 @@ def check_output_dir(args: argparse.Namespace) -> str | None:
         args.resume_from_checkpoint,
         args.rank,
         lora_targets(args),
-        lambda checkpoint, shapes: adapter_checkpoint_problem(checkpoint, shapes, args.adapter, args.use_ema),
+        lambda checkpoint, shapes: adapter_checkpoint_problem(checkpoint, shapes, args.adapter, args.use_ema)
+        or optimizer_checkpoint_problem(checkpoint, chosen_optimizer(args)),
     )
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import pickle
+from pathlib import Path
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+OPTIMIZER_STATE = "optimizer.bin"  # accelerate's name for the first optimizer's state in a checkpoint
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
 
@@ -131,3 +134,27 @@ def build_optimizer(args: argparse.Namespace, parameters: list[torch.nn.Paramete
             **common,
         )
     return torch.optim.AdamW(parameters, **common)
+
+
+def saved_optimizer(state: dict) -> str:
+    """Which of OPTIMIZERS wrote an optimizer `state_dict`: Prodigy keeps its step-size estimate `d` in each group,
+    bitsandbytes' AdamW names its moments `state1` and `state2`, torch's AdamW `exp_avg` and `exp_avg_sq`."""
+    if any("d" in group for group in state.get("param_groups", [])):
+        return "prodigy"
+    if any("state1" in moments for moments in state.get("state", {}).values()):
+        return "adamw8bit"
+    return "adamw"
+
+
+def optimizer_checkpoint_problem(checkpoint: Path, optimizer: str) -> str | None:
+    """What stops `optimizer` from resuming `checkpoint`: another optimizer's state (it would load into the wrong
+    slots). An unreadable state is left to the checkpoint's own damage check."""
+    path = checkpoint / OPTIMIZER_STATE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
+        return None
+    found = saved_optimizer(state)
+    if found == optimizer:
+        return None
+    return f"its optimizer state is {found}'s, --optimizer is {optimizer} (pass --optimizer {found} to continue it)"

@@ -15,7 +15,14 @@ from safetensors import safe_open
 from test_sd3 import embedding_args, launch_training, train_script
 from test_train_flux import SCRIPT, base_args, load_script
 
-from accelerate_offload.optimizers import add_optimizer_args, build_optimizer, chosen_optimizer, optimizer_problem
+from accelerate_offload.optimizers import (
+    add_optimizer_args,
+    build_optimizer,
+    chosen_optimizer,
+    optimizer_checkpoint_problem,
+    optimizer_problem,
+    saved_optimizer,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -94,6 +101,29 @@ def test_bad_optimizer_numbers_are_one_line(flag: str, value: str, message: str)
     assert optimizer_problem(optimizer_args(flag, value), cuda=True) == message
 
 
+def stepped_state(name: str) -> dict:
+    args = optimizer_args("--optimizer", name, "--learning_rate", "1.0")
+    parameters = one_parameter()
+    optimizer = build_optimizer(args, parameters)
+    parameters[0].grad = torch.ones(3)
+    optimizer.step()
+    return optimizer.state_dict()
+
+
+def test_a_checkpoint_of_another_optimizer_is_refused(tmp_path: Path) -> None:
+    for name in ("adamw", "prodigy"):
+        torch.save(stepped_state(name), tmp_path / "optimizer.bin")
+        assert saved_optimizer(torch.load(tmp_path / "optimizer.bin", weights_only=False)) == name
+        assert optimizer_checkpoint_problem(tmp_path, name) is None
+    assert optimizer_checkpoint_problem(tmp_path, "adamw") == (
+        "its optimizer state is prodigy's, --optimizer is adamw (pass --optimizer prodigy to continue it)"
+    )
+    # bitsandbytes' 8-bit AdamW (CUDA only) names its moments state1 and state2
+    assert saved_optimizer({"state": {0: {"state1": torch.zeros(1), "state2": torch.zeros(1)}}}) == "adamw8bit"
+    (tmp_path / "optimizer.bin").write_bytes(b"cut short")
+    assert optimizer_checkpoint_problem(tmp_path, "adamw") is None  # left to the checkpoint's damage check
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Both scripts take a command written for diffusers' scripts
 # ----------------------------------------------------------------------------------------------------------------
@@ -164,13 +194,35 @@ def test_flux_saves_in_the_training_precision_unless_upcast(
     args = base_args(
         tiny_flux_path, output, "--instance_data_dir", str(sample_images), "--instance_prompt", "a sks shape",
         "--train_batch_size", "1", "--max_train_steps", "1", "--mixed_precision", "bf16", "--report_to", "none",
-        "--save_format", "diffusers,kohya", *(["--upcast_before_saving"] if upcast else []),
+        "--save_format", "diffusers,kohya", "--checkpointing_steps", "1",
+        *(["--upcast_before_saving"] if upcast else []),
     )  # fmt: skip
     result = run(launch_command(SCRIPT, *args, threads=2), tmp_path, timeout=280, env=environment(tmp_path))
     assert result.returncode == 0, result.stderr[-4000:]
     expected = torch.float32 if upcast else torch.bfloat16
     assert saved_dtypes(output / "pytorch_lora_weights.safetensors") == {expected}
     assert saved_dtypes(output / "pytorch_lora_weights_kohya.safetensors") == {expected}
+    assert saved_dtypes(output / "checkpoint-1" / "pytorch_lora_weights.safetensors") == {torch.float32}
+
+
+def test_flux_resume_with_another_optimizer_is_one_line(
+    tiny_flux_path: Path, sample_images: Path, tmp_path: Path, capsys
+) -> None:
+    output = tmp_path / "out"
+    args = base_args(
+        tiny_flux_path, output, "--instance_data_dir", str(sample_images), "--instance_prompt", "a sks shape",
+        "--train_batch_size", "1", "--max_train_steps", "1", "--checkpointing_steps", "1", "--report_to", "none",
+        "--optimizer", "prodigy", "--learning_rate", "1.0",
+    )  # fmt: skip
+    result = run(launch_command(SCRIPT, *args, threads=2), tmp_path, timeout=280, env=environment(tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    resumed = [*args[:-4], "--max_train_steps", "2", "--resume_from_checkpoint", "latest"]  # AdamW, the default
+    with pytest.raises(SystemExit):
+        flux_script.parse_args(resumed)
+    assert capsys.readouterr().err.strip() == (
+        f"error: cannot resume from {output / 'checkpoint-1'}: its optimizer state is prodigy's, --optimizer is "
+        "adamw (pass --optimizer prodigy to continue it); no earlier checkpoint is usable"
+    )
 
 
 def test_sd3_prodigy_on_chosen_blocks_end_to_end(tiny_sd3_path: Path, sample_images: Path, tmp_path: Path) -> None:
