@@ -1589,7 +1589,8 @@ def write_model_card(args: argparse.Namespace, repo_id: str, images: list[Path],
         widget=[{"text": prompt or "", "output": {"url": path.name}} for path in images],
     )
     names = (*TRAINING_SETTINGS, *ADAPTER_SETTINGS)
-    settings = "\n".join(f"| `{name}` | `{getattr(args, name)}` |" for name in names)
+    shown = {**vars(args), "optimizer": chosen_optimizer(args)}  # --use_8bit_adam shows as adamw8bit
+    settings = "\n".join(f"| `{name}` | `{shown[name]}` |" for name in names)
     trigger = (
         f"Use `{args.instance_prompt}` in the prompt to trigger it." if args.instance_prompt else "No trigger words."
     )

@@ -1299,6 +1299,7 @@ def save_model_card(
         "lora_alpha": args.lora_alpha or args.rank,
         "lora_layers": args.lora_layers,
         "lora_blocks": args.lora_blocks or "all",
+        "optimizer": chosen_optimizer(args),
         "learning_rate": args.learning_rate,
         "lr_scheduler": args.lr_scheduler,
         "train_batch_size": args.train_batch_size,

@@ -243,6 +243,7 @@ def test_sd3_prodigy_on_chosen_blocks_end_to_end(tiny_sd3_path: Path, sample_ima
     assert modules and all(module.startswith("transformer.transformer_blocks.1.") for module in modules), modules
     state = torch.load(output / "checkpoint-2" / "optimizer.bin", map_location="cpu", weights_only=False)
     assert "d" in state["param_groups"][0]  # Prodigy's step-size estimate: the optimizer that trained
+    assert "| optimizer | prodigy |" in (output / "README.md").read_text()
     pipeline = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path)
     pipeline.load_lora_weights(output)
     loaded = [name for name, _ in pipeline.transformer.named_parameters() if ".lora_A." in name]
