@@ -71,15 +71,20 @@ from accelerate_offload.training_utils import (
     CHECKPOINT_PREFIX,
     LORA_WEIGHT_NAME,
     PARTIAL_SUFFIX,
+    LatentCache,
+    LatentDistribution,
     MetricsFileError,
     MetricsLog,
     StopSignals,
+    cache_latents,
     checkpoint_step,
+    encode_latent_distribution,
     give_default_modes,
     last_checkpoint_note,
     output_dir_problem,
     remove_unfinished_checkpoints,
     resolve_checkpoint,
+    sample_latents,
     save_adapter_files,
     save_checkpoint,
     step_is_finite,
@@ -1089,45 +1094,16 @@ def generate_class_images(
     del pipeline  # freed, pinned buffers and all, as the class-images phase ends
 
 
-def encode_latent_distribution(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of the VAE posterior; sampling happens at each step, cached or not, so both agree."""
-    with torch.no_grad():
-        distribution = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return distribution.mean, distribution.std
-
-
-def cache_latent_distributions(vae, dataset: DreamBoothDataset) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Encodes every dataset item once (its crop and flip are fixed from then on); kept on the CPU."""
-    from tqdm.auto import tqdm
-
-    cache = {}
-    for index in tqdm(range(len(dataset)), desc="Caching latents"):
-        mean, std = encode_latent_distribution(vae, collate([dataset[index]])["pixels"])
-        cache[index] = (mean.cpu(), std.cpu())
-    return cache
-
-
-def cache_masks(dataset: DreamBoothDataset) -> dict[int, torch.Tensor]:
-    """Each item's instance mask as cached with its latents: the same crop and flip (epoch 0's) for the whole run."""
-    return {index: dataset[index]["mask"] for index in range(len(dataset))}
-
-
-def batch_masks(batch: dict, mask_cache: dict | None) -> torch.Tensor | None:
-    """The batch's pixel masks (class images all ones), from the cache when latents are cached."""
-    if "masks" not in batch or mask_cache is None:
-        return batch.get("masks")
-    instance = [mask_cache[index] for index in batch["indices"]]
-    return torch.stack(instance + [torch.ones_like(instance[0])] * (len(batch["masks"]) - len(instance)))
-
-
-def batch_latent_distribution(batch: dict, latent_cache: dict | None, vae) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_latent_distribution(batch: dict, latent_cache: LatentCache | None, vae) -> LatentDistribution:
+    """The batch's VAE posterior: cached before training, or encoded now."""
     if latent_cache is None:
         return encode_latent_distribution(vae, batch["pixels"])
-    parts = [latent_cache[index] for index in batch["indices"]]
-    # cached items hold [instance, class]: reorder to all instances first, then all classes, as `collate` does
-    means = torch.cat([mean[:1] for mean, _ in parts] + [mean[1:] for mean, _ in parts])
-    stds = torch.cat([std[:1] for _, std in parts] + [std[1:] for _, std in parts])
-    return means, stds
+    return latent_cache.distribution(batch["indices"])
+
+
+def batch_masks(batch: dict, latent_cache: LatentCache | None) -> torch.Tensor | None:
+    """The batch's pixel masks (class images all ones): cached with the latents when they are."""
+    return batch.get("masks") if latent_cache is None else latent_cache.batch_masks(batch)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1218,7 +1194,7 @@ def flow_matching_loss(
 
     device = embeddings[0].device
     mean, std = (part.to(device) for part in latent_distribution)
-    latents = mean + std * torch.randn_like(mean)
+    latents = sample_latents((mean, std))
     latents = ((latents - latent_space.shift_factor) * latent_space.scaling_factor).to(device, dtype)
     batch_size, _, height, width = latents.shape
     noise = torch.randn_like(latents)
@@ -1832,14 +1808,15 @@ def main(args: argparse.Namespace) -> None:
     vae = load_vae(args, device, dtype)
     plan_vae_passes(vae, device, offload_plugin.max_vram)  # each pass fits what is left of the budget as it starts
     latent_space = LatentSpace.from_vae(vae)
-    latent_cache = mask_cache = None
+    latent_cache = None
     validation_set = encode_validation_latents(args, vae, validation_examples, buckets, latent_space)
     if args.cache_latents:
         if args.random_flip or not args.center_crop:
             logger.info("--cache_latents: each image keeps the crop and flip it was cached with")
         with phases.phase("latents", [resolution_fix]):
-            latent_cache = cache_latent_distributions(vae, dataset)
-            mask_cache = cache_masks(dataset) if args.mask_data_dir or args.mask_column else None
+            latent_cache = cache_latents(
+                vae, dataset, lambda item: collate([item])["pixels"], accelerator.is_local_main_process
+            )
             vae.to("cpu")  # needed again only to decode validation images
             if args.validation_prompt is None:
                 del vae
@@ -1950,7 +1927,7 @@ def main(args: argparse.Namespace) -> None:
                         stack_embeddings(embeddings, batch["prompts"], device, dtype),
                         guidance_embeds,
                         dtype,
-                        batch_masks(batch, mask_cache),
+                        batch_masks(batch, latent_cache),
                     )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:

@@ -59,6 +59,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from diffusers.configuration_utils import FrozenDict
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import (
     cast_training_params,
@@ -110,16 +111,19 @@ from accelerate_offload.training_math import (
     validation_share,
 )
 from accelerate_offload.training_utils import (
+    LatentCache,
     MetricsFileError,
     MetricsLog,
     StopSignals,
     any_process,
+    cache_latents,
     checkpoint_step,
     give_default_modes,
     last_checkpoint_note,
     output_dir_problem,
     remove_unfinished_checkpoints,
     resolve_checkpoint,
+    sample_latents,
     save_adapter_files,
     save_checkpoint,
     validation_loss_due,
@@ -325,6 +329,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--gradient_checkpointing",
         action="store_true",
         help="Whether or not to use gradient checkpointing to save memory at the expense of slower backward pass.",
+    )
+    parser.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode the images once, before training, into CPU memory; frees the VAE from the GPU until images are "
+        "drawn. Each image keeps the crop and flip it was cached with.",
     )
     parser.add_argument(
         "--learning_rate",
@@ -1014,7 +1024,7 @@ class DreamBoothDataset(Dataset):
         if self.dropout_row is not None and dropout < self.args.caption_dropout_rate:
             row = self.dropout_row
         crop_state = rng.getstate()
-        example = {"instance": self._example(data, row, rng)}
+        example = {"index": index, "instance": self._example(data, row, rng)}
         if self.masks is not None:  # the same crop and flip as the image: its draws replayed
             replay = random.Random()
             replay.setstate(crop_state)
@@ -1034,6 +1044,7 @@ def collate_fn(examples: list[dict], with_prior_preservation: bool = False) -> d
         parts += [example["class"] for example in examples]
     pixel_values, prompt_embeds, pooled_prompt_embeds = (torch.stack(items) for items in zip(*parts, strict=True))
     batch = {
+        "indices": [example["index"] for example in examples],
         "pixel_values": pixel_values.to(memory_format=torch.contiguous_format).float(),
         "prompt_embeds": prompt_embeds,
         "pooled_prompt_embeds": pooled_prompt_embeds,
@@ -1044,13 +1055,29 @@ def collate_fn(examples: list[dict], with_prior_preservation: bool = False) -> d
     return batch
 
 
+def shift_and_scale(latents: torch.Tensor, vae_config: FrozenDict) -> torch.Tensor:
+    """SD3 latents from the VAE's: shifted, then scaled, exactly what the pipeline undoes before decoding."""
+    return (latents - vae_config.shift_factor) * vae_config.scaling_factor
+
+
 @torch.no_grad()
 def encode_latents(
     vae: AutoencoderKL, pixel_values: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """SD3 latents: shifted, then scaled, exactly what the pipeline undoes before decoding."""
-    latents = vae.encode(pixel_values).latent_dist.sample(generator)
-    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    """SD3 latents of `pixel_values`, sampled from the VAE posterior with `generator`."""
+    return shift_and_scale(vae.encode(pixel_values).latent_dist.sample(generator), vae.config)
+
+
+def cached_latents(
+    latent_cache: LatentCache,
+    indices: list[int],
+    vae_config: FrozenDict,
+    device: torch.device,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """SD3 latents of the dataset items `indices` from their cached posterior: the draw `encode_latents` makes."""
+    mean, std = (part.to(device) for part in latent_cache.distribution(indices))
+    return shift_and_scale(sample_latents((mean, std), generator), vae_config)
 
 
 def flow_matching_loss(
@@ -1124,7 +1151,7 @@ def encode_validation_latents(
         with Image.open(io.BytesIO(data)) as image:
             pixels = preprocess(image, args.resolution, center_crop=True, random_flip=False, rng=random.Random(0))
         mean = vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist.mean
-        encoded.append((((mean - vae.config.shift_factor) * vae.config.scaling_factor).cpu(), row))
+        encoded.append((shift_and_scale(mean, vae.config).cpu(), row))
     return encoded
 
 
@@ -1558,12 +1585,34 @@ def main(args: argparse.Namespace) -> None:
     transformer.requires_grad_(False)
     vae.requires_grad_(False)
 
+    train_dataset = DreamBoothDataset(
+        instance_files, rows, embeddings, args, class_files=class_files, class_row=class_row,
+        masks=masks,
+        dropout_row=embeddings.row("negative", "") if args.caption_dropout_rate else None,
+    )  # fmt: skip
+
     # SD3's VAE is kept in fp32: it overflows in fp16 and it is small.
     vae.to(accelerator.device, dtype=torch.float32)
     plan_vae_passes(vae, accelerator.device, offload_plugin.max_vram)  # each pass fits the budget left as it starts
     validation_set = []  # measured by the main process only
     if accelerator.is_main_process:
         validation_set = encode_validation_latents(vae, held_out_files, held_out_rows, args)
+    latent_cache = None
+    if args.cache_latents:
+        kept = "" if args.center_crop and not args.random_flip else "; each keeps the crop and flip it is cached with"
+        logger.info(f"--cache_latents: encoding the {len(train_dataset)} training examples once{kept}")
+        with phases.phase("latents", [resolution_fix]):
+            latent_cache = cache_latents(
+                vae,
+                train_dataset,
+                lambda example: collate_fn([example], args.with_prior_preservation)["pixel_values"],
+                accelerator.is_local_main_process,
+            )
+            vae.to("cpu")  # back on the GPU only while validation and final images are drawn
+        logger.info(
+            f"Cached the latents of {len(train_dataset)} examples in {latent_cache.nbytes / 2**20:.1f} MiB of CPU "
+            "memory; the VAE is off the GPU for training"
+        )
 
     transformer.add_adapter(new_adapter_config(args))
     check_kohya_names(args, transformer)
@@ -1617,11 +1666,6 @@ def main(args: argparse.Namespace) -> None:
     transformer_lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = build_optimizer(args, transformer_lora_parameters)
 
-    train_dataset = DreamBoothDataset(
-        instance_files, rows, embeddings, args, class_files=class_files, class_row=class_row,
-        masks=masks,
-        dropout_row=embeddings.row("negative", "") if args.caption_dropout_rate else None,
-    )  # fmt: skip
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
         batch_size=args.train_batch_size,
@@ -1719,8 +1763,12 @@ def main(args: argparse.Namespace) -> None:
         An update whose loss or gradients are not finite (on any process) is not applied.
         """
         with accelerator.accumulate(transformer):
-            pixel_values = batch["pixel_values"].to(device=accelerator.device, dtype=vae.dtype)
-            model_input = encode_latents(vae, pixel_values, generator).to(dtype=weight_dtype)
+            if latent_cache is None:
+                pixel_values = batch["pixel_values"].to(device=accelerator.device, dtype=vae.dtype)
+                model_input = encode_latents(vae, pixel_values, generator)
+            else:
+                model_input = cached_latents(latent_cache, batch["indices"], vae.config, accelerator.device, generator)
+            model_input = model_input.to(dtype=weight_dtype)
 
             # Noise and timesteps come from this batch's own generator (on the CPU: the same numbers on any device).
             noise = torch.randn(model_input.shape, generator=generator).to(model_input)
@@ -1768,7 +1816,7 @@ def main(args: argparse.Namespace) -> None:
             target = model_input if args.precondition_outputs else noise - model_input
 
             prior_loss_weight = args.prior_loss_weight if args.with_prior_preservation else None
-            mask = batch.get("masks")
+            mask = batch.get("masks") if latent_cache is None else latent_cache.batch_masks(batch)
             if mask is not None:  # pixels to the latent grid: each latent pixel by its share of masked-in pixels
                 mask = mask_to_latent_grid(mask.to(accelerator.device), 2 ** (len(vae.config.block_out_channels) - 1))
             loss = flow_matching_loss(model_pred, target, weighting, prior_loss_weight, mask)
@@ -1877,8 +1925,11 @@ def main(args: argparse.Namespace) -> None:
                 tokenizer_3=None,
             )
             transformer.eval()
+            vae_device = vae.device  # a cached run's VAE is on the CPU, and goes back there
             with phases.phase("validation", [STREAM_MORE, resolution_fix]), ema_weights(ema, unwrap_model(transformer)):
+                place_pipeline(pipeline, accelerator.device)
                 log_validation(pipeline, args, accelerator, validation_pipeline_args(), epoch, weight_dtype)
+                vae.to(vae_device)
             transformer.train()
             del pipeline
 

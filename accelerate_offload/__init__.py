@@ -33,7 +33,7 @@ Modules, each importing only those above it (`tests/test_imports.py` checks it):
 - `optimizers`: the optimizer flags of diffusers' scripts (`--optimizer` in any case, `--use_8bit_adam`, Prodigy's
   switches), checked and built one way for both scripts.
 - `training_utils`: what the scripts share: atomic checkpoints and their resume checks, metrics.jsonl, finite
-  checks, stop signals, file modes.
+  checks, stop signals, file modes, the latent cache of `--cache_latents`.
 - `training_math`: shifted timestep draws, shuffled captions, masks on the latent grid, the validation loss's
   held-out images and fixed noise.
 - `loss_plot`: the run's summary plot, training and validation loss.

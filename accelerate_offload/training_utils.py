@@ -1,9 +1,9 @@
 """What the training scripts must get right and users never edit.
 
 Outputs with the modes of ordinary files, checkpoints that a crash or a full disk never leaves half-written and
-that are checked before a run resumes from them, the per-step metrics file continued on resume, finite checks, and
-stop signals that all processes act on at the
-same step.
+that are checked before a run resumes from them, the per-step metrics file continued on resume, finite checks,
+stop signals that all processes act on at the same step, and the latent cache of `--cache_latents`, sampled as
+the VAE samples so that a cached run trains on the latents an uncached one would.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pickle
 import shutil
 import signal
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from accelerate.utils import DistributedType
 from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
 
 from .adapters import module_of
 from .script_errors import TrainingFault
@@ -476,3 +478,76 @@ class StopSignals:
     def requested(self, accelerator) -> bool:
         """Whether any process got a signal (all of them stop together)."""
         return any_process(accelerator, self.received is not None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --cache_latents: every dataset item encoded once, kept in CPU memory, sampled at every step
+# ----------------------------------------------------------------------------------------------------------------
+
+LatentDistribution = tuple[torch.Tensor, torch.Tensor]  # the VAE posterior's mean and std
+
+
+def encode_latent_distribution(vae: torch.nn.Module, pixels: torch.Tensor) -> LatentDistribution:
+    """Mean and std of the VAE posterior of `pixels`; a step samples from them (`sample_latents`), cached or not."""
+    with torch.no_grad():
+        distribution = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return distribution.mean, distribution.std
+
+
+def sample_latents(distribution: LatentDistribution, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`mean + std * noise`, the noise drawn as the VAE's `latent_dist.sample(generator)` draws it: on the
+    generator's device (the mean's default generator without one), so cached latents are the ones encoding gives."""
+    mean, std = distribution
+    device = mean.device if generator is None else generator.device
+    noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+    return mean + std * noise.to(mean.device)
+
+
+@dataclass
+class LatentCache:
+    """Each dataset item's VAE posterior (rows: its instance image, then its class image) and loss mask, on the CPU.
+
+    The VAE then leaves the GPU for the whole of training; each item keeps the crop and flip it was cached with.
+    """
+
+    distributions: dict[int, LatentDistribution]
+    masks: dict[int, torch.Tensor]  # empty without loss masks
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [part for pair in self.distributions.values() for part in pair] + list(self.masks.values())
+        return sum(tensor.nbytes for tensor in tensors)
+
+    def distribution(self, indices: Sequence[int]) -> LatentDistribution:
+        """A batch's posterior, ordered as the scripts collate pixels: every instance image, then every class image."""
+        parts = [self.distributions[index] for index in indices]
+        means = torch.cat([mean[:1] for mean, _ in parts] + [mean[1:] for mean, _ in parts])
+        stds = torch.cat([std[:1] for _, std in parts] + [std[1:] for _, std in parts])
+        return means, stds
+
+    def batch_masks(self, batch: dict) -> torch.Tensor | None:
+        """The batch's pixel masks as cached (class images all ones), for its `indices`; None without masks."""
+        if "masks" not in batch:
+            return None
+        instance = [self.masks[index] for index in batch["indices"]]
+        return torch.stack(instance + [torch.ones_like(instance[0])] * (len(batch["masks"]) - len(instance)))
+
+
+def cache_latents(
+    vae: torch.nn.Module,
+    dataset: torch.utils.data.Dataset,
+    pixels: Callable[[dict], torch.Tensor],
+    show_progress: bool = True,
+) -> LatentCache:
+    """Encodes every item of `dataset` once, as the dataset crops and flips it now; `pixels` gives an item's rows.
+
+    An item's `"mask"`, if it has one, is kept with its latents: cropped and flipped as they were.
+    """
+    cached = LatentCache({}, {})
+    for index in tqdm(range(len(dataset)), desc="Caching latents", disable=not show_progress):
+        item = dataset[index]
+        mean, std = encode_latent_distribution(vae, pixels(item))
+        cached.distributions[index] = (mean.cpu(), std.cpu())
+        if "mask" in item:
+            cached.masks[index] = item["mask"]
+    return cached

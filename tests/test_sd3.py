@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from launching import REPO, launch_command, run  # noqa: E402
+from launching import REPO, environment, launch_command, run  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
@@ -38,6 +38,24 @@ TXT_CAPTION = ("02_triangle.png", "a sks triangle, from a text file")
 
 pytestmark = pytest.mark.timeout(300)
 
+# Appends the image count of every VAE encode to the file $SD3_TEST_ENCODES, then runs the script given as its first
+# argument, unchanged, as __main__.
+ENCODE_COUNTER = """
+import os, runpy, sys
+from diffusers import AutoencoderKL
+
+encode = AutoencoderKL.encode
+
+def counted(self, x, *args, **kwargs):
+    with open(os.environ["SD3_TEST_ENCODES"], "a") as log:
+        log.write(f"{len(x)}\\n")
+    return encode(self, x, *args, **kwargs)
+
+AutoencoderKL.encode = counted
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
 
 def load_script(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, REPO / f"{name}.py")
@@ -50,12 +68,17 @@ compute_embeddings = load_script("compute_embeddings")
 train_script = load_script("train_sd3_dreambooth_lora")
 
 
-def launch_training(tiny_sd3_path: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
-    """`accelerate launch --cpu` of the training script with tiny settings; `extra` flags are appended."""
+def launch_training(
+    tiny_sd3_path: Path, cwd: Path, *extra: str, wrapper: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`accelerate launch --cpu` of the training script with tiny settings; `extra` flags are appended. With
+    `wrapper`, the launcher runs it, and it runs the script."""
     args = ["--pretrained_model_name_or_path", str(tiny_sd3_path), "--instance_prompt", INSTANCE_PROMPT]
     args += ["--resolution", "32", "--report_to", "none", "--seed", "0", "--lr_warmup_steps", "0"]
     args += ["--learning_rate", "1e-3", *extra]
-    return run(launch_command(REPO / "train_sd3_dreambooth_lora.py", *args, threads=2), cwd, timeout=280)
+    scripts = [wrapper] if wrapper is not None else []
+    command = launch_command(*scripts, REPO / "train_sd3_dreambooth_lora.py", *args, threads=2)
+    return run(command, cwd, env, timeout=280)
 
 
 def embedding_args(tiny_sd3_path: Path, instance_dir: Path, output_path: Path, *extra: str):
@@ -140,6 +163,50 @@ def trained(tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, tmp_
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return work / "out", result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_cached(
+    tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, tmp_path_factory
+) -> tuple[Path, str, list[int]]:
+    """`trained` with --cache_latents and a fourth step, into the second epoch: 8 images trained on, 6 distinct.
+
+    Returns the output dir, the log, and the image count of each VAE encode the run made.
+    """
+    work = tmp_path_factory.mktemp("train-cached")
+    wrapper, encodes = work / "count_encodes.py", work / "encodes.txt"
+    wrapper.write_text(ENCODE_COUNTER)
+    result = launch_training(
+        tiny_sd3_path,
+        work,
+        "--embeddings_path",
+        str(embeddings_path),
+        "--instance_data_dir",
+        str(instance_dir),
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--validation_prompt",
+        VALIDATION_PROMPT,
+        "--num_validation_images",
+        "1",
+        "--validation_epochs",
+        "1",
+        "--cache_latents",
+        "--output_dir",
+        "out",
+        wrapper=wrapper,
+        env=environment(SD3_TEST_ENCODES=str(encodes)),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work / "out", result.stdout + result.stderr, [int(line) for line in encodes.read_text().split()]
+
+
+def losses(output_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_embeddings_equal_the_pipelines_encode_prompt(tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path):
@@ -296,10 +363,13 @@ def test_training_end_to_end(trained: tuple[Path, str], tiny_sd3_path: Path):
     assert "s/step=" in log and "loss=" in log and "lr=" in log
 
 
-def test_lora_loads_into_the_pipeline_and_changes_its_output(trained: tuple[Path, str], tiny_sd3_path: Path):
+@pytest.mark.parametrize("run_name", ["trained", "trained_cached"])
+def test_lora_loads_into_the_pipeline_and_changes_its_output(
+    run_name: str, tiny_sd3_path: Path, request: pytest.FixtureRequest
+):
     from diffusers import StableDiffusion3Pipeline
 
-    output_dir, _ = trained
+    output_dir = request.getfixturevalue(run_name)[0]
     weights = load_file(output_dir / "pytorch_lora_weights.safetensors")
     assert weights and all(key.startswith("transformer.") for key in weights)
     assert any("lora_B" in key and value.abs().max() > 0 for key, value in weights.items())
@@ -321,6 +391,81 @@ def test_lora_loads_into_the_pipeline_and_changes_its_output(trained: tuple[Path
     pipeline.load_lora_weights(output_dir)
     assert pipeline.get_list_adapters()["transformer"]
     assert np.abs(generate() - base).max() > 1e-4
+
+
+def test_cached_latents_train_and_draw_images(trained_cached: tuple[Path, str, list[int]]):
+    output_dir, log, _ = trained_cached
+    assert (output_dir / "pytorch_lora_weights.safetensors").is_file()
+    assert len(losses(output_dir)) == 4 and all(np.isfinite(losses(output_dir)))
+    # the VAE, off the GPU while training, decoded the validation and final images
+    assert Image.open(output_dir / "image_0.png").size == (32, 32)
+    assert "Cached the latents of 6 examples" in log
+
+
+def test_cached_latents_encode_each_image_once(trained_cached: tuple[Path, str, list[int]], instance_dir: Path):
+    """Each of the 6 images once, before the first step; encoding every batch would make [2, 2, 2, 2]."""
+    assert trained_cached[2] == [1] * len(list(instance_dir.glob("*.png")))
+
+
+def test_cached_latents_give_the_uncached_losses(
+    trained: tuple[Path, str], trained_cached: tuple[Path, str, list[int]]
+):
+    """The first epoch's steps (the crops the cache was made with): a cached posterior sampled with the step's
+    generator gives the latents the VAE's own sampling gives, to the float error of encoding images one by one."""
+    uncached, cached = losses(trained[0]), losses(trained_cached[0])[:3]
+    assert len(uncached) == 3
+    np.testing.assert_allclose(cached, uncached, rtol=1e-4)
+
+
+def test_cached_batches_hold_what_collate_encodes_class_images_and_masks_included(
+    tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, tmp_path: Path
+):
+    """Prior preservation, masks, random crops and flips: a batch from the cache is the posterior of the pixels
+    `collate_fn` gives (instance rows, then class rows) with their masks, and keeps them in a later epoch."""
+    from diffusers import AutoencoderKL
+
+    from accelerate_offload.training_utils import cache_latents, encode_latent_distribution
+
+    masks, class_dir = tmp_path / "masks", tmp_path / "class"
+    masks.mkdir()
+    class_dir.mkdir()
+    for path in sorted(instance_dir.glob("*.png")):
+        with Image.open(path) as image:
+            mask = Image.new("L", image.size, 0)
+            mask.paste(255, (0, 0, image.width // 2, image.height))
+            mask.save(masks / path.name)
+    for path in sorted(instance_dir.glob("*.png"))[:2]:
+        shutil.copy(path, class_dir / path.name)
+    args = train_script.parse_args(
+        ["--pretrained_model_name_or_path", str(tiny_sd3_path), "--instance_prompt", INSTANCE_PROMPT,
+         "--instance_data_dir", str(instance_dir), "--mask_data_dir", str(masks), "--with_prior_preservation",
+         "--class_data_dir", str(class_dir), "--class_prompt", CLASS_PROMPT, "--random_flip", "--resolution", "32",
+         "--seed", "0", "--output_dir", str(tmp_path / "out")]
+    )  # fmt: skip
+    embeddings = train_script.load_embeddings(embeddings_path, args)
+    files, source = train_script.instance_image_files(args)
+    class_files = [(path.name, path.read_bytes()) for path in sorted(class_dir.iterdir())]
+    dataset = train_script.DreamBoothDataset(
+        files, train_script.instance_rows(files, source, embeddings, args), embeddings, args,
+        class_files=class_files, class_row=embeddings.row("class", CLASS_PROMPT),
+        masks=train_script.load_masks(files, args),
+    )  # fmt: skip
+    vae = AutoencoderKL.from_pretrained(tiny_sd3_path, subfolder="vae")
+
+    def collate(indices: list[int]) -> dict:
+        return train_script.collate_fn([dataset[index] for index in indices], with_prior_preservation=True)
+
+    cache = cache_latents(vae, dataset, lambda example: train_script.collate_fn([example], True)["pixel_values"])
+    batch = collate([4, 1])
+    encoded = encode_latent_distribution(vae, batch["pixel_values"])
+    for cached_part, encoded_part in zip(cache.distribution(batch["indices"]), encoded, strict=True):
+        torch.testing.assert_close(cached_part, encoded_part, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cache.batch_masks(batch), batch["masks"], rtol=0, atol=0)
+
+    dataset.set_epoch(1)
+    later = collate([4, 1])
+    assert not torch.equal(later["masks"], batch["masks"])  # cropped and flipped anew
+    torch.testing.assert_close(cache.batch_masks(later), batch["masks"], rtol=0, atol=0)
 
 
 def test_resume_from_checkpoint(

@@ -1,7 +1,8 @@
 """The SD3 scripts under interruption, faults and bad input, through real `accelerate launch --cpu` subprocesses.
 
-Exact resume, atomic checkpoints (a process killed mid-save), SIGTERM/SIGINT, a non-finite loss, out of memory and
-a table of bad inputs. Runs that do not depend on each other go two at a time (the CI machine has two cores).
+Exact resume (cached latents too), atomic checkpoints (a process killed mid-save), SIGTERM/SIGINT, a non-finite
+loss, out of memory and a table of bad inputs. Runs that do not depend on each other go two at a time (the CI
+machine has two cores).
 Faults that cannot be caused for real on a CPU (a kill in the middle of a save, CUDA out of memory) are injected
 by a wrapper that patches one function and then runs the unchanged script.
 """
@@ -148,7 +149,21 @@ def odd_images(tiny_sd3_path: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, odd_images, tmp_path_factory) -> dict:
+def masks(instance_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A loss mask per instance image: its left half trains, so a flip moves it."""
+    folder = tmp_path_factory.mktemp("masks")
+    for path in instance_dir.glob("*.png"):
+        with Image.open(path) as image:
+            mask = Image.new("L", image.size, 0)
+            mask.paste(255, (0, 0, image.width // 2, image.height))
+            mask.save(folder / path.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(
+    tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, odd_images, masks: Path, tmp_path_factory
+) -> dict:
     """Every training run of this file, independent ones two at a time; results by name, with their folders."""
     work = tmp_path_factory.mktemp("runs")
     wrapper = write_fault_wrapper(work)
@@ -158,6 +173,9 @@ def runs(tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, odd_ima
 
     checkpointed = ["--max_train_steps", str(STEPS), "--checkpointing_steps", "2", "--checkpoints_total_limit", "1"]
     long_run = ["--max_train_steps", "100000", "--checkpointing_steps", "2"]
+    # every checkpoint kept; a flip and a mask that the flip moves, both cached with the latents
+    cached = ["--max_train_steps", str(STEPS), "--checkpointing_steps", "2", "--cache_latents", "--random_flip"]
+    cached += ["--mask_data_dir", str(masks)]
     results = in_pairs(
         {
             "straight": lambda: run(launch_command(*args("straight", *checkpointed)), work),
@@ -187,13 +205,25 @@ def runs(tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, odd_ima
                 ),
                 work,
             ),
+            "cached": lambda: run(launch_command(*args("cached", *cached)), work),
         }
     )
     # resume the crashed run; the folders of unfinished saves are passed over, then removed
     shutil.copytree(work / "crash", work / "resumed")
     (work / "resumed" / "checkpoint-9.tmp").mkdir()
-    results["resumed"] = run(
-        launch_command(*args("resumed", *checkpointed, "--resume_from_checkpoint", "latest")), work
+    # the cached run as if stopped after its step-2 checkpoint
+    shutil.copytree(work / "cached", work / "cached_resumed")
+    shutil.rmtree(work / "cached_resumed" / "checkpoint-4")
+    (work / "cached_resumed" / "pytorch_lora_weights.safetensors").unlink()
+    results |= in_pairs(
+        {
+            "resumed": lambda: run(
+                launch_command(*args("resumed", *checkpointed, "--resume_from_checkpoint", "latest")), work
+            ),
+            "cached_resumed": lambda: run(
+                launch_command(*args("cached_resumed", *cached, "--resume_from_checkpoint", "latest")), work
+            ),
+        }
     )
     return {name: (result, work / name) for name, result in results.items()}
 
@@ -219,6 +249,22 @@ def test_resume_after_a_crash_is_exact(runs: dict):
         torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
     state = json.loads((resumed_dir / "checkpoint-4" / TRAINING_STATE).read_text())
     assert state == {"seed": 0}
+
+
+def test_resume_with_cached_latents_is_exact(runs: dict):
+    """4 cached steps with flips and masks straight vs resumed from step 2: the cache, rebuilt, is the same."""
+    (cached, cached_dir), (resumed, resumed_dir) = runs["cached"], runs["cached_resumed"]
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from checkpoint checkpoint-2" in resumed.stdout + resumed.stderr
+    for name in ("pytorch_lora_weights.safetensors", "checkpoint-4/pytorch_lora_weights.safetensors"):
+        expected, got = load_file(cached_dir / name), load_file(resumed_dir / name)
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[key], got[key]) for key in expected), name
+    for name in ("optimizer.bin", "scheduler.bin"):
+        expected = torch.load(cached_dir / "checkpoint-4" / name, weights_only=False)
+        got = torch.load(resumed_dir / "checkpoint-4" / name, weights_only=False)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
 
 
 def test_checkpoint_total_limit_keeps_the_newest_complete_ones(runs: dict):
