@@ -1563,8 +1563,13 @@ def main(args: argparse.Namespace) -> None:
         args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision
     )
     noise_scheduler_copy = copy.deepcopy(noise_scheduler)
+    # SD3's VAE is kept in fp32: it overflows in fp16 and it is small. Loaded so (a cast by `to()` warns).
     vae = AutoencoderKL.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant
+        args.pretrained_model_name_or_path,
+        subfolder="vae",
+        revision=args.revision,
+        variant=args.variant,
+        dtype=torch.float32,
     )
     # The frozen transformer is only used for inference: half precision when mixed precision is on.
     weight_dtype = torch.float32
@@ -1591,8 +1596,7 @@ def main(args: argparse.Namespace) -> None:
         dropout_row=embeddings.row("negative", "") if args.caption_dropout_rate else None,
     )  # fmt: skip
 
-    # SD3's VAE is kept in fp32: it overflows in fp16 and it is small.
-    vae.to(accelerator.device, dtype=torch.float32)
+    vae.to(accelerator.device)
     plan_vae_passes(vae, accelerator.device, offload_plugin.max_vram)  # each pass fits the budget left as it starts
     validation_set = []  # measured by the main process only
     if accelerator.is_main_process:
@@ -1932,6 +1936,7 @@ def main(args: argparse.Namespace) -> None:
                 vae.to(vae_device)
             transformer.train()
             del pipeline
+            step_started = time.perf_counter()  # validation images do not count as step time
 
     stop_request.restore()
     progress_bar.close()  # before any error line of the final save or upload

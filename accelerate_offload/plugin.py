@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+from accelerate.utils import parse_flag_from_env
 
 from .block_compiler import compile_mode
 from .offload import avoid_cudnn_attention, offload_model
@@ -389,9 +390,12 @@ _warned_inactive = False
 
 
 def _warn_inactive_once(device: torch.device) -> None:
+    """Says once that the offload settings do nothing off CUDA: a warning, unless the launch asked for the CPU
+    (`--cpu` or `use_cpu: true`), where it is what the user chose and only a note."""
     global _warned_inactive
     if not _warned_inactive:
-        logger.warning(
+        say = logger.info if parse_flag_from_env("ACCELERATE_USE_CPU") else logger.warning
+        say(
             "accelerate-offload: the model trains on %s, not CUDA: layer and activation offloading are inactive "
             "and the model trains as usual.",
             device,

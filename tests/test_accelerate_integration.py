@@ -91,16 +91,21 @@ def test_save_and_load_state_round_trip(tmp_path) -> None:
     assert weights.host.data_ptr() <= pointer < weights.host.data_ptr() + weights.nbytes  # still streamed
 
 
-def test_plugin_on_cpu_says_once_it_is_inactive_and_still_checkpoints(caplog, monkeypatch) -> None:
+@pytest.mark.parametrize(("use_cpu", "level"), [("false", logging.WARNING), ("true", logging.INFO)])
+def test_plugin_on_cpu_says_once_it_is_inactive_and_still_checkpoints(
+    use_cpu: str, level: int, caplog, monkeypatch
+) -> None:
     monkeypatch.setenv("ACCELERATE_OFFLOAD_LAYER_OFFLOAD_FRACTION", "0.9")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", use_cpu)  # `accelerate launch --cpu` sets it: the CPU was chosen
     monkeypatch.setattr("accelerate_offload.plugin._warned_inactive", False)
     plugin = LayerOffloadPlugin(block_names=["blocks"])
     assert plugin.layer_offload_fraction == 0.9 and plugin.gradient_checkpointing
     reference, model = models()[0], copy.deepcopy(models()[0])
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         plugin.prepare_model(model, "cpu")
         LayerOffloadPlugin(block_names=["blocks"]).prepare_model(copy.deepcopy(reference), "cpu")
-    assert sum("offloading are inactive" in r.message for r in caplog.records) == 1
+    said = [record for record in caplog.records if "offloading are inactive" in record.message]
+    assert [record.levelno for record in said] == [level]
     conductor = get_conductor(model)
     assert conductor.weights == {} and conductor.activations is None
     inputs = batches(1)[0]

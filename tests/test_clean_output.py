@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-NOISE = re.compile(r"Warning|deprecated|Failed to load")
+NOISE = re.compile(r"warning|deprecated|failed to load", re.IGNORECASE)  # logging's WARNING lines too
 # Lines of that shape that the project cannot influence, each with why. Empty: every one so far had a cause here.
 UNAVOIDABLE: dict[str, str] = {}
 
