@@ -33,7 +33,7 @@ import signal
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -45,6 +45,14 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from accelerate_offload.adapters import adapter_checkpoint_problem
+from accelerate_offload.buckets import (
+    SIZE_MULTIPLE,
+    BucketBatchSampler,
+    bucket_spec_problem,
+    fit_to_bucket,
+    nearest_bucket,
+    training_buckets,
+)
 from accelerate_offload.ema import ema_weights
 from accelerate_offload.loss_plot import plot_losses
 from accelerate_offload.optimizers import (
@@ -95,8 +103,6 @@ from accelerate_offload.training_utils import (
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-# Image side lengths must be multiples of this: the VAE downsamples 8x and latents are packed in 2x2 patches.
-SIZE_MULTIPLE = 16
 DEFAULT_LORA_LAYERS = (
     "attn.to_k,attn.to_q,attn.to_v,attn.to_out.0,attn.add_k_proj,attn.add_q_proj,attn.add_v_proj,attn.to_add_out,"
     "ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2"
@@ -345,12 +351,7 @@ def check_data_args(args: argparse.Namespace) -> str | None:
         upper = max(SIZE_MULTIPLE, math.ceil(args.resolution / SIZE_MULTIPLE) * SIZE_MULTIPLE)
         suggestion = str(lower) if lower == upper else f"{lower} or {upper}"
         return f"--resolution must be a multiple of {SIZE_MULTIPLE}, got {args.resolution}; try {suggestion}"
-    if args.aspect_ratio_buckets not in (None, "auto"):
-        try:
-            parse_buckets(args.aspect_ratio_buckets)
-        except ValueError as error:
-            return f"--aspect_ratio_buckets: {error}"
-    return None
+    return bucket_spec_problem(args.aspect_ratio_buckets)
 
 
 def is_local_path(name: str) -> bool:
@@ -491,39 +492,6 @@ def list_images(folder: Path) -> list[Path]:
         and path.is_file()
         and not any(part.startswith(".") for part in path.relative_to(folder).parts)
     )
-
-
-def parse_buckets(text: str) -> list[tuple[int, int]]:
-    """'H,W;H,W' -> [(H, W), ...]; each side a positive multiple of 16."""
-    buckets = []
-    for pair in filter(None, (part.strip() for part in text.split(";"))):
-        try:
-            height, width = (int(side) for side in pair.split(","))
-        except ValueError:
-            raise ValueError(f"'{pair}' is not 'height,width'; write e.g. '512,512;384,640'") from None
-        if height <= 0 or width <= 0 or height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
-            raise ValueError(f"bucket {height}x{width}: sides must be positive multiples of {SIZE_MULTIPLE}")
-        buckets.append((height, width))
-    if not buckets:
-        raise ValueError("no buckets given; write e.g. '512,512;384,640' or 'auto'")
-    return buckets
-
-
-def training_buckets(args: argparse.Namespace) -> list[tuple[int, int]]:
-    """The (height, width) sizes images train at: one square, or aspect-ratio buckets."""
-    from diffusers.training_utils import generate_aspect_ratio_buckets
-
-    if args.aspect_ratio_buckets is None:
-        return [(args.resolution, args.resolution)]
-    if args.aspect_ratio_buckets == "auto":
-        return generate_aspect_ratio_buckets(args.resolution, divisibility=SIZE_MULTIPLE)
-    return parse_buckets(args.aspect_ratio_buckets)
-
-
-def nearest_bucket(size: tuple[int, int], buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket whose aspect ratio is closest to the image's (width, height) `size`."""
-    width, height = size
-    return min(buckets, key=lambda bucket: abs(math.log((width / height) / (bucket[1] / bucket[0]))))
 
 
 def open_rgb(image: Image.Image) -> Image.Image:
@@ -698,18 +666,6 @@ def warn_about_small_images(examples: Sequence[Example], buckets: Sequence[tuple
         )  # fmt: skip
 
 
-def fit_to_bucket(image: Image.Image, bucket: tuple[int, int], center_crop: bool, rng: random.Random) -> Image.Image:
-    """Resizes so the image covers the bucket, then crops it to exactly the bucket's size."""
-    height, width = bucket
-    scale = max(width / image.width, height / image.height)
-    resized = image.resize(
-        (max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.BILINEAR
-    )
-    spare_x, spare_y = resized.width - width, resized.height - height
-    left, top = (spare_x // 2, spare_y // 2) if center_crop else (rng.randint(0, spare_x), rng.randint(0, spare_y))
-    return resized.crop((left, top, left + width, top + height))
-
-
 def derived_seed(*keys: int) -> int:
     """A seed for one use (an image's crop and flip in one epoch) from the run's seed: the same on resume."""
     return int(np.random.SeedSequence(keys).generate_state(1)[0])
@@ -786,34 +742,6 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             item["class_pixels"] = self._pixels(class_image, bucket, rng)
             item["class_prompt"] = self.class_prompt
         return item
-
-
-class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Batches of indices that share one bucket, shuffled by (seed, epoch) so a resumed run sees the same order."""
-
-    def __init__(self, dataset: DreamBoothDataset, batch_size: int, seed: int) -> None:
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for index in range(len(dataset)):
-            groups[dataset.bucket_of(index)].append(index)
-        self.groups = list(groups.values())
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return sum(math.ceil(len(group) / self.batch_size) for group in self.groups)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        batches = []
-        for group in self.groups:
-            order = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
-            batches += [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
-        for position in torch.randperm(len(batches), generator=generator).tolist():
-            yield batches[position]
 
 
 def collate(examples: list[dict]) -> dict:
@@ -1761,7 +1689,7 @@ def main(args: argparse.Namespace) -> None:
     phases = JobPhases(device, kept=lambda: kept_outputs(output_dir))
     resolution_fix = f"lower --resolution (now {args.resolution})"
     image_fixes = [STREAM_MORE, resolution_fix]
-    buckets = training_buckets(args)
+    buckets = training_buckets(args.aspect_ratio_buckets, args.resolution)
     captions = training_captions(args, examples, buckets, accelerator.num_processes)
     check_model(args, offload_plugin)
     if accelerator.is_main_process:

@@ -36,6 +36,8 @@ Modules, each importing only those above it (`tests/test_imports.py` checks it):
   checks, stop signals, file modes, the latent cache of `--cache_latents`.
 - `training_math`: shifted timestep draws, shuffled captions, masks on the latent grid, the validation loss's
   held-out images and fixed noise.
+- `buckets`: aspect-ratio buckets: the sizes from `--aspect_ratio_buckets`, each image's nearest one, the crop to
+  it, batches of one bucket in a (seed, epoch) order.
 - `loss_plot`: the run's summary plot, training and validation loss.
 - `plugin`: `LayerOffloadPlugin`, the settings read from the launch config; `cli`: `accelerate-offload`.
 - `testing.tiny_pipelines`: tiny random pipelines and drawn images for tests and the demo.
