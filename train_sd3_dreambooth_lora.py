@@ -87,6 +87,13 @@ from accelerate_offload.adapters import (
     usage_snippet,
     write_adapter_file,
 )
+from accelerate_offload.buckets import (
+    BucketBatchSampler,
+    bucket_spec_problem,
+    fit_to_bucket,
+    nearest_bucket,
+    training_buckets,
+)
 from accelerate_offload.ema import AdapterEMA, ema_weights
 from accelerate_offload.inference import load_lora_file, place_pipeline, plan_vae_passes
 from accelerate_offload.lora_formats import kohya_problem
@@ -283,6 +290,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=512,
         help="The resolution for input images; all images are resized (then cropped) to it. A multiple of 16.",
+    )
+    parser.add_argument(
+        "--aspect_ratio_buckets",
+        default=None,
+        help="'auto' for buckets of about resolution^2 pixels over common aspect ratios, or 'H,W;H,W;...'. Each "
+        "image trains at its nearest bucket; batches never mix buckets. Default: square crops.",
     )
     parser.add_argument(
         "--center_crop",
@@ -548,6 +561,9 @@ def check_numbers(args: argparse.Namespace) -> str | None:
     """Every numeric flag, before anything is loaded: the message for the first bad one, or None."""
     if args.resolution <= 0 or args.resolution % 16:
         return f"--resolution must be a positive multiple of 16 (the VAE's 8x, then 2x2 patches), got {args.resolution}"
+    problem = bucket_spec_problem(args.aspect_ratio_buckets)
+    if problem:
+        return problem
     positive = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "repeats", "rank")
     positive += ("sample_batch_size", "validation_epochs", "num_train_epochs", "num_class_images", "lr_num_cycles")
     for name in positive:
@@ -928,8 +944,7 @@ def load_masks(files: list[tuple[str, bytes]], args: argparse.Namespace) -> list
                 mask = to_rgb(opened).convert("L")
         except (OSError, ValueError) as error:
             raise UsageError(f"cannot read the mask of instance image '{name}' ({error}); replace it") from None
-        with Image.open(io.BytesIO(data)) as image:
-            size = ImageOps.exif_transpose(image).size
+        size = image_size(data)
         if mask.size != size:
             raise UsageError(
                 f"the mask of instance image '{name}' is {mask.width}x{mask.height}, the image {size[0]}x{size[1]}; "
@@ -946,6 +961,12 @@ def derived_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(keys).generate_state(1)[0])
 
 
+def image_size(data: bytes) -> tuple[int, int]:
+    """The (width, height) an encoded image has once upright (as `to_rgb` turns it)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return ImageOps.exif_transpose(image).size
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB from any mode: 16-bit values scaled (not clipped to white), transparency flattened onto white."""
     image = ImageOps.exif_transpose(image)
@@ -957,17 +978,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def preprocess(image: Image.Image, size: int, center_crop: bool, random_flip: bool, rng: random.Random) -> torch.Tensor:
-    """Resize the short side to `size`, crop a square, maybe flip; crops and flips drawn from `rng`."""
-    image = to_rgb(image)
-    scale = size / min(image.size)
-    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    image = image.resize((width, height), Image.Resampling.BILINEAR)
-    if center_crop:
-        left, top = (width - size) // 2, (height - size) // 2
-    else:
-        left, top = rng.randint(0, width - size), rng.randint(0, height - size)
-    image = image.crop((left, top, left + size, top + size))
+def preprocess(
+    image: Image.Image, bucket: tuple[int, int], center_crop: bool, random_flip: bool, rng: random.Random
+) -> torch.Tensor:
+    """Resize to cover the (height, width) `bucket`, crop to it, maybe flip; crops and flips drawn from `rng`."""
+    image = fit_to_bucket(to_rgb(image), bucket, center_crop, rng)
     if random_flip and rng.random() < 0.5:
         image = ImageOps.mirror(image)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
@@ -977,8 +992,9 @@ def preprocess(image: Image.Image, size: int, center_crop: bool, random_flip: bo
 class DreamBoothDataset(Dataset):
     """Instance images (and class images for prior preservation), each with its precomputed prompt embeddings.
 
-    An example's random crop and flip depend only on the seed, the epoch and its index, so a resumed run (or a
-    data-loading worker) draws exactly what an uninterrupted one does.
+    Each instance image trains at its bucket (the --resolution square without --aspect_ratio_buckets), its mask
+    and paired class image cropped to the same one. An example's random crop and flip depend only on the seed, the
+    epoch and its index, so a resumed run (or a data-loading worker) draws exactly what an uninterrupted one does.
     """
 
     def __init__(
@@ -998,6 +1014,8 @@ class DreamBoothDataset(Dataset):
             )
         )
         self.masks = None if masks is None else [mask for mask in masks for _ in range(args.repeats)]
+        buckets = training_buckets(args.aspect_ratio_buckets, args.resolution)
+        self.buckets = [nearest_bucket(image_size(data), buckets) for (_, data), _ in self.instances]
         self.dropout_row = dropout_row  # the empty prompt's row, for --caption_dropout_rate
         self.embeddings = embeddings
         self.class_files = class_files or []
@@ -1012,9 +1030,14 @@ class DreamBoothDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _example(self, data: bytes, row: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def bucket_of(self, index: int) -> tuple[int, int]:
+        return self.buckets[index % len(self.instances)]
+
+    def _example(
+        self, data: bytes, row: int, bucket: tuple[int, int], rng: random.Random
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with Image.open(io.BytesIO(data)) as image:
-            pixels = preprocess(image, self.args.resolution, self.args.center_crop, self.args.random_flip, rng)
+            pixels = preprocess(image, bucket, self.args.center_crop, self.args.random_flip, rng)
         return pixels, self.embeddings.prompt_embeds[row], self.embeddings.pooled_prompt_embeds[row]
 
     def __getitem__(self, index: int) -> dict:
@@ -1023,17 +1046,18 @@ class DreamBoothDataset(Dataset):
         dropout = random.Random(derived_seed(self.args.seed, 2, self.epoch, index)).random()
         if self.dropout_row is not None and dropout < self.args.caption_dropout_rate:
             row = self.dropout_row
+        bucket = self.bucket_of(index)
         crop_state = rng.getstate()
-        example = {"index": index, "instance": self._example(data, row, rng)}
+        example = {"index": index, "instance": self._example(data, row, bucket, rng)}
         if self.masks is not None:  # the same crop and flip as the image: its draws replayed
             replay = random.Random()
             replay.setstate(crop_state)
             mask = self.masks[index % len(self.instances)].convert("RGB")
-            pixels = preprocess(mask, self.args.resolution, self.args.center_crop, self.args.random_flip, replay)
+            pixels = preprocess(mask, bucket, self.args.center_crop, self.args.random_flip, replay)
             example["mask"] = (pixels[:1] + 1.0) / 2.0
         if self.class_files:
             _, class_data = self.class_files[index % len(self.class_files)]
-            example["class"] = self._example(class_data, self.class_row, rng)
+            example["class"] = self._example(class_data, self.class_row, bucket, rng)
         return example
 
 
@@ -1149,7 +1173,8 @@ def encode_validation_latents(
     encoded = []
     for (_, data), row in zip(files, rows, strict=True):
         with Image.open(io.BytesIO(data)) as image:
-            pixels = preprocess(image, args.resolution, center_crop=True, random_flip=False, rng=random.Random(0))
+            square = (args.resolution, args.resolution)
+            pixels = preprocess(image, square, center_crop=True, random_flip=False, rng=random.Random(0))
         mean = vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist.mean
         encoded.append((shift_and_scale(mean, vae.config).cpu(), row))
     return encoded
@@ -1333,6 +1358,7 @@ def save_model_card(
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "max_train_steps": args.max_train_steps,
         "resolution": args.resolution,
+        "aspect_ratio_buckets": args.aspect_ratio_buckets,
         "mixed_precision": args.mixed_precision,
         "weighting_scheme": args.weighting_scheme,
         "with_prior_preservation": args.with_prior_preservation,
@@ -1670,10 +1696,17 @@ def main(args: argparse.Namespace) -> None:
     transformer_lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = build_optimizer(args, transformer_lora_parameters)
 
+    # Square crops keep accelerate's seedable shuffle; buckets batch within one bucket, in a (seed, epoch) order.
+    batch_sampler = None
+    if args.aspect_ratio_buckets is None:
+        batching = {"batch_size": args.train_batch_size, "shuffle": True}
+    else:
+        batch_sampler = BucketBatchSampler(train_dataset, args.train_batch_size, args.seed)
+        batching = {"batch_sampler": batch_sampler}
+        logger.info(f"{len(train_dataset)} examples in buckets {sorted(set(train_dataset.buckets))}")
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
+        **batching,
         collate_fn=lambda examples: collate_fn(examples, args.with_prior_preservation),
         num_workers=args.dataloader_num_workers,
     )
@@ -1854,6 +1887,8 @@ def main(args: argparse.Namespace) -> None:
     step_started = time.perf_counter()
     for epoch in range(first_epoch, args.num_train_epochs):
         transformer.train()
+        if batch_sampler is not None:  # wrapped by `prepare` on several processes: set here, not through the loader
+            batch_sampler.set_epoch(epoch)
         train_dataset.set_epoch(epoch)
         train_dataloader.set_epoch(epoch)
         skip = batches_done if epoch == first_epoch else 0

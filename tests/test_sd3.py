@@ -205,8 +205,46 @@ def trained_cached(
     return work / "out", result.stdout + result.stderr, [int(line) for line in encodes.read_text().split()]
 
 
+def left_half_masks(instance_dir: Path, folder: Path) -> Path:
+    """A loss mask per instance image: its left half trains, so a flip moves it."""
+    folder.mkdir()
+    for path in sorted(instance_dir.glob("*.png")):
+        with Image.open(path) as image:
+            mask = Image.new("L", image.size, 0)
+            mask.paste(255, (0, 0, image.width // 2, image.height))
+            mask.save(folder / path.name)
+    return folder
+
+
+BUCKETS = {(32, 32), (32, 48), (48, 32)}  # `auto` at --resolution 32: the sample images' nearest, two images each
+
+
+@pytest.fixture(scope="module")
+def trained_buckets(
+    tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, tmp_path_factory
+) -> tuple[Path, str]:
+    """4 steps in aspect-ratio buckets at batch size 2 (3 batches an epoch), with random crops and flips, masks
+    and cached latents, a checkpoint at step 2; returns the output dir and log."""
+    work = tmp_path_factory.mktemp("train-buckets")
+    masks = left_half_masks(instance_dir, work / "masks")
+    result = launch_training(tiny_sd3_path, work, *bucket_args(instance_dir, embeddings_path, masks, work / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work / "out", result.stdout + result.stderr
+
+
+def bucket_args(instance_dir: Path, embeddings_path: Path, masks: Path, output_dir: Path) -> list[str]:
+    return ["--embeddings_path", str(embeddings_path), "--instance_data_dir", str(instance_dir),
+            "--aspect_ratio_buckets", "auto", "--train_batch_size", "2", "--max_train_steps", "4",
+            "--checkpointing_steps", "2", "--random_flip", "--mask_data_dir", str(masks), "--cache_latents",
+            "--output_dir", str(output_dir)]  # fmt: skip
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(output_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in metrics(output_dir)]
 
 
 def test_embeddings_equal_the_pipelines_encode_prompt(tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path):
@@ -363,7 +401,7 @@ def test_training_end_to_end(trained: tuple[Path, str], tiny_sd3_path: Path):
     assert "s/step=" in log and "loss=" in log and "lr=" in log
 
 
-@pytest.mark.parametrize("run_name", ["trained", "trained_cached"])
+@pytest.mark.parametrize("run_name", ["trained", "trained_cached", "trained_buckets"])
 def test_lora_loads_into_the_pipeline_and_changes_its_output(
     run_name: str, tiny_sd3_path: Path, request: pytest.FixtureRequest
 ):
@@ -466,6 +504,96 @@ def test_cached_batches_hold_what_collate_encodes_class_images_and_masks_include
     later = collate([4, 1])
     assert not torch.equal(later["masks"], batch["masks"])  # cropped and flipped anew
     torch.testing.assert_close(cache.batch_masks(later), batch["masks"], rtol=0, atol=0)
+
+
+def test_each_image_trains_at_its_own_bucket(trained_buckets: tuple[Path, str], instance_dir: Path):
+    """Every batch is one bucket (a mixed one would not stack), and the first epoch visits each bucket once."""
+    output_dir, log = trained_buckets
+    buckets = train_script.training_buckets("auto", 32)
+    expected = {train_script.nearest_bucket(Image.open(path).size, buckets) for path in instance_dir.glob("*.png")}
+    assert expected == BUCKETS and f"6 examples in buckets {sorted(BUCKETS)}" in log
+    records = metrics(output_dir)
+    assert [record["epoch"] for record in records] == [0, 0, 0, 1]
+    assert sorted(tuple(record["size"]) for record in records[:3]) == sorted(BUCKETS)
+    assert all(np.isfinite(record["loss"]) for record in records)
+    assert "| aspect_ratio_buckets | auto |" in (output_dir / "README.md").read_text()
+
+
+def test_resume_in_buckets_is_exact(
+    trained_buckets: tuple[Path, str], tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, tmp_path: Path
+):
+    """Stopped after the step-2 checkpoint and resumed: the same batches, losses and LoRA, bit for bit."""
+    straight, output_dir = trained_buckets[0], tmp_path / "out"
+    shutil.copytree(straight, output_dir)
+    shutil.rmtree(output_dir / "checkpoint-4")
+    (output_dir / "pytorch_lora_weights.safetensors").unlink()
+    args = bucket_args(instance_dir, embeddings_path, straight.parent / "masks", output_dir)
+    result = launch_training(tiny_sd3_path, tmp_path, *args, "--resume_from_checkpoint", "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming from checkpoint checkpoint-2" in result.stdout + result.stderr
+    for key in ("step", "loss", "size"):
+        assert [record[key] for record in metrics(output_dir)] == [record[key] for record in metrics(straight)]
+    expected, got = (load_file(folder / "pytorch_lora_weights.safetensors") for folder in (straight, output_dir))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[key], got[key]) for key in expected)
+
+
+def test_bucket_examples_pair_class_images_and_masks_in_one_bucket(
+    tiny_sd3_path: Path, instance_dir: Path, embeddings_path: Path, tmp_path: Path
+):
+    """Each example's image, its class image and its mask have its bucket's size, the mask cropped and flipped as
+    its image; batches hold one bucket in an order set by the seed and the epoch; held-out images stay squares."""
+    from diffusers import AutoencoderKL
+
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    shutil.copy(sorted(instance_dir.glob("*.png"))[0], class_dir / "class_0.png")
+    args = train_script.parse_args(
+        ["--pretrained_model_name_or_path", str(tiny_sd3_path), "--instance_prompt", INSTANCE_PROMPT,
+         "--instance_data_dir", str(instance_dir), "--aspect_ratio_buckets", "auto", "--with_prior_preservation",
+         "--class_data_dir", str(class_dir), "--class_prompt", CLASS_PROMPT, "--random_flip", "--resolution", "32",
+         "--seed", "0", "--output_dir", str(tmp_path / "out")]
+    )  # fmt: skip
+    embeddings = train_script.load_embeddings(embeddings_path, args)
+    files, source = train_script.instance_image_files(args)
+    # each mask is its image's red channel: cropped and flipped as the image, it equals the image's red channel
+    masks = [Image.open(instance_dir / name).convert("RGB").getchannel("R") for name, _ in files]
+    dataset = train_script.DreamBoothDataset(
+        files, train_script.instance_rows(files, source, embeddings, args), embeddings, args,
+        class_files=[("class_0.png", (class_dir / "class_0.png").read_bytes())],
+        class_row=embeddings.row("class", CLASS_PROMPT), masks=masks,
+    )  # fmt: skip
+    assert set(dataset.buckets) == BUCKETS
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        for index in range(len(dataset)):
+            example = dataset[index]
+            pixels, class_pixels = example["instance"][0], example["class"][0]
+            assert pixels.shape[1:] == class_pixels.shape[1:] == example["mask"].shape[1:] == dataset.bucket_of(index)
+            torch.testing.assert_close(example["mask"], (pixels[:1] + 1) / 2, rtol=0, atol=1e-6)
+
+    def order(epoch: int) -> list[list[int]]:
+        sampler = train_script.BucketBatchSampler(dataset, batch_size=2, seed=0)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(1) == order(1) != order(0)  # a new sampler (a resumed run) batches an epoch as the first did
+    assert all(len({dataset.bucket_of(index) for index in batch}) == 1 for batch in order(0) + order(1))
+    assert sorted(index for batch in order(0) for index in batch) == list(range(len(dataset)))
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd3_path, subfolder="vae")
+    held_out = train_script.encode_validation_latents(vae, files[1:3], [0, 0], args)  # 96x64 and 64x96 images
+    side = 32 // 2 ** (len(vae.config.block_out_channels) - 1)
+    assert all(latents.shape[-2:] == (side, side) for latents, _ in held_out)  # --resolution squares, not buckets
+
+
+def test_bad_bucket_spec_is_one_line(capsys):
+    common = ["--pretrained_model_name_or_path", "m", "--instance_prompt", "p", "--instance_data_dir", "."]
+    for spec, fragment in (("32,40", "bucket 32x40: sides must be positive multiples of 16"), ("wide", "'wide'")):
+        with pytest.raises(SystemExit) as exit_info:
+            train_script.parse_args([*common, "--aspect_ratio_buckets", spec])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith("error: --aspect_ratio_buckets: ") and fragment in err, err
 
 
 def test_resume_from_checkpoint(
