@@ -709,18 +709,25 @@ def instance_image_files(args: argparse.Namespace) -> tuple[list[tuple[str, byte
 
 
 def usable_images(
-    files: list[tuple[str, bytes | OSError]], source: str, args: argparse.Namespace
+    files: list[tuple[str, bytes | OSError]],
+    source: str,
+    args: argparse.Namespace,
+    buckets: list[tuple[int, int]] | None = None,
 ) -> list[tuple[str, bytes]]:
-    """The images that decode; the others are skipped and counted (an error with --strict). Small ones are named."""
+    """The images that decode; the others are skipped and counted (an error with --strict). Those smaller than their
+    training size (the nearest of `buckets`, default the run's) are named."""
     usable, unreadable, small = [], [], []
+    buckets = buckets or training_buckets(args.aspect_ratio_buckets, args.resolution)
     for name, data in files:
         try:
             if isinstance(data, OSError):
                 raise data
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
-                if min(image.size) < args.resolution:
-                    small.append(f"{name} {image.width}x{image.height}")
+                width, height = ImageOps.exif_transpose(image).size
+            bucket_height, bucket_width = nearest_bucket((width, height), buckets)
+            if width < bucket_width or height < bucket_height:  # scaled up to cover its training size
+                small.append(f"{name} {width}x{height} < {bucket_width}x{bucket_height}")
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             if args.strict:
                 raise UsageError(f"cannot read image '{name}' ({error}): fix or remove it, or drop --strict") from None
@@ -736,7 +743,7 @@ def usable_images(
         )
     if small:
         logger.warning(
-            f"{len(small)} images of {source} are smaller than --resolution {args.resolution} and are upscaled "
+            f"{len(small)} images of {source} are smaller than their training size and are upscaled "
             f"({', '.join(small)}): larger images or a lower --resolution train sharper."
         )
     return usable
@@ -1144,7 +1151,9 @@ def split_validation_images(
     if share is None:
         root = Path(args.validation_loss_images)
         held_out = [(path.relative_to(root).as_posix(), read_file(path)) for path in list_images(root)]
-        return files, usable_images(held_out, f"--validation_loss_images {root}", args)
+        return files, usable_images(
+            held_out, f"--validation_loss_images {root}", args, [(args.resolution, args.resolution)]
+        )
     chosen = set(held_out_indices(len(files), share, args.seed))
     if len(chosen) >= len(files):
         raise UsageError(

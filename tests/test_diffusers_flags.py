@@ -255,3 +255,23 @@ def test_sd3_prodigy_on_chosen_blocks_end_to_end(tiny_sd3_path: Path, sample_ima
     )  # fmt: skip
     assert beyond.returncode != 0  # the worker's 2; `accelerate launch --quiet` itself exits 1
     assert "\nerror: --lora_blocks 99: the transformer has blocks 0 to " in beyond.stderr
+
+
+def test_sd3_names_images_smaller_than_their_bucket(caplog) -> None:
+    import io
+
+    from accelerate import PartialState
+    from PIL import Image
+
+    PartialState(cpu=True)  # the script logs through accelerate's logger
+    encoded = io.BytesIO()
+    Image.new("RGB", (40, 40)).save(encoded, format="PNG")
+    files = [("square.png", encoded.getvalue())]
+    square = argparse.Namespace(aspect_ratio_buckets=None, resolution=32, strict=False)
+    bucketed = argparse.Namespace(aspect_ratio_buckets="48,48", resolution=32, strict=False)
+    with caplog.at_level("WARNING"):
+        assert train_script.usable_images(files, "test images", square) == files
+        assert not [record for record in caplog.records if "upscaled" in record.message]
+        assert train_script.usable_images(files, "test images", bucketed) == files
+    (said,) = [record.message for record in caplog.records if "upscaled" in record.message]
+    assert "square.png 40x40 < 48x48" in said
