@@ -60,17 +60,21 @@ def graphs_per_code() -> dict[str, int]:
 
 
 def pointers_seen(conductor) -> set[int]:
-    """Records the storage a streamed block's first weight points at whenever that block starts to run."""
+    """Records the storage a streamed block's first weight points at whenever that block starts to run. Each
+    copy is kept alive, so the allocator cannot hand the next copy the same address: every load is at a new one
+    (and an evicted copy, poisoned, stays where a graph that kept its address would read it)."""
     index = max(conductor.weights)
     block = conductor.blocks[index]
     weight = next(p for p in block.parameters() if not p.requires_grad)
     seen: set[int] = set()
+    kept: list[torch.Tensor] = []
     original = conductor.before_block
 
     def recording(block_index: int, backward: bool) -> None:
         original(block_index, backward)
         if block_index == index:
             seen.add(weight.data_ptr())
+            kept.append(weight.data)
 
     conductor.before_block = recording
     return seen
