@@ -69,7 +69,7 @@ from diffusers.training_utils import (
 from diffusers.utils.torch_utils import is_compiled_module
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from huggingface_hub.errors import HfHubHTTPError
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -724,7 +724,7 @@ def usable_images(
                 raise data
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
-                width, height = ImageOps.exif_transpose(image).size
+                width, height = upright_size(image)
             bucket_height, bucket_width = nearest_bucket((width, height), buckets)
             if width < bucket_width or height < bucket_height:  # scaled up to cover its training size
                 small.append(f"{name} {width}x{height} < {bucket_width}x{bucket_height}")
@@ -968,10 +968,16 @@ def derived_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(keys).generate_state(1)[0])
 
 
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """The (width, height) the image has once upright (as `to_rgb` turns it), from its EXIF orientation alone."""
+    turned = image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)  # the four quarter-turned ones
+    return (image.height, image.width) if turned else image.size
+
+
 def image_size(data: bytes) -> tuple[int, int]:
-    """The (width, height) an encoded image has once upright (as `to_rgb` turns it)."""
+    """`upright_size` of an encoded image, read from its header."""
     with Image.open(io.BytesIO(data)) as image:
-        return ImageOps.exif_transpose(image).size
+        return upright_size(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

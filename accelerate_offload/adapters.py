@@ -99,19 +99,17 @@ def adapter_metadata(model: nn.Module) -> dict:
     return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors in fp32 on the CPU under the keys PEFT and diffusers use (no adapter name)."""
+def adapter_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The adapter's tensors in `dtype` on the CPU under the keys PEFT and diffusers use (no adapter name)."""
     from peft.utils import get_peft_model_state_dict
 
-    return {key: value.detach().to("cpu", torch.float32) for key, value in get_peft_model_state_dict(model).items()}
+    return {key: value.detach().to("cpu", dtype) for key, value in get_peft_model_state_dict(model).items()}
 
 
 def adapter_file_tensors(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The tensors of the saved file (without the `transformer.` prefix), in `dtype` (None: as trained): LoHa adds
     each module's `alpha`, which ComfyUI reads (PEFT scales by alpha / rank as LyCORIS does)."""
-    state_dict = adapter_state_dict(model)
-    if dtype is not None:
-        state_dict = {key: value.to(dtype) for key, value in state_dict.items()}
+    state_dict = adapter_state_dict(model, dtype or torch.float32)
     config = model.peft_config["default"]
     if adapter_type(config) == "loha":
         for module in sorted({module_of(key) for key in state_dict}):
