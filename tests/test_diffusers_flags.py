@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import prodigyopt
 import pytest
 import torch
 from launching import environment, launch_command, run
@@ -57,6 +56,8 @@ def test_an_unknown_optimizer_is_refused() -> None:
 
 
 def test_prodigy_switches_mean_what_they_say() -> None:
+    import prodigyopt  # a training extra: importing it here keeps `pytest -m cuda` collectable without it
+
     args = optimizer_args(
         "--optimizer", "prodigy", "--learning_rate", "1.0", "--prodigy_decouple", "false",
         "--prodigy_use_bias_correction", "0", "--prodigy_beta3", "0.9", "--adam_weight_decay", "0.01",
