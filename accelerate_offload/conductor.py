@@ -123,6 +123,11 @@ class LayerOffloadConductor:
             self.weights.pop(index).release_to(device or self.device)
             del self.blocks[index]._apply  # the device-move guard
 
+    def residency_order(self) -> list[int]:
+        """The streamed blocks in the order `max_vram` makes them resident: those read from disk first (each one
+        resident saves two disk reads a step and keeps the pinned blocks where they are), then the first ones."""
+        return sorted(self.weights, key=lambda index: (not self.is_on_disk(index), index))
+
     @property
     def streamed_on_device(self) -> list[int]:
         return sorted(self._loaded)
@@ -185,7 +190,7 @@ class LayerOffloadConductor:
         self.evict_all()
         if self.planner is not None and self.planner.measuring:
             resident, self.prefetch_blocks = self.planner.plan(
-                self.weights, self.prefetch_blocks, self.planner.measured_peak()
+                self.weights, self.prefetch_blocks, self.planner.measured_peak(), self.residency_order()
             )
             self.make_resident(resident)
             self.planner = None

@@ -2,7 +2,8 @@
 
 The first step runs with every block streamed. Its peak (the non-block layers, the LoRA and its gradients,
 the blocks in flight and one block's working set) is what streaming cannot avoid; the budget left after it
-and the optimizer state is filled with resident blocks, first ones first, so later steps copy less.
+and the optimizer state is filled with resident blocks, so later steps copy less: first ones first, except that
+blocks `max_ram` left on disk go first, since each of them costs two disk reads a step.
 """
 
 from __future__ import annotations
@@ -60,9 +61,12 @@ class VramPlanner:
     def measured_peak(self) -> int:
         return torch.cuda.max_memory_allocated(self.device)
 
-    def plan(self, streamed: dict[int, BlockWeights], prefetch: int, peak: int) -> tuple[list[int], int]:
+    def plan(
+        self, streamed: dict[int, BlockWeights], prefetch: int, peak: int, order: list[int] | None = None
+    ) -> tuple[list[int], int]:
         """Resident blocks and prefetch depth from `peak`, the allocated peak of the step just finished with the
-        `streamed` blocks (index -> weights) and `prefetch` blocks copied ahead."""
+        `streamed` blocks (index -> weights) and `prefetch` blocks copied ahead; `order` is the order in which
+        streamed blocks are made resident while they fit (default: first ones first)."""
         usable = self.budget * (1 - SAFETY_MARGIN) - self.optimizer_state_bytes
         # what a prefetch surely holds at a backward peak: the smallest block, or its part before the late piece
         prefetched = min(weights.early_nbytes for weights in streamed.values())
@@ -75,7 +79,7 @@ class VramPlanner:
                 f"({(peak + self.optimizer_state_bytes) / 1e9:.2f} GB measured): {remedies}"
             )
         room, resident = usable - peak, []
-        for index in sorted(streamed):
+        for index in order if order is not None else sorted(streamed):
             if streamed[index].nbytes > room:
                 break
             room -= streamed[index].nbytes

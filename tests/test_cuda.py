@@ -260,6 +260,44 @@ def test_max_vram_fills_the_budget_with_resident_blocks_and_stays_within_it() ->
         toy_train(model, width, steps=1)
 
 
+def test_max_ram_with_max_vram_trains_like_ram_and_makes_disk_blocks_resident(tmp_path) -> None:
+    width, depth = 2048, 16
+    probe = toy_on_cpu(depth, width)
+    conductor = offload_model(probe, DEVICE, block_names=["blocks"], layer_offload_fraction=1.0,
+                              activation_offloading=True)
+    torch.cuda.reset_peak_memory_stats()
+    toy_train(probe, width, steps=2)
+    streamed_peak, block_bytes = torch.cuda.max_memory_allocated(), conductor.weights[0].nbytes
+    del probe, conductor
+    torch.cuda.empty_cache()
+    budget = int((streamed_peak + 4 * block_bytes) / 0.95)
+    losses, disk_blocks = [], None
+    for max_ram in (None, 8 * block_bytes):
+        model = toy_on_cpu(depth, width)
+        disk = {"max_ram": max_ram, "offload_dir": str(tmp_path)} if max_ram else {}
+        conductor = offload_model(model, DEVICE, block_names=["blocks"], max_vram=budget, activation_offloading=True,
+                                  **disk)
+        if max_ram:
+            disk_blocks = sorted(conductor.disk.offsets)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        run = []
+        for _ in range(3):  # the first step measures, then the planner makes blocks resident
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(*toy_batch(width)).float().square().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            run.append(loss.item())
+        losses.append(run)
+        if max_ram:
+            resident = sorted(set(range(depth)) - set(conductor.weights))
+            assert resident and set(resident) <= set(disk_blocks)  # the room went to blocks read from disk
+        del model, conductor, optimizer
+        torch.cuda.empty_cache()
+    assert losses[1][0] == losses[0][0]  # the measuring step: every block streamed, from RAM or from disk
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)  # then other blocks resident: bf16 rounding at most
+
+
 def test_vram_timeline_records_every_block_and_copy(tmp_path) -> None:
     from accelerate_offload import plot_timeline, trace_step
 

@@ -15,6 +15,7 @@ import torch
 
 from accelerate_offload import get_conductor, offload_model
 from accelerate_offload.disk_tier import DiskRoomError, RamBudgetError
+from accelerate_offload.planner import SAFETY_MARGIN, VramPlanner
 from test_models import flux_inputs, tiny_flux, with_lora
 from test_runtime import lora_grads, offload, step, toy_inputs, toy_pair
 from toy_models import ToyTransformer, add_lora
@@ -77,6 +78,32 @@ def test_disk_blocks_give_the_ram_run_bit_for_bit(
     assert conductor.disk.bytes_read >= 2 * (2 * conductor.disk.nbytes - last)
     with torch.no_grad():
         assert torch.equal(on_disk(*toy_inputs(3)), reference(*toy_inputs(3)))
+
+
+def test_max_vram_makes_the_disk_blocks_resident_first(tmp_path: Path) -> None:
+    """With `max_vram` too, the planner's room goes to blocks read from disk: each saves two reads a step, and the
+    pinned blocks stay streamed from RAM. The gradients stay the all-RAM run's."""
+    reference, on_disk = toy_pair(DEPTH)
+    offload(reference, layer_offload_fraction=1.0)
+    offload(on_disk, layer_offload_fraction=1.0, max_ram=budget_keeping(4), offload_dir=str(tmp_path))
+    conductor = get_conductor(on_disk)
+    on_file = sorted(conductor.disk.offsets)
+    in_ram = sorted(set(conductor.weights) - set(on_file))
+    assert len(in_ram) == 4 and conductor.residency_order() == on_file + in_ram
+    block, read_per_block = conductor.weights[0].nbytes, conductor.disk.nbytes // len(on_file)  # reads are aligned
+    planner = VramPlanner(int((10 * block + 3.5 * block) / (1 - SAFETY_MARGIN)) + 1, torch.device("cpu"), 0)
+    resident, _ = planner.plan(conductor.weights, conductor.prefetch_blocks, 10 * block, conductor.residency_order())
+    assert resident == on_file[:3]
+    conductor.make_resident(resident)
+    assert sorted(i for i in conductor.weights if conductor.is_on_disk(i)) == on_file[3:]
+    read_before = conductor.disk.bytes_read
+    for seed in range(2):
+        inputs = toy_inputs(seed)
+        assert torch.equal(step(on_disk, inputs), step(reference, inputs))
+    expected, actual = lora_grads(reference), lora_grads(on_disk)
+    assert all(torch.equal(actual[name], expected[name]) for name in expected)
+    # two steps read each block still on disk twice at most (forward and recomputation), the resident ones never
+    assert 0 < conductor.disk.bytes_read - read_before <= 2 * 2 * (len(on_file) - 3) * read_per_block
 
 
 def test_block_file_is_reused_and_rebuilt_when_the_model_changes(tmp_path: Path) -> None:
