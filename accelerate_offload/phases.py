@@ -5,10 +5,16 @@ its peak, what to change and what is already on disk (nothing written is touched
 what the job no longer references before the next one starts. With `OFFLOAD_JOB_PHASE_LOG` naming a file,
 every phase appends one JSON line to it (times, GPU peaks since the phase began, host memory), which is how
 `benchmarks/bench_job_memory.py` draws a job; the GPU peak statistics are reset as each phase starts.
+
+What is alive after the first of a run of training steps (the models, the optimizer, compiled blocks' code and
+graphs) lives as long as the run: it is frozen out of Python's garbage collector (`gc.freeze`), whose full passes
+would otherwise walk all of it again every few steps and stall the GPU while they do. The next phase that is not
+a step unfreezes it before it frees memory, so the adapter and optimizer a job has let go of are still collected.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -53,6 +59,7 @@ class JobPhases:
         log = os.environ.get(PHASE_LOG_VARIABLE, "").strip()
         self.log_path = Path(log) if log else None
         self._cuda = self.device.type == "cuda"
+        self._frozen = False
 
     @contextmanager
     def phase(self, name: str, fixes: list[str] | None = None, step: bool = False) -> Iterator[None]:
@@ -71,9 +78,24 @@ class JobPhases:
         except BaseException:
             self._record(name, start, False, step)
             raise
-        if not step:
+        if step:
+            self._freeze_long_lived()
+        else:
+            self._unfreeze()
             release_host_memory()
         self._record(name, start, True, step)
+
+    def _freeze_long_lived(self) -> None:
+        """After the first step of a run of steps: collect once, then keep what survives out of later passes."""
+        if not self._frozen:
+            gc.collect()
+            gc.freeze()
+            self._frozen = True
+
+    def _unfreeze(self) -> None:
+        if self._frozen:
+            gc.unfreeze()
+            self._frozen = False
 
     def _record(self, name: str, start: float, ok: bool, step: bool) -> None:
         if self.log_path is None:

@@ -3,7 +3,9 @@ process, on the same batch as the training-step benchmark (`bench_training_step.
 
 Each case records seconds per step after warm-up, peak allocated/reserved memory, the first step's time and the part
 of it spent compiling, graphs compiled in the first step and after it (recompiles: 0 expected), graph breaks, and
-the losses against the eager all-resident case of the same model and resolution. Dynamo's caches are reset before
+the losses against the eager all-resident case of the same model and resolution. Each step also records what
+could explain a slow one: the caching allocator's retries (a cudaFree of cached blocks, then a new cudaMalloc)
+and the time Python's garbage collector paused the step. Dynamo's caches are reset before
 each case, as in a new training run; inductor's on-disk cache is not, so a case whose graphs an earlier case
 compiled compiles faster. One JSON per case goes to `--output_dir`, a summary beside them; a table is printed last.
 
@@ -54,6 +56,28 @@ def graph_breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
+class CollectorPauses:
+    """Seconds Python's cyclic garbage collector has run since this was made (via `gc.callbacks`)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._start
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+
+def alloc_retries() -> int:
+    return torch.cuda.memory_stats().get("num_alloc_retries", 0)
+
+
 def run_case(name: str, model: torch.nn.Module, batch: tuple, args: argparse.Namespace, device: torch.device) -> dict:
     model_name, resolution, settings, compiled = CASES[name]
     resident = settings["layer_offload_fraction"] == 0.0
@@ -68,6 +92,7 @@ def run_case(name: str, model: torch.nn.Module, batch: tuple, args: argparse.Nam
     initial = [p.detach().to("cpu", copy=True) for p in lora]
     optimizer = torch.optim.AdamW(lora, lr=1e-3)
     breaks_before = graph_breaks()
+    pauses = CollectorPauses()
     steps = []
     torch.cuda.reset_peak_memory_stats()
     for index in range(args.warmup + args.steps):
@@ -76,6 +101,7 @@ def run_case(name: str, model: torch.nn.Module, batch: tuple, args: argparse.Nam
             torch.cuda.reset_peak_memory_stats()
         frames = counters["frames"]["ok"]
         compile_seconds = conductor.compiler.compile_seconds if conductor.compiler is not None else 0.0
+        retries, paused = alloc_retries(), pauses.seconds
         start = time.perf_counter()
         loss = training_step(model, optimizer, inputs, target).item()  # .item() synchronises
         seconds = time.perf_counter() - start
@@ -86,9 +112,12 @@ def run_case(name: str, model: torch.nn.Module, batch: tuple, args: argparse.Nam
             "compile_seconds": round(
                 (conductor.compiler.compile_seconds if conductor.compiler is not None else 0.0) - compile_seconds, 2
             ),
+            "alloc_retries": alloc_retries() - retries,
+            "gc_seconds": round(pauses.seconds - paused, 4),
         })
-        print(f"{name} step {index}: {seconds:.3f} s, loss {loss:.5f}, {steps[-1]['frames_compiled']} frames compiled",
-              flush=True)
+        print(f"{name} step {index}: {seconds:.3f} s, loss {loss:.5f}, {steps[-1]['frames_compiled']} frames compiled, "
+              f"{steps[-1]['alloc_retries']} allocator retries, gc {steps[-1]['gc_seconds']:.3f} s", flush=True)
+    pauses.close()
     with torch.no_grad():
         for param, value in zip(lora, initial):
             param.copy_(value)  # the next case starts from the same LoRA
@@ -103,6 +132,7 @@ def run_case(name: str, model: torch.nn.Module, batch: tuple, args: argparse.Nam
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "seconds_per_step": round(statistics.median(s["seconds"] for s in timed), 4),
+        "timed_seconds_min_max": [min(s["seconds"] for s in timed), max(s["seconds"] for s in timed)],
         "first_step_seconds": steps[0]["seconds"],
         "first_step_compile_seconds": steps[0]["compile_seconds"],
         "graphs_compiled_first_step": steps[0]["frames_compiled"],

@@ -3,7 +3,7 @@ through `accelerate-offload launch` once per launch config, one after the other 
 
 Builds the pipeline with `build_full_size_pipeline.py` (unless `--pipeline_dir` holds one) and a folder of sample
 images, runs the script for `--max_train_steps` steps per config, and reads each run's `metrics.jsonl`: median
-seconds per step after the warm-up steps, peak allocated GB (the script's own `torch.cuda.max_memory_allocated`),
+seconds per step after the warm-up steps and the slowest of them, peak allocated GB (the script's own `torch.cuda.max_memory_allocated`),
 first and last losses, and the wall time of the whole run (loading, embeddings, latents, training, saving, the
 final image). One JSON to `--output_dir`; a table printed last.
 
@@ -56,6 +56,7 @@ def summarize(config: str, output: Path, seconds: float, warmup: int, returncode
         "returncode": returncode,
         "steps": len(records),
         "seconds_per_step": statistics.median(timed) if timed else None,
+        "slowest_timed_step_seconds": max(timed) if timed else None,
         # the script logs GiB; benchmarks speak GB (1e9 bytes)
         "peak_allocated_gb": max((r["peak_vram_gb"] * 2**30 / 1e9 for r in records if "peak_vram_gb" in r),
                                  default=None),
@@ -91,6 +92,7 @@ def main() -> None:
         start = time.perf_counter()
         returncode = subprocess.run(command, env=env, cwd=ROOT).returncode
         rows.append(summarize(config, output, time.perf_counter() - start, args.warmup_steps, returncode))
+        rows[-1]["settings_from_environment"] = {k: v for k, v in env.items() if k.startswith("ACCELERATE_OFFLOAD_")}
         rows[-1].update(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__, resolution=args.resolution)
         result_path.write_text(json.dumps(rows, indent=2) + "\n")  # after each run: a later failure loses nothing
     print(f"\n{'config':28} {'peak GB':>8} {'s/step':>7} {'wall s':>7}  loss first → last")

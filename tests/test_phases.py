@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
 from accelerate_offload.phases import PHASE_LOG_VARIABLE, STREAM_MORE, JobPhases, PhaseOutOfMemoryError, kept_outputs
+
+
+@pytest.fixture(autouse=True)
+def nothing_frozen_around_each_test():
+    """A step phase freezes what is alive (`gc.freeze`, process-wide): no test leaves that to the next."""
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
 
 
 def fail_inside(phases: JobPhases, name: str, fixes: list[str]) -> str:
@@ -48,3 +58,33 @@ def test_other_errors_pass_through_and_every_phase_is_recorded(tmp_path: Path, m
     assert [(r["phase"], r["ok"]) for r in records] == [("prompts", True), ("step 1", True), ("save", False)]
     assert all(r["end"] >= r["start"] and r["host"]["RssAnon"] > 0 for r in records)
     assert "streamed_host_bytes" in records[0] and "streamed_host_bytes" not in records[1]  # steps stay light
+
+
+class Cycle:
+    """An object in a reference cycle: only the garbage collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_what_outlives_the_first_step_is_frozen_until_the_next_phase() -> None:
+    phases = JobPhases("cpu")
+    with phases.phase("load"):
+        pass
+    kept = Cycle()
+    alive = weakref.ref(kept)
+    with phases.phase("step 1", step=True):
+        pass
+    assert gc.get_freeze_count() > 0
+    del kept
+    with phases.phase("step 2", step=True):
+        during_steps = Cycle()
+    later = weakref.ref(during_steps)
+    del during_steps
+    gc.collect()
+    assert alive() is not None, "frozen: the collector's passes skip it"
+    assert later() is None, "made after the freeze: collected as usual"
+    with phases.phase("save"):
+        pass
+    assert alive() is None, "a phase that is not a step unfreezes before it frees memory"
+    assert gc.get_freeze_count() == 0
