@@ -3,9 +3,9 @@ through `accelerate-offload launch` once per launch config, one after the other 
 
 Builds the pipeline with `build_full_size_pipeline.py` (unless `--pipeline_dir` holds one) and a folder of sample
 images, runs the script for `--max_train_steps` steps per config, and reads each run's `metrics.jsonl`: median
-seconds per step after the warm-up steps and the slowest of them, peak allocated GB (the script's own `torch.cuda.max_memory_allocated`),
-first and last losses, and the wall time of the whole run (loading, embeddings, latents, training, saving, the
-final image). One JSON to `--output_dir`; a table printed last.
+seconds per step after the warm-up steps and the slowest of them, peak allocated GB (the script's own
+`torch.cuda.max_memory_allocated`), first and last losses, and the wall time of the whole run (loading,
+embeddings, latents, training, saving, the final image). One JSON to `--output_dir`; a table printed last.
 
     python benchmarks/bench_flux_script.py --resolution 1024 --configs offload_flux_lowvram.yaml resident
 """
