@@ -3,7 +3,8 @@
 Accelerate refuses unknown top-level keys in its config file and has no hook for third-party plugins, but every
 worker inherits the launcher's environment. So `launch` takes the `offload_config:` section out of the config,
 checks it by building a `LayerOffloadPlugin`, exports it as `ACCELERATE_OFFLOAD_*` variables, and hands the
-rest of the file to accelerate's own launcher, where `LayerOffloadPlugin()` reads the variables back.
+rest of the file to accelerate's own launcher, where `LayerOffloadPlugin()` reads the variables back. Unless the
+shell configures PyTorch's CUDA allocator itself, the workers get expandable segments (see `allocator_environment`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from .quiet import quiet_third_party_noise
 
 SECTION = "offload_config"
 USAGE_ERROR = 2
+ALLOCATOR_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
 
 # Named explicitly: under `python -m accelerate_offload.cli`, __name__ is "__main__".
 logger = logging.getLogger("accelerate_offload.cli")
@@ -125,6 +128,7 @@ def _launch(args: argparse.Namespace) -> int:
         shell_value = os.environ.get(name)
         if shell_value is not None and shell_value != value:
             logger.warning("%s=%s from the config file overrides %s from the environment", name, value, shell_value)
+    exported.update(allocator_environment())
     if exported:
         logger.info("exporting %s", " ".join(f"{name}={value}" for name, value in exported.items()))
 
@@ -235,6 +239,19 @@ def offload_environment(section: dict[str, Any]) -> dict[str, str]:
     plugin = LayerOffloadPlugin(**section)
     wanted = {env_name(name) for name in section}
     return {name: value for name, value in plugin.to_env().items() if name in wanted}
+
+
+def allocator_environment() -> dict[str, str]:
+    """Expandable segments for the workers' CUDA allocator, unless the shell sets the allocator's options.
+
+    Under a tight budget the caching allocator's fixed segments fragment: streamed blocks of two sizes, token
+    chunks and VAE tiles leave free memory split across segments, and a pass that fits in what is allocated fails
+    for want of one contiguous segment. Expandable segments map one growing range instead. Linux only: elsewhere
+    PyTorch ignores the option with a warning.
+    """
+    if sys.platform != "linux" or any(name in os.environ for name in ALLOCATOR_VARIABLES):
+        return {}
+    return {ALLOCATOR_VARIABLES[0]: EXPANDABLE_SEGMENTS}
 
 
 @contextmanager

@@ -92,7 +92,9 @@ def main() -> None:
         start = time.perf_counter()
         returncode = subprocess.run(command, env=env, cwd=ROOT).returncode
         rows.append(summarize(config, output, time.perf_counter() - start, args.warmup_steps, returncode))
-        rows[-1]["settings_from_environment"] = {k: v for k, v in env.items() if k.startswith("ACCELERATE_OFFLOAD_")}
+        rows[-1]["settings_from_environment"] = {
+            key: value for key, value in env.items() if key.startswith("ACCELERATE_OFFLOAD_")
+        }
         rows[-1].update(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__, resolution=args.resolution)
         result_path.write_text(json.dumps(rows, indent=2) + "\n")  # after each run: a later failure loses nothing
     print(f"\n{'config':28} {'peak GB':>8} {'s/step':>7} {'wall s':>7}  loss first → last")

@@ -22,7 +22,13 @@ from accelerate.commands.config import load_config_from_file
 from launching import environment, launch_command, run, start
 
 from accelerate_offload import LayerOffloadPlugin, OffloadConfigError
-from accelerate_offload.cli import main, offload_environment, read_config, split_offload_section
+from accelerate_offload.cli import (
+    ALLOCATOR_VARIABLES,
+    main,
+    offload_environment,
+    read_config,
+    split_offload_section,
+)
 from accelerate_offload.plugin import ENV_PREFIX
 
 pytestmark = pytest.mark.timeout(120)
@@ -336,6 +342,42 @@ def test_launcher_returns_the_script_exit_code(tmp_path: Path) -> None:
 
     assert launch(path, script) == 3
     assert list(Path(tempfile.gettempdir()).iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("shell", "worker_sees"),
+    [
+        ({}, {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True" if sys.platform == "linux" else None}),
+        ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}, {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}),
+        (
+            {"PYTORCH_ALLOC_CONF": "backend:native"},
+            {"PYTORCH_CUDA_ALLOC_CONF": None, "PYTORCH_ALLOC_CONF": "backend:native"},
+        ),
+    ],
+    ids=["unset", "cuda-variable-set", "general-variable-set"],
+)
+def test_workers_get_expandable_segments_unless_the_shell_configures_the_allocator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shell: dict[str, str], worker_sees: dict[str, str | None]
+) -> None:
+    for name in ALLOCATOR_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in shell.items():
+        monkeypatch.setenv(name, value)
+    seen = tmp_path / "seen.json"
+    script = tmp_path / "allocator.py"
+    script.write_text(
+        "import json, os, sys\n"
+        f"json.dump({{k: os.environ.get(k) for k in {list(ALLOCATOR_VARIABLES)!r}}}, open(sys.argv[1], 'w'))\n",
+        encoding="utf-8",
+    )
+    path = write_yaml(tmp_path / "config.yaml", {**CPU_CONFIG, "offload_config": {"layer_offload_fraction": 0.5}})
+
+    assert launch(path, script, seen) == 0
+    observed = json.loads(seen.read_text())
+    assert {name: observed[name] for name in worker_sees} == worker_sees
+    assert {name: os.environ.get(name) for name in ALLOCATOR_VARIABLES} == {
+        name: shell.get(name) for name in ALLOCATOR_VARIABLES
+    }, "the launcher's own environment is left as it was"
 
 
 def test_accelerate_offload_launch_end_to_end(tmp_path: Path) -> None:
